@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv (seeing the system's site-packages, so an existing CUDA torch is kept),
+# install torch==2.13.0 only when no torch is importable, then this package in editable mode
+# without build isolation (an isolated build would download the multi-GB CUDA torch).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test lint bench gpu-check clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m steerlm_kernels demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check steerlm_kernels tests benchmarks python
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m steerlm_kernels bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info steerlm_kernels/*.so .pytest_cache .ruff_cache

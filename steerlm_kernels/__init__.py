@@ -1,0 +1,28 @@
+"""steerlm_kernels: fused kernels for SteerLM 2.0 and weighted per-sequence NLL training.
+
+Public API (see SPEC and each docstring)::
+
+    import steerlm_kernels as sk
+    sk.token_nll(logits, labels)                         # [B, S] float32
+    sk.sequence_nll(logits, labels, loss_mask)           # [B]    float32
+    sk.weighted_sequence_loss(logits, labels, loss_mask, weight, normalizer)  # scalar
+    sk.backends()                                        # what can run here, and why not
+    sk.nn.SequenceNLL(), sk.nn.WeightedSequenceLoss()    # module forms
+"""
+
+from steerlm_kernels import nn
+from steerlm_kernels._dispatch import BACKENDS, BackendStatus, backends
+from steerlm_kernels.api import sequence_nll, token_nll, weighted_sequence_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "__version__",
+    "backends",
+    "nn",
+    "sequence_nll",
+    "token_nll",
+    "weighted_sequence_loss",
+]

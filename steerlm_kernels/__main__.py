@@ -1,0 +1,5 @@
+import sys
+
+from steerlm_kernels.cli import main
+
+sys.exit(main())

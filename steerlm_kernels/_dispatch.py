@@ -1,0 +1,176 @@
+"""Backend selection, in one place.
+
+Every heavy op (the ones that touch the ``[N, V]`` logits) has three implementations with the
+same signature, collected in a :class:`Backend` namespace:
+
+========  ==================  ====================================================================
+name      runs on             where it lives
+========  ==================  ====================================================================
+triton    CUDA tensors        ``steerlm_kernels/ops/*.py`` Triton kernels (also CPU tensors when
+                              ``TRITON_INTERPRET=1`` is set before ``triton`` is imported: tests)
+cpp       CPU tensors         ``steerlm_kernels._C`` (``csrc/``), the compiled extension
+torch     anywhere            ``steerlm_kernels/ops/reference.py``: chunked plain PyTorch
+========  ==================  ====================================================================
+
+``resolve(backend, device)`` turns the user's ``backend=`` argument (or the environment variable
+``STEERLM_KERNELS_BACKEND`` when the argument is ``"auto"``) into one of these names, and
+``get(name)`` returns the namespace. Nothing else in the package chooses a backend.
+
+The backend contract (all tensors on one device; ``logits`` is ``[N, V]`` with unit column stride
+and any row stride; ``labels`` ``[N]`` int32/int64; results float32):
+
+``ce_forward(logits, labels, vocab_start, ignore_index) -> (lse[N], target[N])``
+    ``lse`` is the log-sum-exp of each row, ``target`` the logit of column
+    ``labels - vocab_start`` when that column lies in ``[0, V)`` (else 0). Rows whose label is
+    ``ignore_index`` are not read and get ``lse = target = 0``.
+``ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, out) -> None``
+    ``out[i] = (exp(logits[i] - lse[i]) - onehot(labels[i] - vocab_start)) * coef[i]`` computed
+    in float32 and rounded once to ``out.dtype``; rows with ``coef == 0`` or an ignored label
+    are written as zeros without reading the logits. ``out`` may be ``logits`` itself (in place).
+``segment_sum(x, cu_seqlens) -> y[B]``
+    ``y[b] = sum(x[cu_seqlens[b]:cu_seqlens[b+1]])`` in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("triton", "cpp", "torch")
+ENV_VAR = "STEERLM_KERNELS_BACKEND"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, and why (not). ``bool(status)`` is ``available``."""
+
+    name: str
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.available
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'available' if self.available else 'unavailable'} ({self.reason})"
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"triton is not importable: {exc}"
+    return None
+
+
+@functools.cache
+def _cpp_import_error() -> str | None:
+    try:
+        from steerlm_kernels import _C  # noqa: F401
+    except Exception as exc:
+        return f"extension not built ({type(exc).__name__}: {exc})"
+    return None
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Report every backend: available or not, and why.
+
+    Returns:
+        ``{"triton": BackendStatus, "cpp": BackendStatus, "torch": BackendStatus}``; each status
+        is truthy when the backend can run on this machine.
+    """
+    out: dict[str, BackendStatus] = {}
+    err = _triton_import_error()
+    if err is not None:
+        out["triton"] = BackendStatus("triton", False, err)
+    elif torch.cuda.is_available():
+        out["triton"] = BackendStatus("triton", True, f"CUDA tensors on {torch.cuda.get_device_name()}")
+    elif triton_interpreting():
+        out["triton"] = BackendStatus("triton", True, "CPU tensors through the interpreter (TRITON_INTERPRET=1)")
+    else:
+        out["triton"] = BackendStatus(
+            "triton", False, "no CUDA device (set TRITON_INTERPRET=1 to interpret kernels on CPU tensors)"
+        )
+    err = _cpp_import_error()
+    out["cpp"] = BackendStatus("cpp", err is None, err or "compiled CPU extension (steerlm_kernels._C)")
+    out["torch"] = BackendStatus("torch", True, "chunked PyTorch reference, any device")
+    return out
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Pick the backend name for tensors on ``device``.
+
+    ``backend="auto"`` defers to ``$STEERLM_KERNELS_BACKEND`` when set, else picks ``triton`` for
+    CUDA tensors, ``cpp`` for CPU tensors when the extension is built, and ``torch`` otherwise.
+    A forced backend that cannot run on ``device`` raises ``ValueError``.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    name = backend
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+        source = f"${ENV_VAR}"
+    else:
+        source = "backend"
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"{source} must be one of {('auto',) + BACKENDS}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            return "triton" if _triton_import_error() is None else "torch"
+        if device.type == "cpu" and _cpp_import_error() is None:
+            return "cpp"
+        return "torch"
+    if name == "triton":
+        if _triton_import_error() is not None:
+            raise ValueError(f"{source}='triton' is unavailable: {_triton_import_error()}")
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+            raise ValueError(
+                f"{source}='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+                f"got tensors on {device}"
+            )
+    elif name == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"{source}='cpp' runs on CPU tensors only; got tensors on {device}")
+        if _cpp_import_error() is not None:
+            raise ValueError(f"{source}='cpp' is unavailable: {_cpp_import_error()}")
+    return name
+
+
+@functools.cache
+def get(name: str) -> SimpleNamespace:
+    """The implementation namespace of backend ``name`` (see the module docstring's contract)."""
+    if name == "triton":
+        from steerlm_kernels.ops import cross_entropy, segment
+
+        return SimpleNamespace(
+            ce_forward=cross_entropy.triton_ce_forward,
+            ce_backward=cross_entropy.triton_ce_backward,
+            segment_sum=segment.triton_segment_sum,
+        )
+    if name == "torch":
+        from steerlm_kernels.ops import reference
+
+        return SimpleNamespace(
+            ce_forward=reference.ce_forward,
+            ce_backward=reference.ce_backward,
+            segment_sum=reference.segment_sum,
+        )
+    if name == "cpp":
+        from steerlm_kernels.ops import cpp
+
+        return SimpleNamespace(
+            ce_forward=cpp.ce_forward,
+            ce_backward=cpp.ce_backward,
+            segment_sum=cpp.segment_sum,
+        )
+    raise ValueError(f"unknown backend {name!r}")

@@ -1,0 +1,142 @@
+"""Argument checks shared by the public API. Every check names the offending argument.
+
+Shape and dtype checks are static (free, and traced away by ``torch.compile``). Checks that need
+the tensors' values go through :func:`check_values`: on CPU tensors they raise the named Python
+exception at once; on CUDA tensors and under ``torch.compile`` they become a device-side assert
+(``torch._assert_async``), so the hot path never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LABEL_DTYPES = (torch.int64, torch.int32)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_values(ok: Tensor, exc: type[Exception], message: str) -> None:
+    """Raise ``exc(message)`` unless the boolean scalar ``ok`` is true (see module docstring)."""
+    if torch.compiler.is_compiling() or ok.device.type != "cpu":
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise exc(message)
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_logits(logits: object) -> Tensor:
+    logits = check_tensor("logits", logits)
+    if logits.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [N, V] or [B, S, V], got shape {tuple(logits.shape)}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
+    return logits
+
+
+def check_labels(labels: object, logits: Tensor) -> Tensor:
+    """``labels`` must be int32/int64, on ``logits``' device, with one label per logits row:
+    shape ``logits.shape[:-1]``, or any shape with as many elements when ``logits`` is ``[N, V]``."""
+    labels = check_tensor("labels", labels)
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+    rows = logits.shape[:-1]
+    if labels.shape != rows and not (logits.dim() == 2 and labels.numel() == rows[0]):
+        raise ValueError(
+            f"labels must have shape {tuple(rows)} (logits.shape[:-1]), got {tuple(labels.shape)}"
+        )
+    return labels
+
+
+def check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def check_loss_mask(loss_mask: object, labels: Tensor) -> Tensor | None:
+    if loss_mask is None:
+        return None
+    loss_mask = check_tensor("loss_mask", loss_mask)
+    if loss_mask.dtype.is_complex:
+        raise TypeError(f"loss_mask must be bool, integer or floating point, got {loss_mask.dtype}")
+    if loss_mask.shape != labels.shape:
+        raise ValueError(f"loss_mask must have the shape of labels {tuple(labels.shape)}, got {tuple(loss_mask.shape)}")
+    if loss_mask.device != labels.device:
+        raise ValueError(f"loss_mask is on {loss_mask.device} but labels is on {labels.device}")
+    return loss_mask
+
+
+def check_cu_seqlens(cu_seqlens: object, n_tokens: int, device: torch.device) -> Tensor:
+    """``cu_seqlens [B+1]``: integer, starts at 0, non-decreasing, ends at ``n_tokens``."""
+    cu_seqlens = check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [B + 1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but logits is on {device}")
+    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n_tokens) & (cu_seqlens.diff() >= 0).all()
+    check_values(
+        ok, ValueError, f"cu_seqlens must start at 0, be non-decreasing and end at the number of tokens ({n_tokens})"
+    )
+    return cu_seqlens
+
+
+def check_label_range(labels: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Labels must lie in ``[0, vocab_size)`` or equal ``ignore_index`` (``IndexError``)."""
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            raise IndexError(
+                f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {first} "
+                f"({int(bad.sum())} bad labels)"
+            )
+    else:
+        torch._assert_async(~bad.any(), f"labels out of range [0, {vocab_size}) (IndexError)")
+
+
+def check_weight(weight: object, n_seq: int, device: torch.device) -> Tensor:
+    weight = check_tensor("weight", weight)
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.shape != (n_seq,):
+        raise ValueError(f"weight must have shape [{n_seq}] (one per sequence), got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but logits is on {device}")
+    return weight
+
+
+def check_normalizer(normalizer: object, weight: Tensor) -> Tensor:
+    """``normalizer``: a positive float, or a ``[B]`` (or 0-d) floating tensor; it may be 0 only
+    where ``weight`` is 0 (such sequences contribute nothing)."""
+    if isinstance(normalizer, bool):
+        raise TypeError("normalizer must be a float or a tensor, got bool")
+    if isinstance(normalizer, (int, float)):
+        if not normalizer > 0 and not normalizer < 0:
+            raise ValueError(f"normalizer must be non-zero and not NaN, got {normalizer}")
+        return torch.full_like(weight, float(normalizer), dtype=torch.float32)
+    normalizer = check_tensor("normalizer", normalizer)
+    if not (normalizer.dtype.is_floating_point or normalizer.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"normalizer must be a float or a floating-point tensor, got {normalizer.dtype}")
+    if normalizer.shape not in ((), weight.shape):
+        raise ValueError(f"normalizer must be a float or have shape {tuple(weight.shape)}, got {tuple(normalizer.shape)}")
+    if normalizer.device != weight.device:
+        raise ValueError(f"normalizer is on {normalizer.device} but weight is on {weight.device}")
+    normalizer = normalizer.float().expand(weight.shape)
+    check_values(
+        ((normalizer != 0) | (weight == 0)).all(),
+        ValueError,
+        "normalizer has zeros where weight is non-zero",
+    )
+    return normalizer

@@ -1,0 +1,56 @@
+"""Command line: ``steerlm-kernels {info,bench,demo}`` (also ``python -m steerlm_kernels``)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def info() -> int:
+    """Print versions, devices and the status of every backend."""
+    import steerlm_kernels as sk
+
+    print(f"steerlm_kernels {sk.__version__}")
+    print(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
+    print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"device cuda:{i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}")
+    else:
+        print(f"device: CPU only ({torch.get_num_threads()} threads)")
+    print("backends:")
+    for status in sk.backends().values():
+        print(f"  {status}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from steerlm_kernels import bench
+
+    parser = argparse.ArgumentParser(prog="steerlm-kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices and backends")
+    bench.add_arguments(sub.add_parser("bench", help="benchmark table against eager PyTorch and torch.compile"))
+    sub.add_parser("demo", help="info, then the fused loss beside eager PyTorch on a random batch")
+    ns = parser.parse_args(argv)
+    if ns.command == "info":
+        return info()
+    if ns.command == "bench":
+        return bench.run(ns)
+    info()
+    print()
+    return bench.demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

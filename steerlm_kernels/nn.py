@@ -1,0 +1,63 @@
+"""``nn.Module`` forms of the losses (hold the keyword options; forward takes the tensors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from steerlm_kernels import api
+
+__all__ = ["SequenceNLL", "TokenNLL", "WeightedSequenceLoss"]
+
+
+class TokenNLL(nn.Module):
+    """``forward(logits, labels) -> nll`` of the labels' shape; see :func:`steerlm_kernels.token_nll`."""
+
+    def __init__(self, ignore_index: int = -100, *, inplace_backward: bool = False, check_labels: bool = True,
+                 process_group: Any = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.inplace_backward = inplace_backward
+        self.check_labels = check_labels
+        self.process_group = process_group
+        self.backend = backend
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return api.token_nll(
+            logits, labels, ignore_index=self.ignore_index, process_group=self.process_group,
+            check_labels=self.check_labels, inplace_backward=self.inplace_backward, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, inplace_backward={self.inplace_backward}, backend={self.backend!r}"
+
+
+class SequenceNLL(TokenNLL):
+    """``forward(logits, labels, loss_mask=None, cu_seqlens=None) -> [B]``; see
+    :func:`steerlm_kernels.sequence_nll`."""
+
+    def __init__(self, ignore_index: int = -100, *, cp_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(ignore_index, **kwargs)
+        self.cp_group = cp_group
+
+    def forward(self, logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
+        return api.sequence_nll(
+            logits, labels, loss_mask, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
+            process_group=self.process_group, cp_group=self.cp_group, check_labels=self.check_labels,
+            inplace_backward=self.inplace_backward, backend=self.backend,
+        )
+
+
+class WeightedSequenceLoss(SequenceNLL):
+    """``forward(logits, labels, loss_mask, weight, normalizer, cu_seqlens=None) -> scalar``; see
+    :func:`steerlm_kernels.weighted_sequence_loss`."""
+
+    def forward(self, logits: Tensor, labels: Tensor, loss_mask: Tensor | None, weight: Tensor,  # type: ignore[override]
+                normalizer: Tensor | float, cu_seqlens: Tensor | None = None) -> Tensor:
+        return api.weighted_sequence_loss(
+            logits, labels, loss_mask, weight, normalizer, ignore_index=self.ignore_index,
+            cu_seqlens=cu_seqlens, process_group=self.process_group, cp_group=self.cp_group,
+            check_labels=self.check_labels, inplace_backward=self.inplace_backward, backend=self.backend,
+        )

@@ -1,0 +1,282 @@
+"""Token-level cross entropy straight from the logits: Triton kernels, custom ops, autograd.
+
+The whole package reduces to two passes over the ``[N, V]`` logits:
+
+* **forward** (``_ce_forward_kernel``): one read of each row; an online log-sum-exp in float32
+  registers and one scalar load of the target logit. Output: ``lse[N]``, ``target[N]`` (float32),
+  so ``nll = lse - target``. Nothing of size ``N x V`` is written.
+* **backward** (``_ce_backward_kernel``): one read and one write of each row;
+  ``grad = (exp(x - lse) - onehot) * coef`` in float32, rounded once to the logits' dtype. The
+  per-token coefficient ``coef`` (upstream gradient x mask x weight / normalizer) comes from
+  autograd through the O(N) PyTorch glue in :mod:`steerlm_kernels.api`. ``out`` may be the logits
+  themselves (``inplace_backward=True``), which saves the second ``N x V`` buffer.
+
+Rows whose label is ``ignore_index`` are neither read nor differentiated: the public API turns
+masked-out tokens into ignored ones, so prompt tokens of a SteerLM batch cost no bandwidth.
+
+Both kernels take ``vocab_start``: under tensor (vocabulary) parallelism a rank holds columns
+``[vocab_start, vocab_start + V)`` of the full vocabulary; the target logit is only loaded by the
+rank that holds it, and partial ``(lse, target)`` pairs are combined by one collective.
+
+The ops are registered with ``torch.library.custom_op`` (``steerlm_kernels::ce_forward``,
+``::ce_backward``, ``::ce_backward_``) so that ``torch.compile(fullgraph=True)`` sees them as
+opaque nodes; the backend (``triton`` / ``cpp`` / ``torch``) is a string argument resolved by
+:mod:`steerlm_kernels._dispatch` before the call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from steerlm_kernels import _dispatch
+from steerlm_kernels._validate import check_label_range
+from steerlm_kernels.ops._triton import tl, triton
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ce_forward_kernel(
+    logits_ptr,  # *bf16/fp16/fp32 [N, V], unit column stride
+    labels_ptr,  # *i32/i64 [N]
+    lse_ptr,  # *fp32 [N] out
+    target_ptr,  # *fp32 [N] out
+    n_cols,  # V of this shard
+    stride_row,  # elements between rows (i64 when N*V may pass 2**31)
+    vocab_start,  # first global column of this shard
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    """One program = one row. Stream the row in BLOCK_V-wide tiles, keeping a running max ``m``
+    and a running sum ``s = sum(exp(x - m))`` in float32 registers (one exp per element: the
+    tile max is taken first, then the old sum is rescaled once per tile).
+
+    Why one row per program: training batches have N = B*S in the thousands, enough programs to
+    fill every SM, and a row needs no cross-program communication, so the result is
+    deterministic and the logits are read exactly once. BLOCK_V (up to 8192) is the widest tile
+    that keeps 16 float32 values per thread at 16 warps: wide enough to issue several 16-byte
+    loads per thread per iteration, small enough to never spill.
+    """
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride_row may pass 2**31
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    active = label != ignore_index
+    row_ptr = logits_ptr + row * stride_row
+    n_read = tl.where(active, n_cols, 0)  # ignored rows are never read
+
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    for start in range(0, n_read, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+
+    local = label - vocab_start
+    in_shard = active & (local >= 0) & (local < n_cols)
+    target = tl.load(row_ptr + local, mask=in_shard, other=0.0).to(tl.float32)
+    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+    tl.store(target_ptr + row, target)
+
+
+@triton.jit
+def _ce_backward_kernel(
+    logits_ptr,  # *bf16/fp16/fp32 [N, V] in
+    grad_ptr,  # same dtype [N, V] out; may equal logits_ptr (in place)
+    labels_ptr,  # *i32/i64 [N]
+    lse_ptr,  # *fp32 [N]
+    coef_ptr,  # *fp32 [N]: d loss / d nll of each token
+    n_cols,
+    stride_row,
+    grad_stride_row,
+    vocab_start,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    """One program = one row: ``grad = (exp(x - lse) - onehot(label)) * coef``.
+
+    Each tile is loaded, turned into its gradient in float32 and stored at once, so the in-place
+    variant is safe (a thread overwrites only the elements it has just read). The target
+    column's ``p - 1`` is formed in float32 before the single rounding to the output dtype.
+    Rows with ``coef == 0`` (masked, ignored or zero-weight tokens) skip the load and write
+    zeros. Same tile width as the forward, for the same reason.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    coef = tl.load(coef_ptr + row)
+    coef = tl.where(label == ignore_index, 0.0, coef)
+    lse = tl.load(lse_ptr + row)
+    n_read = tl.where(coef != 0.0, n_cols, 0)  # dead rows: write zeros, read nothing
+    local = label - vocab_start
+    in_ptr = logits_ptr + row * stride_row
+    out_ptr = grad_ptr + row * grad_stride_row
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        live = cols < n_read
+        x = tl.load(in_ptr + cols, mask=live, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x - lse)
+        g = (p - tl.where(cols == local, 1.0, 0.0)) * coef
+        g = tl.where(live, g, 0.0)
+        tl.store(out_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+def launch_config(n_cols: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` for rows of ``n_cols`` logits: tiles of at most 8192 elements,
+    16 float32 values per thread at the widest."""
+    block = min(triton.next_power_of_2(max(n_cols, 1)), 8192)
+    num_warps = max(1, min(16, block // 512))
+    return block, num_warps
+
+
+def triton_ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Triton backend of ``ce_forward`` (see :mod:`steerlm_kernels._dispatch`)."""
+    n_rows, n_cols = logits.shape
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    target = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return lse, target
+    block, num_warps = launch_config(n_cols)
+    _ce_forward_kernel[(n_rows,)](
+        logits, labels, lse, target, n_cols, logits.stride(0), vocab_start, ignore_index,
+        BLOCK_V=block, num_warps=num_warps,
+    )
+    return lse, target
+
+
+def triton_ce_backward(
+    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, out: Tensor
+) -> None:
+    """Triton backend of ``ce_backward``; ``out`` may be ``logits`` (in place)."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    block, num_warps = launch_config(n_cols)
+    _ce_backward_kernel[(n_rows,)](
+        logits, out, labels, lse, coef, n_cols, logits.stride(0), out.stride(0), vocab_start, ignore_index,
+        BLOCK_V=block, num_warps=num_warps,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile), dispatching on the backend name
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("steerlm_kernels::ce_forward", mutates_args=())
+def ce_forward(
+    logits: Tensor,
+    labels: Tensor,
+    vocab_start: int,
+    vocab_size: int,
+    ignore_index: int,
+    check_labels: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(lse[N], target[N])`` float32 of ``logits [N, V_shard]``; checks labels against the
+    full ``vocab_size`` first when ``check_labels``."""
+    if check_labels:
+        check_label_range(labels, vocab_size, ignore_index)
+    return _dispatch.get(backend).ce_forward(logits, labels, vocab_start, ignore_index)
+
+
+@ce_forward.register_fake
+def _(logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("steerlm_kernels::ce_backward", mutates_args=())
+def ce_backward(
+    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, backend: str
+) -> Tensor:
+    """Gradient of ``sum(coef * nll)`` w.r.t. ``logits``, in a new contiguous tensor."""
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _dispatch.get(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, out)
+    return out
+
+
+@ce_backward.register_fake
+def _(logits, labels, lse, coef, vocab_start, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("steerlm_kernels::ce_backward_", mutates_args=("logits",))
+def ce_backward_(
+    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, backend: str
+) -> None:
+    """In-place form of ``ce_backward``: overwrites ``logits`` with the gradient."""
+    _dispatch.get(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, logits)
+
+
+@ce_backward_.register_fake
+def _(logits, labels, lse, coef, vocab_start, ignore_index, backend):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+
+
+class TokenNLLFunction(torch.autograd.Function):
+    """``nll[N] = lse - target`` (0 where ignored) of ``logits [N, V]``, differentiable.
+
+    Saves ``logits`` (no copy), ``labels`` and ``lse`` ([N] float32) for the one-pass backward.
+    With ``inplace_backward`` the gradient is written into the logits' storage, which the caller
+    must not read afterwards.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: Tensor,
+        labels: Tensor,
+        ignore_index: int,
+        check_labels: bool,
+        inplace_backward: bool,
+        backend: str,
+    ) -> Tensor:
+        lse, target = torch.ops.steerlm_kernels.ce_forward(
+            logits, labels, 0, logits.shape[1], ignore_index, check_labels, backend
+        )
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index = ignore_index
+        ctx.inplace_backward = inplace_backward
+        ctx.backend = backend
+        return torch.where(labels == ignore_index, 0.0, lse - target)
+
+    @staticmethod
+    def backward(ctx, grad_nll: Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        coef = grad_nll.float().contiguous()
+        if ctx.inplace_backward:
+            torch.ops.steerlm_kernels.ce_backward_(logits, labels, lse, coef, 0, ctx.ignore_index, ctx.backend)
+            grad = logits
+        else:
+            grad = torch.ops.steerlm_kernels.ce_backward(logits, labels, lse, coef, 0, ctx.ignore_index, ctx.backend)
+        return grad, None, None, None, None, None
+
+
+def token_nll_2d(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    check_labels: bool,
+    inplace_backward: bool,
+    backend: str,
+) -> Tensor:
+    """Per-token NLL ``[N]`` float32 of validated ``logits [N, V]`` and ``labels [N]``.
+
+    Goes through autograd only when a gradient is needed; otherwise (baseline phase) it calls
+    the forward op directly and keeps nothing alive.
+    """
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return TokenNLLFunction.apply(logits, labels, ignore_index, check_labels, inplace_backward, backend)
+    lse, target = torch.ops.steerlm_kernels.ce_forward(
+        logits, labels, 0, logits.shape[1], ignore_index, check_labels, backend
+    )
+    return torch.where(labels == ignore_index, 0.0, lse - target)
