@@ -280,3 +280,49 @@ def token_nll_2d(
         logits, labels, 0, logits.shape[1], ignore_index, check_labels, backend
     )
     return torch.where(labels == ignore_index, 0.0, lse - target)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs, checked for sm_80 / sm_90 by steerlm_kernels._aot
+# --------------------------------------------------------------------------------------------
+
+
+def _ce_aot_variants(backward: bool) -> list[dict]:
+    """Compile variants of one CE kernel, as the runtime specialises its launches.
+
+    Types and 16-divisibility mirror what Triton's launcher derives from the arguments: torch
+    allocations are 16-byte aligned, ``vocab_start=0`` divides by 16, ``ignore_index=-100`` does
+    not; V=128256 (divisible) and V=1000 (not) at their ``launch_config``. Ints are i32 unless the
+    value passes 2**31, so one variant takes 64-bit row strides; one takes int32 labels.
+    """
+    cases = [(dt, "i64", n, "i32") for dt in ("bf16", "fp16", "fp32") for n in (128256, 1000)]
+    cases += [("bf16", "i32", 128256, "i32"), ("bf16", "i64", 128256, "i64")]
+    variants = []
+    for dt, label_ty, n_cols, stride_ty in cases:
+        block, num_warps = launch_config(n_cols)
+        strides = {"stride_row": stride_ty} | ({"grad_stride_row": stride_ty} if backward else {})
+        signature = (
+            {"logits_ptr": f"*{dt}"}
+            | ({"grad_ptr": f"*{dt}"} if backward else {})
+            | {"labels_ptr": f"*{label_ty}", "lse_ptr": "*fp32"}
+            | ({"coef_ptr": "*fp32"} if backward else {"target_ptr": "*fp32"})
+            | {"n_cols": "i32"}
+            | strides
+            | {"vocab_start": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr"}
+        )
+        divisible = [k for k in signature if k.endswith("_ptr")] + list(strides) + ["vocab_start"]
+        if n_cols % 16 == 0:
+            divisible.append("n_cols")
+        else:
+            divisible = [k for k in divisible if k not in strides]  # contiguous rows: stride == V
+        variants.append({
+            "signature": signature, "constexprs": {"BLOCK_V": block}, "num_warps": num_warps,
+            "divisible_by_16": divisible, "note": f"V={n_cols} labels={label_ty} stride={stride_ty}",
+        })
+    return variants
+
+
+AOT_SPECS: dict[str, list[dict]] = {
+    "_ce_forward_kernel": _ce_aot_variants(backward=False),
+    "_ce_backward_kernel": _ce_aot_variants(backward=True),
+}

@@ -76,3 +76,23 @@ def _segment_sum_backward(ctx, grad_y: Tensor):
 
 
 segment_sum.register_autograd(_segment_sum_backward, setup_context=_segment_sum_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs, checked for sm_80 / sm_90 by steerlm_kernels._aot
+# --------------------------------------------------------------------------------------------
+
+#: Variants as ``triton_segment_sum`` launches them (BLOCK=SEGMENT_BLOCK, 4 warps): int32 and
+#: int64 ``cu_seqlens``, T divisible by 16 or not, and a 64-bit ``n_tokens`` (T >= 2**31).
+AOT_SPECS: dict[str, list[dict]] = {
+    "_segment_sum_kernel": [
+        {
+            "signature": {"x_ptr": "*fp32", "cu_ptr": f"*{cu_ty}", "y_ptr": "*fp32", "n_tokens": n_ty,
+                          "BLOCK": "constexpr"},
+            "constexprs": {"BLOCK": SEGMENT_BLOCK}, "num_warps": 4,
+            "divisible_by_16": ["x_ptr", "cu_ptr", "y_ptr"] + (["n_tokens"] if t_div else []),
+            "note": f"cu={cu_ty} n_tokens={n_ty}{'' if t_div else ' T%16!=0'}",
+        }
+        for cu_ty, n_ty, t_div in (("i32", "i32", True), ("i64", "i32", False), ("i32", "i64", True))
+    ],
+}
