@@ -40,7 +40,11 @@ def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: i
         x = logits[rows].float()
         active = labels[rows] != ignore_index
         local, in_shard = _local_target(labels[rows], vocab_start, n_cols, ignore_index)
-        lse[rows] = torch.where(active, torch.logsumexp(x, dim=1), 0.0)
+        # max-shifted by hand rather than torch.logsumexp: a +inf logit must give NaN, as
+        # F.cross_entropy (and the Triton and C++ kernels) do, not +inf.
+        m = x.amax(dim=1, keepdim=True)
+        row_lse = m.squeeze(1) + torch.exp(x - m).sum(dim=1).log()
+        lse[rows] = torch.where(active, row_lse, 0.0)
         picked = x.gather(1, local.unsqueeze(1)).squeeze(1)
         target[rows] = torch.where(in_shard, picked, 0.0)
     return lse, target

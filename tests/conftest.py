@@ -1,0 +1,60 @@
+"""Test configuration.
+
+The suite runs on CPU tensors by default; ``STEERLM_TEST_DEVICE=cuda`` runs it on a GPU (the
+GPU check script does that). On CPU the Triton kernels run in Triton's interpreter, which must be
+switched on before ``triton`` is first imported - hence the environment variable is set here,
+at the top of the first module pytest imports.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEVICE = os.environ.get("STEERLM_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import steerlm_kernels as sk  # noqa: E402
+
+ALL_BACKENDS = ("torch", "cpp", "triton")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.exit("STEERLM_TEST_DEVICE=cuda but no CUDA device is available", returncode=2)
+    return torch.device(DEVICE)
+
+
+def backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
+    """Can backend ``name`` run on tensors of ``device`` here? (and why not)."""
+    try:
+        sk._dispatch.resolve(name, device)
+    except ValueError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request, device) -> str:
+    ok, why = backend_usable(request.param, device)
+    if not ok:
+        if request.param == "cpp" and os.environ.get("CI") and device.type == "cpu":
+            pytest.fail(f"the cpp extension must be built in CI: {why}")
+        pytest.skip(why)
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def dtype(request) -> torch.dtype:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different, reproducible seed per test: fresh inputs for each check.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))

@@ -1,0 +1,52 @@
+"""Float64 ground truth, written from SPEC's formulas and independent of the package."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def token_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """``-log softmax(logits)[label]`` in float64; 0 where ``labels == ignore_index``."""
+    x = logits.double()
+    logp = x - torch.logsumexp(x, dim=-1, keepdim=True)
+    ignored = labels == ignore_index
+    picked = logp.gather(-1, labels.masked_fill(ignored, 0).long().unsqueeze(-1)).squeeze(-1)
+    return torch.where(ignored, torch.zeros_like(picked), -picked)
+
+
+def sequence_nll(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None, ignore_index: int = -100,
+                 cu_seqlens: Tensor | None = None) -> Tensor:
+    """``sum_t mask * nll`` per sequence, float64. Masked tokens contribute exactly 0."""
+    nll = token_nll(logits, labels, ignore_index)
+    if loss_mask is not None:
+        m = loss_mask.double()
+        nll = torch.where(m == 0, torch.zeros_like(nll), nll * m)
+    if cu_seqlens is None:
+        return nll.sum(-1)
+    cu = cu_seqlens.tolist()
+    return torch.stack([nll[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
+
+
+def weighted_sequence_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | None, weight: Tensor,
+                           normalizer: Tensor | float, ignore_index: int = -100,
+                           cu_seqlens: Tensor | None = None) -> Tensor:
+    seq = sequence_nll(logits, labels, loss_mask, ignore_index, cu_seqlens)
+    w = weight.double()
+    n = torch.as_tensor(normalizer, dtype=torch.float64).expand_as(w)
+    terms = torch.where(w == 0, torch.zeros_like(seq), w * seq / torch.where(w == 0, torch.ones_like(n), n))
+    return terms.sum()
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    """Tolerances for values computed from ``dtype`` logits (accumulated in float32)."""
+    return {"rtol": 1e-5, "atol": 1e-5}
+
+
+def grad_tolerances(dtype: torch.dtype) -> dict[str, float]:
+    """Gradients are rounded once to the logits' dtype (the interpreter truncates bf16: 1 ulp)."""
+    if dtype == torch.float32:
+        return {"rtol": 1e-5, "atol": 1e-7}
+    if dtype == torch.float16:
+        return {"rtol": 2e-3, "atol": 1e-6}
+    return {"rtol": 1.6e-2, "atol": 1e-5}
