@@ -138,20 +138,28 @@ def sequence_nll(
         tensor that requires grad).
     """
     _no_groups(process_group, cp_group)
+    cu = _check_sequences(labels, cu_seqlens)
     nll, labels, name = _masked_token_nll(
         logits, labels, loss_mask, ignore_index, check_labels, inplace_backward, backend
     )
+    if cu is not None:
+        return segment_sum(nll, cu, name)
+    return nll.view(labels.shape).sum(dim=-1)
+
+
+def _check_sequences(labels: Any, cu_seqlens: Any) -> Tensor | None:
+    """Sequence structure: dense ``[B, S]`` labels, or packed ``[T]`` labels with ``cu_seqlens``."""
+    labels = v.check_tensor("labels", labels)
     if cu_seqlens is not None:
         if labels.dim() != 1:
             raise ValueError(f"with cu_seqlens, labels must be 1-D [T] (packed), got shape {tuple(labels.shape)}")
-        cu = v.check_cu_seqlens(cu_seqlens, labels.shape[0], nll.device)
-        return segment_sum(nll, cu, name)
+        return v.check_cu_seqlens(cu_seqlens, labels.shape[0], labels.device)
     if labels.dim() < 2:
         raise ValueError(
             f"labels of shape {tuple(labels.shape)} hold no sequence dimension: pass [B, S] labels "
             "or packed [T] labels with cu_seqlens"
         )
-    return nll.view(labels.shape).sum(dim=-1)
+    return None
 
 
 def weighted_sequence_loss(

@@ -1,0 +1,99 @@
+"""Bad input: a clear ValueError / TypeError / IndexError naming the argument, raised before any
+kernel runs (the backends are replaced by a tripwire to prove it)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import steerlm_kernels as sk
+from steerlm_kernels import _dispatch
+
+
+def _tripwire(*args, **kwargs):
+    raise AssertionError("a kernel ran before the input was rejected")
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Every backend's kernels raise if called."""
+    fake = SimpleNamespace(ce_forward=_tripwire, ce_backward=_tripwire, segment_sum=_tripwire)
+    monkeypatch.setattr(_dispatch, "get", lambda name: fake)
+
+
+def _good(b: int = 2, s: int = 5, v: int = 11):
+    return (torch.randn(b, s, v), torch.randint(0, v, (b, s)), torch.ones(b, s), torch.ones(b), torch.ones(b))
+
+
+CASES = {
+    "logits_int": (TypeError, "logits", lambda L, y, m, w, n: sk.sequence_nll(L.long(), y, m)),
+    "logits_float64": (TypeError, "logits", lambda L, y, m, w, n: sk.sequence_nll(L.double(), y, m)),
+    "logits_1d": (ValueError, "logits", lambda L, y, m, w, n: sk.token_nll(L[0, 0], y[0, 0])),
+    "logits_not_tensor": (TypeError, "logits", lambda L, y, m, w, n: sk.token_nll(L.tolist(), y)),
+    "labels_float": (TypeError, "labels", lambda L, y, m, w, n: sk.token_nll(L, y.float())),
+    "labels_int16": (TypeError, "labels", lambda L, y, m, w, n: sk.token_nll(L, y.short())),
+    "labels_shape": (ValueError, "labels", lambda L, y, m, w, n: sk.sequence_nll(L, y[:, :4], m)),
+    "mask_shape": (ValueError, "loss_mask", lambda L, y, m, w, n: sk.sequence_nll(L, y, m[:, :3])),
+    "mask_complex": (TypeError, "loss_mask", lambda L, y, m, w, n: sk.sequence_nll(L, y, m.to(torch.complex64))),
+    "ignore_index_float": (TypeError, "ignore_index", lambda L, y, m, w, n: sk.token_nll(L, y, ignore_index=-1.5)),
+    "backend_name": (ValueError, "backend", lambda L, y, m, w, n: sk.token_nll(L, y, backend="cuda")),
+    "labels_1d_no_cu": (ValueError, "cu_seqlens", lambda L, y, m, w, n: sk.sequence_nll(L[0], y[0], m[0])),
+    "cu_float": (TypeError, "cu_seqlens",
+                 lambda L, y, m, w, n: sk.sequence_nll(L[0], y[0], m[0], cu_seqlens=torch.tensor([0.0, 5.0]))),
+    "cu_sum": (ValueError, "cu_seqlens",
+               lambda L, y, m, w, n: sk.sequence_nll(L[0], y[0], m[0], cu_seqlens=torch.tensor([0, 2, 4]))),
+    "cu_decreasing": (ValueError, "cu_seqlens",
+                      lambda L, y, m, w, n: sk.sequence_nll(L[0], y[0], m[0], cu_seqlens=torch.tensor([0, 4, 2, 5]))),
+    "cu_start": (ValueError, "cu_seqlens",
+                 lambda L, y, m, w, n: sk.sequence_nll(L[0], y[0], m[0], cu_seqlens=torch.tensor([1, 5]))),
+    "cu_2d_labels": (ValueError, "labels",
+                     lambda L, y, m, w, n: sk.sequence_nll(L, y, m, cu_seqlens=torch.tensor([0, 10]))),
+    "weight_shape": (ValueError, "weight", lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w[:1], n)),
+    "weight_int": (TypeError, "weight", lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w.long(), n)),
+    "normalizer_shape": (ValueError, "normalizer",
+                         lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, torch.ones(3))),
+    "normalizer_zero_where_weight": (
+        ValueError, "normalizer",
+        lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, torch.tensor([1.0, 0.0]))),
+    "normalizer_float_zero": (ValueError, "normalizer", lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, 0.0)),
+    "normalizer_bool": (TypeError, "normalizer", lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, True)),
+    "weight_cu_mismatch": (
+        ValueError, "weight",
+        lambda L, y, m, w, n: sk.weighted_sequence_loss(L[0], y[0], m[0], w, 1.0, cu_seqlens=torch.tensor([0, 5]))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_raises_before_any_kernel(no_kernels, case):
+    exc, name, call = CASES[case]
+    with pytest.raises(exc, match=name):
+        call(*_good())
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton", "cpp"])
+def test_bad_labels_raise_index_error_before_the_kernel(no_kernels, device, backend_name):
+    from tests.conftest import backend_usable
+
+    if not backend_usable(backend_name, device)[0] or device.type != "cpu":
+        pytest.skip("backend unavailable here / CUDA uses a device-side assert")
+    logits, labels, mask, _, _ = _good()
+    labels[0, 1] = 11
+    with pytest.raises(IndexError, match="labels"):
+        sk.sequence_nll(logits, labels, mask, backend=backend_name)
+
+
+def test_zero_normalizer_allowed_where_weight_is_zero():
+    logits, labels, mask, _, _ = _good()
+    out = sk.weighted_sequence_loss(logits, labels, mask, torch.tensor([0.0, 1.0]), torch.tensor([0.0, 2.0]),
+                                    backend="torch")
+    assert torch.isfinite(out)
+
+
+def test_groups_not_supported_yet_say_so():
+    logits, labels, mask, _, _ = _good()
+    with pytest.raises(NotImplementedError, match="process_group"):
+        sk.token_nll(logits, labels, process_group=object())
+    with pytest.raises(NotImplementedError, match="cp_group"):
+        sk.sequence_nll(logits, labels, mask, cp_group=object())
