@@ -64,22 +64,29 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+# Import probes, memoised in a plain dict (not functools.cache, which torch.compile warns about
+# when it traces resolve()).
+_PROBES: dict[str, str | None] = {}
+
+
+def _probe(key: str, module: str) -> str | None:
+    if key not in _PROBES:
+        try:
+            __import__(module)
+            _PROBES[key] = None
+        except Exception as exc:
+            _PROBES[key] = f"{type(exc).__name__}: {exc}"
+    return _PROBES[key]
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        return f"triton is not importable: {exc}"
-    return None
+    err = _probe("triton", "triton")
+    return None if err is None else f"triton is not importable ({err})"
 
 
-@functools.cache
 def _cpp_import_error() -> str | None:
-    try:
-        from steerlm_kernels import _C  # noqa: F401
-    except Exception as exc:
-        return f"extension not built ({type(exc).__name__}: {exc})"
-    return None
+    err = _probe("cpp", "steerlm_kernels._C")
+    return None if err is None else f"extension not built ({err})"
 
 
 def backends() -> dict[str, BackendStatus]:
