@@ -130,7 +130,9 @@ def check_normalizer(normalizer: object, weight: Tensor) -> Tensor:
     if not (normalizer.dtype.is_floating_point or normalizer.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"normalizer must be a float or a floating-point tensor, got {normalizer.dtype}")
     if normalizer.shape not in ((), weight.shape):
-        raise ValueError(f"normalizer must be a float or have shape {tuple(weight.shape)}, got {tuple(normalizer.shape)}")
+        raise ValueError(
+            f"normalizer must be a float or have shape {tuple(weight.shape)}, got {tuple(normalizer.shape)}"
+        )
     if normalizer.device != weight.device:
         raise ValueError(f"normalizer is on {normalizer.device} but weight is on {weight.device}")
     normalizer = normalizer.float().expand(weight.shape)

@@ -244,7 +244,8 @@ def test_inputs_not_modified_without_inplace(backend, device):
     x = logits.clone().requires_grad_()
     labels_before, mask_before = labels.clone(), loss_mask.clone()
     sk.weighted_sequence_loss(x, labels, loss_mask, torch.ones(2, device=device), 1.0, backend=backend).backward()
-    assert torch.equal(x.detach(), logits) and torch.equal(labels, labels_before) and torch.equal(loss_mask, mask_before)
+    assert torch.equal(x.detach(), logits)
+    assert torch.equal(labels, labels_before) and torch.equal(loss_mask, mask_before)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ CASES = {
     "normalizer_zero_where_weight": (
         ValueError, "normalizer",
         lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, torch.tensor([1.0, 0.0]))),
-    "normalizer_float_zero": (ValueError, "normalizer", lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, 0.0)),
+    "normalizer_float_zero": (
+        ValueError, "normalizer", lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, 0.0)),
     "normalizer_bool": (TypeError, "normalizer", lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, True)),
     "weight_cu_mismatch": (
         ValueError, "weight",
