@@ -2,24 +2,41 @@
 
 Importing this module fails with ``ImportError`` when the extension is not built; the dispatcher
 (:mod:`steerlm_kernels._dispatch`) reports that as "cpp: extension not built".
+
+The kernels live in ``csrc/cpu_kernels.cpp`` (OpenMP over rows, ATen ``Vectorized<float>`` SIMD
+with Sleef's exp, float32 accumulation, results independent of the thread count). They validate
+their inputs themselves (``RuntimeError`` on a contract violation); the public API has already
+raised the user-facing ``ValueError``/``TypeError`` before these are reached. The C++ functions
+release the GIL while they run.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from steerlm_kernels import _C  # noqa: F401  (ImportError when not built)
+from steerlm_kernels import _C  # ImportError when not built
+
+#: SIMD flavour the extension was compiled for: "avx512", "avx2" or "default".
+SIMD: str = getattr(_C, "simd", "unknown")
 
 
 def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    raise NotImplementedError
+    """``(lse[N], target[N])`` float32 of CPU ``logits [N, V]`` (unit column stride, any row
+    stride); ignored rows are not read and get 0/0. See :mod:`steerlm_kernels._dispatch`."""
+    lse, target = _C.ce_forward(logits, labels, int(vocab_start), int(ignore_index))
+    return lse, target
 
 
 def ce_backward(
     logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, out: Tensor
 ) -> None:
-    raise NotImplementedError
+    """``out = (exp(logits - lse) - onehot) * coef`` row by row, rounded once to ``out.dtype``;
+    rows with ``coef == 0`` or an ignored label are zeroed without reading ``logits``. ``out``
+    may be ``logits`` itself (in place)."""
+    _C.ce_backward(logits, labels, lse, coef, int(vocab_start), int(ignore_index), out)
 
 
 def segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:
-    raise NotImplementedError
+    """``y[b] = sum(x[cu_seqlens[b]:cu_seqlens[b+1]])`` float32, bounds clamped to ``[0, len(x)]``,
+    summed in index order (deterministic)."""
+    return _C.segment_sum(x, cu_seqlens)
