@@ -6,13 +6,21 @@ Public API (see SPEC and each docstring)::
     sk.token_nll(logits, labels)                         # [B, S] float32
     sk.sequence_nll(logits, labels, loss_mask)           # [B]    float32
     sk.weighted_sequence_loss(logits, labels, loss_mask, weight, normalizer)  # scalar
+    sk.steerlm2_weights(seq_nll, log_q, ws, num_responses)  # (weight, baseline, distance)
     sk.backends()                                        # what can run here, and why not
     sk.nn.SequenceNLL(), sk.nn.WeightedSequenceLoss()    # module forms
 """
 
 from steerlm_kernels import nn
 from steerlm_kernels._dispatch import BACKENDS, BackendStatus, backends
-from steerlm_kernels.api import sequence_nll, token_nll, weighted_sequence_loss
+from steerlm_kernels.api import (
+    SteerLM2Weights,
+    segment_softmax,
+    sequence_nll,
+    steerlm2_weights,
+    token_nll,
+    weighted_sequence_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -22,7 +30,10 @@ __all__ = [
     "__version__",
     "backends",
     "nn",
+    "SteerLM2Weights",
+    "segment_softmax",
     "sequence_nll",
+    "steerlm2_weights",
     "token_nll",
     "weighted_sequence_loss",
 ]

@@ -29,6 +29,10 @@ and any row stride; ``labels`` ``[N]`` int32/int64; results float32):
     are written as zeros without reading the logits. ``out`` may be ``logits`` itself (in place).
 ``segment_sum(x, cu_seqlens) -> y[B]``
     ``y[b] = sum(x[cu_seqlens[b]:cu_seqlens[b+1]])`` in a fixed order (deterministic).
+``group_softmax(x, cu_groups, max_group) -> y[B]`` and
+``steerlm2_weights(seq_nll, log_q, ws, cu_groups, max_group) -> (weight[B], baseline[B], kl[G])``
+    the O(B) group ops of :mod:`steerlm_kernels.ops.group`. The ``cpp`` backend uses the torch
+    implementation for these: a few hundred floats leave nothing for compiled code to gain.
 """
 
 from __future__ import annotations
@@ -156,6 +160,8 @@ def resolve(backend: str, device: torch.device) -> str:
 @functools.cache
 def get(name: str) -> SimpleNamespace:
     """The implementation namespace of backend ``name`` (see the module docstring's contract)."""
+    from steerlm_kernels.ops import group
+
     if name == "triton":
         from steerlm_kernels.ops import cross_entropy, segment
 
@@ -163,6 +169,8 @@ def get(name: str) -> SimpleNamespace:
             ce_forward=cross_entropy.triton_ce_forward,
             ce_backward=cross_entropy.triton_ce_backward,
             segment_sum=segment.triton_segment_sum,
+            group_softmax=group.triton_group_softmax,
+            steerlm2_weights=group.triton_steerlm2_weights,
         )
     if name == "torch":
         from steerlm_kernels.ops import reference
@@ -171,6 +179,8 @@ def get(name: str) -> SimpleNamespace:
             ce_forward=reference.ce_forward,
             ce_backward=reference.ce_backward,
             segment_sum=reference.segment_sum,
+            group_softmax=group.torch_group_softmax,
+            steerlm2_weights=group.torch_steerlm2_weights,
         )
     if name == "cpp":
         from steerlm_kernels.ops import cpp
@@ -179,5 +189,7 @@ def get(name: str) -> SimpleNamespace:
             ce_forward=cpp.ce_forward,
             ce_backward=cpp.ce_backward,
             segment_sum=cpp.segment_sum,
+            group_softmax=group.torch_group_softmax,
+            steerlm2_weights=group.torch_steerlm2_weights,
         )
     raise ValueError(f"unknown backend {name!r}")

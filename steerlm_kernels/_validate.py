@@ -142,3 +142,64 @@ def check_normalizer(normalizer: object, weight: Tensor) -> Tensor:
         "normalizer has zeros where weight is non-zero",
     )
     return normalizer
+
+
+def check_vector(name: str, value: object, length: int | None = None, device: torch.device | None = None) -> Tensor:
+    """A 1-D floating-point tensor (of ``length`` elements on ``device`` when given)."""
+    value = check_tensor(name, value)
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [B], got shape {tuple(value.shape)}")
+    if length is not None and value.shape[0] != length:
+        raise ValueError(f"{name} must have {length} elements (one per response), got {value.shape[0]}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device}, expected {device}")
+    return value
+
+
+def group_offsets(
+    sizes: object, total: int, device: torch.device, name: str, per_item: bool = False
+) -> tuple[Tensor, int]:
+    """Turn a group structure into ``(cu_groups [G+1] int64 on device, largest group)``.
+
+    ``sizes``: an int (all groups that size), a 1-D integer tensor of group sizes summing to
+    ``total``, or, when ``per_item``, NeMo's per-item form (``[total]``, each item holding its
+    group's size, groups consecutive). Read on the host: the group structure shapes the launch.
+    """
+    if isinstance(sizes, bool):
+        raise TypeError(f"{name} must be an int or an integer tensor, got bool")
+    if isinstance(sizes, int):
+        if sizes <= 0:
+            raise ValueError(f"{name} must be positive, got {sizes}")
+        if total % sizes:
+            raise ValueError(f"{name}={sizes} does not divide the batch of {total}")
+        group_list = [sizes] * (total // sizes)
+    else:
+        sizes = check_tensor(name, sizes)
+        if sizes.dtype.is_floating_point or sizes.dtype.is_complex or sizes.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {sizes.dtype}")
+        if sizes.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(sizes.shape)}")
+        values = [int(s) for s in sizes.tolist()]
+        if any(s <= 0 for s in values):
+            raise ValueError(f"{name} must hold positive group sizes, got {min(values)}")
+        if sum(values) == total:
+            group_list = values
+        elif per_item and len(values) == total:
+            group_list = []
+            i = 0
+            while i < total:
+                n = values[i]
+                if i + n > total or any(x != n for x in values[i:i + n]):
+                    raise ValueError(
+                        f"{name} in per-item form must hold each group's size on each of its "
+                        f"{n} consecutive items; item {i} breaks that"
+                    )
+                group_list.append(n)
+                i += n
+        else:
+            raise ValueError(f"{name} sums to {sum(values)} but the batch has {total} items")
+    cu = torch.zeros(len(group_list) + 1, dtype=torch.int64)
+    cu[1:] = torch.tensor(group_list, dtype=torch.int64).cumsum(0) if group_list else cu[1:]
+    return cu.to(device), max(group_list, default=1)

@@ -26,17 +26,25 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from steerlm_kernels import _dispatch
 from steerlm_kernels import _validate as v
+from steerlm_kernels.ops import group
 from steerlm_kernels.ops.cross_entropy import token_nll_2d
 from steerlm_kernels.ops.segment import segment_sum
 
-__all__ = ["token_nll", "sequence_nll", "weighted_sequence_loss"]
+__all__ = [
+    "SteerLM2Weights",
+    "segment_softmax",
+    "sequence_nll",
+    "steerlm2_weights",
+    "token_nll",
+    "weighted_sequence_loss",
+]
 
 
 def _no_groups(process_group: Any, cp_group: Any = None) -> None:
@@ -206,3 +214,64 @@ def weighted_sequence_loss(
         raise ValueError(f"weight must have one entry per sequence {tuple(seq.shape)}, got {tuple(weight.shape)}")
     safe_normalizer = torch.where(weight == 0, 1.0, normalizer)
     return (weight.float() / safe_normalizer * seq).sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# group ops (SteerLM 2.0 baseline phase)
+# ------------------------------------------------------------------------------------------------
+
+
+class SteerLM2Weights(NamedTuple):
+    """Result of :func:`steerlm2_weights` (all float32)."""
+
+    weight: Tensor  #: [B] ws - baseline: the per-response weight of the training phase
+    baseline: Tensor  #: [B] softmax within each group of -seq_nll - log_q
+    distance: Tensor  #: 0-d: mean over groups of KL(ws || baseline) with NeMo's 1e-8 epsilons
+
+
+def segment_softmax(x: Tensor, group_sizes: int | Tensor, *, backend: str = "auto") -> Tensor:
+    """Softmax within consecutive groups of ``x``.
+
+    Args:
+        x: 1-D floating tensor ``[B]``.
+        group_sizes: an int (every group that size; must divide ``B``) or a 1-D integer tensor of
+            positive sizes summing to ``B``.
+
+    Returns:
+        float32 ``[B]``; differentiable w.r.t. ``x``.
+    """
+    x = v.check_vector("x", x)
+    cu, max_group = v.group_offsets(group_sizes, x.shape[0], x.device, "group_sizes")
+    return group.group_softmax(x, cu, max_group, _dispatch.resolve(backend, x.device))
+
+
+def steerlm2_weights(
+    seq_nll: Tensor, log_q: Tensor, ws: Tensor, num_responses: int | Tensor, *, backend: str = "auto"
+) -> SteerLM2Weights:
+    """SteerLM 2.0 baseline phase, fused: ``baseline = softmax_group(-seq_nll - log_q)``,
+    ``weight = ws - baseline``, ``distance = mean_g sum_{i in g} (ws_i + 1e-8) log((ws_i + 1e-8) /
+    (baseline_i + 1e-8))``.
+
+    Args:
+        seq_nll: ``[B]`` per-response NLL (from :func:`sequence_nll`).
+        log_q: ``[B]`` ``log Q'(y|a,x)`` of each response under the sampling model.
+        ws: ``[B]`` target importance weights, normalised per group by the data pipeline.
+        num_responses: the group structure, as an int (all groups that size), a 1-D tensor of
+            group sizes summing to ``B``, or NeMo's per-item ``batch["num_responses"]`` (``[B]``,
+            each item holding its group's size; groups consecutive). Groups may differ in size.
+            A tensor is read on the host (one small copy): the group structure shapes the launch.
+
+    Returns:
+        :class:`SteerLM2Weights` ``(weight [B], baseline [B], distance 0-d)``, float32, not
+        differentiable (SteerLM treats the weights as constants).
+    """
+    seq_nll = v.check_vector("seq_nll", seq_nll)
+    b = seq_nll.shape[0]
+    log_q = v.check_vector("log_q", log_q, b, seq_nll.device)
+    ws = v.check_vector("ws", ws, b, seq_nll.device)
+    cu, max_group = v.group_offsets(num_responses, b, seq_nll.device, "num_responses", per_item=True)
+    with torch.no_grad():
+        weight, baseline, kl = group.steerlm2_weights(
+            seq_nll.detach(), log_q.detach(), ws.detach(), cu, max_group, _dispatch.resolve(backend, seq_nll.device)
+        )
+    return SteerLM2Weights(weight, baseline, kl.mean())
