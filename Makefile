@@ -32,3 +32,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info steerlm_kernels/*.so .pytest_cache .ruff_cache
+
+gpu-check:
+	bash benchmarks/gpu_check.sh

@@ -490,7 +490,7 @@ def _grad_rel_err(g: Tensor, ref: Tensor) -> float:
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
-def _phase_fns(impl: Impl, phase: str, w: Workload) -> tuple[Callable[[], Any], Callable[[Any], Any]] | None:
+def phase_fns(impl: Impl, phase: str, w: Workload) -> tuple[Callable[[], Any], Callable[[Any], Any]] | None:
     """``(prepare, call)`` for ``impl`` in ``phase``, or None when it has no such phase."""
     fresh = impl.fresh_copy or phase == "inplace"
     if phase == "baseline":
@@ -519,7 +519,7 @@ def _phase_fns(impl: Impl, phase: str, w: Workload) -> tuple[Callable[[], Any], 
 
 def eager_reference(w: Workload, phase: str) -> dict[str, Tensor]:
     """Eager PyTorch's outputs for ``phase``: ``{"value": ...}`` (+ ``"grad"`` when training)."""
-    prepare, call = _phase_fns(_eager_impl(), "train" if phase == "inplace" else phase, w)  # type: ignore[misc]
+    prepare, call = phase_fns(_eager_impl(), "train" if phase == "inplace" else phase, w)  # type: ignore[misc]
     out = call(prepare())
     return {"value": out} if phase == "baseline" else {"value": out[0], "grad": out[1]}
 
@@ -531,7 +531,7 @@ def run_case(
     """Warm up, check values against ``reference``, measure extra memory, then time one case."""
     row = Row(phase=phase, impl=impl.name, title=impl.title, ours=impl.ours)
     row.bytes_per_elem = ACCESSES_PER_ELEM[phase] * w.logits.element_size()
-    fns = _phase_fns(impl, phase, w)
+    fns = phase_fns(impl, phase, w)
     if fns is None:
         row.error = "no such phase"
         return row

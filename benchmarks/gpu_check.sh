@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One-command GPU check (`make gpu-check`), meant to finish in under 8 minutes on one H100/H200:
+#   1. `make install` (the venv sees the system's site-packages, so the machine's CUDA torch is kept);
+#      when that fails (e.g. no network for the test extras) it falls back to an editable install
+#      without dependencies and goes on (tests need pytest importable; a warning is printed at the end);
+#   2. the test suite on CUDA tensors (STEERLM_TEST_DEVICE=cuda: Triton compiled, not interpreted);
+#   3. the benchmark table at N=16384, V=128256, bf16, with the copy and read bandwidths measured
+#      in the same run, written as JSON + markdown.
+# Output folder: the first argument, else $OUT, else bench-out/. Logs of every step land there too.
+# Exit status: 0 only when every step passed (a failing step does not stop the later ones).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR="${1:-${OUT:-bench-out}}"
+mkdir -p "$OUT_DIR"
+PY=.venv/bin/python
+TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-210}"
+BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-180}"
+start=$(date +%s)
+status=0
+install_note=""
+stamp() { echo "=== [$(( $(date +%s) - start ))s] $*"; }
+
+stamp "1/3 install"
+if ! make install 2>&1 | tee "$OUT_DIR/install.log"; then
+    echo "make install failed; falling back to an editable install without dependencies" | tee -a "$OUT_DIR/install.log"
+    test -x "$PY" || python3 -m venv --system-site-packages .venv
+    if ! "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee -a "$OUT_DIR/install.log"; then
+        echo "install FAILED"; exit 1
+    fi
+    install_note=" (WARNING: make install failed, used the fallback install; see install.log)"
+fi
+"$PY" -m steerlm_kernels info 2>&1 | tee "$OUT_DIR/info.log"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device visible to torch: this check needs a GPU"; exit 1
+fi
+
+stamp "2/3 test suite on CUDA (timeout ${TEST_TIMEOUT}s)"
+if "$PY" -c "import pytest" 2>/dev/null; then
+    STEERLM_TEST_DEVICE=cuda timeout "$TEST_TIMEOUT" "$PY" -m pytest -q --durations=10 tests 2>&1 \
+        | tee "$OUT_DIR/tests.log"
+    test_rc=${PIPESTATUS[0]}
+else
+    echo "pytest is not importable: tests not run" | tee "$OUT_DIR/tests.log"
+    test_rc=1
+fi
+[ "$test_rc" -eq 0 ] || status=1
+
+stamp "3/3 benchmark table (timeout ${BENCH_TIMEOUT}s)"
+timeout "$BENCH_TIMEOUT" "$PY" -m steerlm_kernels bench --device cuda --n 16384 --v 128256 --s 4096 \
+    --dtype bf16 --output "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log"
+bench_rc=${PIPESTATUS[0]}
+[ "$bench_rc" -eq 0 ] || status=1
+
+stamp "done: tests rc=$test_rc, bench rc=$bench_rc; results in $OUT_DIR/ (bench.md, bench.json, *.log)$install_note"
+exit "$status"
