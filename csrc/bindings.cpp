@@ -9,8 +9,35 @@
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#ifdef SK_WITH_CUDA
+#include "cuda_bindings.h"
+#endif
 
 namespace {
+
+// The pybind entry points pick the CPU or (when built) CUDA kernels by the logits' device.
+std::tuple<at::Tensor, at::Tensor> ce_forward(const at::Tensor& logits, const at::Tensor& labels,
+                                              int64_t vocab_start, int64_t ignore_index) {
+#ifdef SK_WITH_CUDA
+  if (logits.is_cuda()) return steerlm::ce_forward_cuda_op(logits, labels, vocab_start, ignore_index);
+#endif
+  return steerlm::ce_forward_cpu(logits, labels, vocab_start, ignore_index);
+}
+
+void ce_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& coef,
+                 int64_t vocab_start, int64_t ignore_index, const at::Tensor& out) {
+#ifdef SK_WITH_CUDA
+  if (logits.is_cuda()) return steerlm::ce_backward_cuda_op(logits, labels, lse, coef, vocab_start, ignore_index, out);
+#endif
+  steerlm::ce_backward_cpu(logits, labels, lse, coef, vocab_start, ignore_index, out);
+}
+
+at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& cu_seqlens) {
+#ifdef SK_WITH_CUDA
+  if (x.is_cuda()) return steerlm::segment_sum_cuda_op(x, cu_seqlens);
+#endif
+  return steerlm::segment_sum_cpu(x, cu_seqlens);
+}
 
 // Dispatcher form of ce_backward: returns nothing, mutates `out`.
 void ce_backward_op(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
@@ -36,14 +63,14 @@ TORCH_LIBRARY_IMPL(steerlm_kernels_C, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "steerlm_kernels compiled kernels (cpp backend); contract in steerlm_kernels/_dispatch.py";
-  m.def("ce_forward", &steerlm::ce_forward_cpu, "(lse[N], target[N]) float32 of logits [N, V]",
+  m.def("ce_forward", &ce_forward, "(lse[N], target[N]) float32 of logits [N, V]",
         py::arg("logits"), py::arg("labels"), py::arg("vocab_start"), py::arg("ignore_index"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("ce_backward", &steerlm::ce_backward_cpu,
+  m.def("ce_backward", &ce_backward,
         "out = (softmax(logits) - onehot) * coef row by row; out may be logits", py::arg("logits"),
         py::arg("labels"), py::arg("lse"), py::arg("coef"), py::arg("vocab_start"), py::arg("ignore_index"),
         py::arg("out"), py::call_guard<py::gil_scoped_release>());
-  m.def("segment_sum", &steerlm::segment_sum_cpu, "y[b] = sum(x[cu[b]:cu[b+1]]), bounds clamped",
+  m.def("segment_sum", &segment_sum, "y[b] = sum(x[cu[b]:cu[b+1]]), bounds clamped",
         py::arg("x"), py::arg("cu_seqlens"), py::call_guard<py::gil_scoped_release>());
   m.attr("simd") = steerlm::simd_capability();
 #ifdef SK_WITH_CUDA

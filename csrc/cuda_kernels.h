@@ -1,0 +1,35 @@
+// Torch-free CUDA kernels of steerlm_kernels._C (raw pointers + cudaStream_t).
+//
+// Same contract as the CPU kernels (steerlm_kernels/_dispatch.py): logits [N, V] with unit
+// column stride and a row stride in elements; labels int32 or int64; lse/target/coef float32.
+// Each entry point launches one kernel on `stream` and returns the launch status. Results are
+// deterministic: one thread block per row / segment, reductions in a fixed tree order.
+// The Triton kernels remain the primary GPU path; these serve C++/TorchScript users and builds
+// without Triton.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace steerlm {
+
+enum class Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// lse[i], target[i] of each row; ignored rows are not read and get 0/0.
+cudaError_t ce_forward_cuda(const void* logits, Dtype dtype, int64_t n_rows, int64_t n_cols, int64_t row_stride,
+                            const void* labels, bool labels_int64, int64_t vocab_start, int64_t ignore_index,
+                            float* lse, float* target, cudaStream_t stream);
+
+// out = (exp(logits - lse) - onehot) * coef per row (coef forced to 0 for ignored labels; rows
+// with coef == 0 are zeroed without reading logits). out may equal logits (in place).
+cudaError_t ce_backward_cuda(const void* logits, int64_t row_stride, void* out, int64_t out_row_stride, Dtype dtype,
+                             int64_t n_rows, int64_t n_cols, const void* labels, bool labels_int64,
+                             const float* lse, const float* coef, int64_t vocab_start, int64_t ignore_index,
+                             cudaStream_t stream);
+
+// y[b] = sum(x[cu[b]:cu[b+1]]) with bounds clamped to [0, n_tokens].
+cudaError_t segment_sum_cuda(const float* x, int64_t n_tokens, const void* cu_seqlens, bool cu_int64,
+                             int64_t n_segments, float* y, cudaStream_t stream);
+
+}  // namespace steerlm

@@ -1,0 +1,366 @@
+"""The compiled extension ``steerlm_kernels._C`` (the ``cpp`` backend), tested directly.
+
+* every ``csrc/*.cu`` compiles with nvcc for sm_90 and sm_80 (skipped without nvcc);
+* the extension is built and importable (a failure, not a skip, under ``$CI`` when a C++
+  compiler exists, so that CI proves the build);
+* ``_C.ce_forward`` / ``_C.ce_backward`` / ``_C.segment_sum`` against ``ops/reference.py`` and
+  against float64 math: every dtype, odd vocabulary sizes, ignored and zero-coefficient rows, in
+  place, row-strided input, offsets past 2**31 elements, NaN-poisoned outputs (every element is
+  written), thread-count independence.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from steerlm_kernels.ops import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CU_FILES = sorted((ROOT / "csrc").glob("*.cu"))
+IGNORE = -100
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+VOCABS = [1, 7, 1000, 32003]
+
+
+def _compiler_exists() -> bool:
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
+
+
+def _load_ext():
+    try:
+        from steerlm_kernels import _C
+    except ImportError as exc:
+        return None, exc
+    return _C, None
+
+
+_C, _IMPORT_ERROR = _load_ext()
+needs_ext = pytest.mark.skipif(_C is None, reason=f"steerlm_kernels._C not built ({_IMPORT_ERROR})")
+
+
+# --------------------------------------------------------------------------------------------
+# build
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("cu", CU_FILES, ids=[p.name for p in CU_FILES])
+def test_cuda_sources_compile(cu: Path, arch: str, tmp_path: Path) -> None:
+    """The torch-free CUDA kernels compile for Hopper and Ampere (no GPU needed)."""
+    cmd = ["nvcc", "-c", f"-arch={arch}", "-O3", "-std=c++17", str(cu), "-o", str(tmp_path / "k.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+def test_cuda_sources_exist() -> None:
+    assert CU_FILES, "csrc/ holds no .cu sources"
+
+
+def test_extension_built() -> None:
+    """Under CI with a compiler the extension must have been built by the install."""
+    if _C is None:
+        if os.environ.get("CI") and _compiler_exists():
+            pytest.fail(f"steerlm_kernels._C failed to import under CI with a compiler: {_IMPORT_ERROR}")
+        pytest.skip(f"extension not built: {_IMPORT_ERROR}")
+    import steerlm_kernels as sk
+
+    assert sk.backends()["cpp"].available
+    assert _C.simd in ("avx512", "avx2", "default")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers: inputs and float64 truth
+# --------------------------------------------------------------------------------------------
+
+
+def make_case(n: int, v: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits with a wide range (scale 4, one large outlier per row) and int64 labels, some
+    ignored, one out of range of this shard (only meaningful with vocab_start)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g) * 4
+    x[torch.arange(n), torch.randint(0, v, (n,), generator=g)] += 20
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::4] = IGNORE
+    return x.to(dtype), labels
+
+
+def f64_forward(x: torch.Tensor, labels: torch.Tensor, vocab_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x64 = x.double()
+    v = x.shape[1]
+    active = labels != IGNORE
+    local = labels - vocab_start
+    in_shard = active & (local >= 0) & (local < v)
+    lse = torch.where(active, torch.logsumexp(x64, 1), 0.0)
+    tgt = torch.where(in_shard, x64.gather(1, local.clamp(0, v - 1).unsqueeze(1)).squeeze(1), 0.0)
+    return lse, tgt
+
+
+def f64_backward(x: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    x64 = x.double()
+    v = x.shape[1]
+    local = labels - vocab_start
+    in_shard = (labels != IGNORE) & (local >= 0) & (local < v)
+    g = torch.softmax(x64, 1)
+    g[in_shard, local[in_shard]] -= 1.0
+    c = torch.where(labels == IGNORE, 0.0, coef.double())
+    g = g * c.unsqueeze(1)
+    g[c == 0] = 0.0  # never NaN from a row that is not read
+    return g
+
+
+def grad_tol(dtype: torch.dtype) -> dict[str, float]:
+    """One rounding to ``dtype`` as a relative tolerance, plus float32 noise as an absolute one:
+    ``p - 1`` for p close to 1 cancels, leaving a few float32 ulps of 1 times ``|coef|`` (< 4)."""
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    return {"rtol": rtol, "atol": 1e-6}
+
+
+# --------------------------------------------------------------------------------------------
+# ce_forward
+# --------------------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32], ids=str)
+def test_forward_matches_reference_and_f64(v: int, dtype: torch.dtype, label_dtype: torch.dtype) -> None:
+    x, labels = make_case(37, v, dtype)
+    labels = labels.to(label_dtype)
+    x[labels == IGNORE] = float("nan")  # ignored rows must not be read
+    lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
+    assert lse.dtype == tgt.dtype == torch.float32 and lse.shape == tgt.shape == (37,)
+    lse64, tgt64 = f64_forward(torch.nan_to_num(x, nan=0.0), labels.long(), 0)
+    torch.testing.assert_close(lse.double(), lse64, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(tgt.double(), tgt64, rtol=0, atol=0)  # an exact widening
+    ref_lse, ref_tgt = reference.ce_forward(torch.nan_to_num(x, nan=0.0), labels, 0, IGNORE)
+    torch.testing.assert_close(lse, ref_lse, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(tgt, ref_tgt)
+
+
+@needs_ext
+@pytest.mark.parametrize("vocab_start", [0, 500, 1000, -3])
+def test_forward_vocab_shard(vocab_start: int) -> None:
+    """Under vocabulary parallelism only the shard holding the label reads its target."""
+    x, labels = make_case(64, 1000, torch.float32, seed=1)
+    labels = torch.where(labels == IGNORE, labels, labels * 2)  # labels in [0, 2000)
+    lse, tgt = _C.ce_forward(x, labels, vocab_start, IGNORE)
+    lse64, tgt64 = f64_forward(x, labels, vocab_start)
+    torch.testing.assert_close(lse.double(), lse64, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(tgt.double(), tgt64, rtol=0, atol=0)
+
+
+@needs_ext
+def test_forward_special_values() -> None:
+    """NaN propagates; a row of -inf has lse -inf; a large finite range does not overflow."""
+    x = torch.zeros(4, 100)
+    x[0, 7] = float("nan")
+    x[1] = float("-inf")
+    x[2, 3] = 1e30
+    x[3, 5] = -1e30
+    lse, _ = _C.ce_forward(x, torch.zeros(4, dtype=torch.long), 0, IGNORE)
+    assert torch.isnan(lse[0])
+    assert lse[1] == float("-inf")
+    assert lse[2] == 1e30
+    torch.testing.assert_close(lse[3], torch.logsumexp(x[3], 0))
+
+
+@needs_ext
+def test_forward_empty_and_row_strided() -> None:
+    lse, tgt = _C.ce_forward(torch.empty(0, 10), torch.empty(0, dtype=torch.long), 0, IGNORE)
+    assert lse.shape == tgt.shape == (0,)
+    wide, labels = make_case(33, 1013, torch.bfloat16, seed=2)
+    x = wide[:, 5:1005]  # row stride 1013, unit column stride, unaligned start
+    labels = labels.clamp(max=999).masked_fill(labels == IGNORE, IGNORE)
+    lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
+    lse_c, tgt_c = _C.ce_forward(x.contiguous(), labels, 0, IGNORE)
+    assert torch.equal(lse, lse_c) and torch.equal(tgt, tgt_c)
+
+
+@needs_ext
+def test_offsets_beyond_2_31() -> None:
+    """Rows whose element offset passes 2**31: a two-row view into a lazily allocated 4 GiB
+    buffer (untouched pages cost no memory); only the rows in use are ever written."""
+    v = 4096
+    stride = 2**31 + 64  # the second row starts past 2**31 elements (4 GiB of bf16)
+    storage = torch.empty(stride + v, dtype=torch.bfloat16)
+    x = storage.as_strided((2, v), (stride, 1))
+    g = torch.Generator().manual_seed(3)
+    x.copy_(torch.randn(2, v, generator=g).bfloat16())
+    labels = torch.tensor([5, v - 1])
+    lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
+    lse64, tgt64 = f64_forward(x.contiguous(), labels, 0)
+    torch.testing.assert_close(lse.double(), lse64, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(tgt.double(), tgt64, rtol=0, atol=0)
+    expected = f64_backward(x.contiguous(), labels, torch.ones(2), 0)
+    _C.ce_backward(x, labels, lse, torch.ones(2), 0, IGNORE, x)  # in place, through the view
+    torch.testing.assert_close(x.double(), expected, **grad_tol(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
+# ce_backward
+# --------------------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_matches_reference_and_f64(v: int, dtype: torch.dtype) -> None:
+    n = 41
+    x, labels = make_case(n, v, dtype, seed=4)
+    coef = torch.randn(n)
+    coef[1::5] = 0.0  # zero-weight / masked rows
+    dead = (labels == IGNORE) | (coef == 0)
+    clean = x.clone()
+    x[dead] = float("nan")  # rows that must not be read
+    lse, _ = reference.ce_forward(clean, labels, 0, IGNORE)
+    out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
+    _C.ce_backward(x, labels, lse, coef, 0, IGNORE, out)
+    assert not torch.isnan(out).any()
+    assert (out[dead] == 0).all()
+    torch.testing.assert_close(out.double(), f64_backward(clean, labels, coef, 0), **grad_tol(dtype))
+    ref = torch.empty_like(x)
+    reference.ce_backward(clean, labels, lse, coef, 0, IGNORE, ref)
+    torch.testing.assert_close(out, ref, **grad_tol(dtype))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab_start", [0, 300, 2000])
+def test_backward_in_place_equals_out_of_place(dtype: torch.dtype, vocab_start: int) -> None:
+    x, labels = make_case(29, 1000, dtype, seed=5)
+    labels = torch.where(labels == IGNORE, labels, labels + 500)
+    lse, _ = _C.ce_forward(x, labels, vocab_start, IGNORE)
+    coef = torch.rand(29) + 0.5
+    out = torch.full_like(x, float("nan"))
+    _C.ce_backward(x, labels, lse, coef, vocab_start, IGNORE, out)
+    y = x.clone()
+    _C.ce_backward(y, labels, lse, coef, vocab_start, IGNORE, y)
+    assert torch.equal(y, out)
+    torch.testing.assert_close(out.double(), f64_backward(x, labels, coef, vocab_start), **grad_tol(dtype))
+
+
+@needs_ext
+def test_backward_row_strided_in_and_out() -> None:
+    wide, labels = make_case(17, 530, torch.float16, seed=6)
+    x = wide[:, 3:515]
+    labels = torch.where(labels >= 512, 0, labels)
+    coef = torch.randn(17)
+    lse, _ = _C.ce_forward(x, labels, 0, IGNORE)
+    out_wide = torch.full((17, 600), float("nan"), dtype=torch.float16)
+    out = out_wide[:, 7:519]
+    _C.ce_backward(x, labels, lse, coef, 0, IGNORE, out)
+    expected = torch.empty(17, 512, dtype=torch.float16)
+    _C.ce_backward(x.contiguous(), labels, lse, coef, 0, IGNORE, expected)
+    assert torch.equal(out, expected)
+    assert torch.isnan(out_wide[:, :7]).all() and torch.isnan(out_wide[:, 519:]).all()  # untouched
+
+
+@needs_ext
+def test_results_do_not_depend_on_thread_count() -> None:
+    x, labels = make_case(64, 3001, torch.bfloat16, seed=7)
+    coef = torch.randn(64)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
+            out = torch.empty_like(x)
+            _C.ce_backward(x, labels, lse, coef, 0, IGNORE, out)
+            seg = _C.segment_sum(lse, torch.tensor([0, 10, 10, 64]))
+            results.append((lse, tgt, out, seg))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+@needs_ext
+def test_bad_input_raises() -> None:
+    x = torch.randn(4, 8)
+    lab = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="logits"):
+        _C.ce_forward(x.double(), lab, 0, IGNORE)
+    with pytest.raises(RuntimeError, match="column stride"):
+        _C.ce_forward(x.t(), lab, 0, IGNORE)
+    with pytest.raises(RuntimeError, match="labels"):
+        _C.ce_forward(x, lab.float(), 0, IGNORE)
+    with pytest.raises(RuntimeError, match="labels"):
+        _C.ce_forward(x, lab[:3], 0, IGNORE)
+    with pytest.raises(RuntimeError, match="out"):
+        _C.ce_backward(x, lab, torch.zeros(4), torch.ones(4), 0, IGNORE, torch.empty(4, 8, dtype=torch.float16))
+
+
+# --------------------------------------------------------------------------------------------
+# segment_sum, dispatcher ops, the public API on the cpp backend
+# --------------------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64], ids=str)
+def test_segment_sum(cu_dtype: torch.dtype) -> None:
+    x = torch.randn(1000)
+    cu = torch.tensor([0, 0, 3, 3, 500, 999, 1000], dtype=cu_dtype)  # empty segments included
+    y = _C.segment_sum(x, cu)
+    expected = torch.stack([x[a:b].double().sum() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)])
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, reference.segment_sum(x, cu))
+    assert _C.segment_sum(x, torch.tensor([0], dtype=cu_dtype)).shape == (0,)
+
+
+@needs_ext
+def test_segment_sum_clamps_bounds() -> None:
+    """Offsets outside [0, T] or decreasing never read out of bounds: they are clamped."""
+    x = torch.arange(10, dtype=torch.float32)
+    y = _C.segment_sum(x, torch.tensor([-5, 4, 2, 50, 10**12]))
+    assert y.tolist() == [sum(range(4)), 0.0, sum(range(2, 10)), 0.0]
+
+
+@needs_ext
+def test_dispatcher_ops_registered() -> None:
+    x, labels = make_case(8, 100, torch.float32, seed=8)
+    lse, tgt = torch.ops.steerlm_kernels_C.ce_forward(x, labels, 0, IGNORE)
+    lse2, tgt2 = _C.ce_forward(x, labels, 0, IGNORE)
+    assert torch.equal(lse, lse2) and torch.equal(tgt, tgt2)
+    out = torch.empty_like(x)
+    torch.ops.steerlm_kernels_C.ce_backward(x, labels, lse, torch.ones(8), 0, IGNORE, out)
+    out2 = torch.empty_like(x)
+    _C.ce_backward(x, labels, lse, torch.ones(8), 0, IGNORE, out2)
+    assert torch.equal(out, out2)
+    cu = torch.tensor([0, 3, 8])
+    assert torch.equal(torch.ops.steerlm_kernels_C.segment_sum(lse, cu), _C.segment_sum(lse, cu))
+
+
+@needs_ext
+@pytest.mark.parametrize("inplace", [False, True])
+def test_public_api_cpp_matches_torch(inplace: bool) -> None:
+    import steerlm_kernels as sk
+
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(3, 20, 517, generator=g) * 3).bfloat16()
+    labels = torch.randint(0, 517, (3, 20), generator=g)
+    mask = torch.rand(3, 20, generator=g) > 0.3
+    weight, norm = torch.randn(3), torch.tensor([10.0, 12.0, 9.0])
+    grads, losses = [], []
+    for backend in ("cpp", "torch"):
+        x = logits.clone().requires_grad_(True)
+        loss = sk.weighted_sequence_loss(
+            x, labels, mask, weight, norm, backend=backend, inplace_backward=inplace and backend == "cpp"
+        )
+        loss.backward()
+        grads.append(x.grad)
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], **grad_tol(torch.bfloat16))
+    with torch.no_grad():
+        a = sk.sequence_nll(logits, labels, mask, backend="cpp")
+        b = sk.sequence_nll(logits, labels, mask, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
