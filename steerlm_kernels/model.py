@@ -1,0 +1,389 @@
+"""``GPTSteerLMModel``: SteerLM 2.0 training around any causal language model.
+
+A thin wrapper that keeps the method names of NeMo-Aligner's ``GPTSteerLMModel`` but runs on a
+plain ``nn.Module`` (no Megatron, no Apex) and delegates every ``[B, S, V]`` computation to the
+fused ops of this package:
+
+* **Phase 1 (baseline, no grad).** The batch is cut into micro-batches of
+  ``cfg.steerlm2.forward_micro_batch_size`` items; each is run forward under ``torch.no_grad``
+  and reduced to per-response NLLs by :func:`steerlm_kernels.sequence_nll` (the forward-only
+  path: the logits are read once, nothing is kept for backward). Then
+  :func:`steerlm_kernels.steerlm2_weights` gives ``weight = ws - baseline`` and the distance.
+* **Phase 2 (training).** The batch is cut into ``M`` micro-batches of
+  ``cfg.steerlm2.micro_batch_size`` items (the last may be smaller; a group may straddle two
+  micro-batches). Each micro-batch loss is :func:`steerlm_kernels.weighted_sequence_loss` with
+  NeMo's normalizer ``avg_num_valid_tokens_in_ub`` = (mean loss-masked tokens of the item's
+  group) / (M / G), and ``loss / M`` is back-propagated, as Megatron's schedule does. The
+  accumulated gradient is therefore that of ``(1/G) sum_g sum_{i in g} weight_i nll_i /
+  mean_tokens_g`` whatever the micro-batch sizes, and the reported loss (the mean of the
+  micro-batch losses) equals that objective.
+
+The batch is the dictionary of NeMo's ``SteerLM2Dataset.collate_fn`` (see :data:`BATCH_KEYS`);
+groups are consecutive and may have different sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from steerlm_kernels import _validate as v
+from steerlm_kernels.api import SteerLM2Weights, sequence_nll, steerlm2_weights, weighted_sequence_loss
+
+__all__ = ["BATCH_KEYS", "GPTSteerLMModel", "cfg_get"]
+
+#: Keys of a SteerLM 2.0 batch (NeMo's ``SteerLM2Dataset.collate_fn``), with shapes:
+#: ``tokens [B, S]`` int64, ``labels [B, S]`` int64, ``loss_mask [B, S]`` (bool / int / float),
+#: ``attention_mask`` (whatever the model takes, e.g. ``[B, S]``; may be absent or None),
+#: ``position_ids [B, S]`` int64 (may be absent or None), ``ws [B]`` float,
+#: ``"log(Q(y|a,x))" [B]`` float, ``num_responses [B]`` int64 (each item holds its group's size).
+BATCH_KEYS: tuple[str, ...] = (
+    "tokens",
+    "labels",
+    "loss_mask",
+    "attention_mask",
+    "position_ids",
+    "ws",
+    "log(Q(y|a,x))",
+    "num_responses",
+)
+LOG_Q_KEY = "log(Q(y|a,x))"
+_PER_ITEM_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+_MISSING = object()
+
+
+def cfg_get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
+    """Read the dotted ``key`` (e.g. ``"steerlm2.micro_batch_size"``) from a mapping (dict,
+    OmegaConf ``DictConfig``) or attribute object (``SimpleNamespace``, dataclass), nested in any mix.
+
+    Raises:
+        KeyError: when a component is missing and no ``default`` is given.
+    """
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, Mapping):
+            found = node.get(part, _MISSING)
+        else:
+            found = getattr(node, part, _MISSING)
+        if found is _MISSING or found is None:
+            if default is _MISSING:
+                raise KeyError(f"cfg has no {key!r} (missing {part!r})")
+            return default
+        node = found
+    return node
+
+
+def _positive_int(cfg: Any, key: str) -> int:
+    value = cfg_get(cfg, key)
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"cfg.{key} must be a positive integer, got {value!r}") from None
+    if isinstance(value, bool) or as_int != value or as_int <= 0:
+        raise ValueError(f"cfg.{key} must be a positive integer, got {value!r}")
+    return as_int
+
+
+def _logits_of(output: Any) -> Tensor:
+    """The logits from a model output: a tensor, an object with ``.logits``, or a tuple (first)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model returned {type(output).__name__}; expected logits [B, S, V], an object with .logits, "
+        "or a tuple whose first element is the logits"
+    )
+
+
+def _split(batch: Mapping[str, Any], size: int) -> list[dict[str, Any]]:
+    """Cut the per-item tensors of ``batch`` (dim 0) into consecutive chunks of ``size`` items."""
+    n = batch["tokens"].shape[0]
+    chunks = []
+    for start in range(0, n, size):
+        chunk = {}
+        for key, value in batch.items():
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == n:
+                chunk[key] = value[start:start + size]
+            else:
+                chunk[key] = value  # e.g. a shared [1, S, S] attention mask, or None
+        chunks.append(chunk)
+    return chunks
+
+
+class GPTSteerLMModel(nn.Module):
+    """SteerLM 2.0 wrapper of a causal LM, with NeMo-Aligner's method names.
+
+    Args:
+        model: an ``nn.Module`` called as ``model(input_ids=tokens, attention_mask=...,
+            position_ids=...)`` returning logits ``[B, S, V]`` (any floating dtype), an object with
+            ``.logits`` (Hugging Face), or a tuple whose first element is the logits.
+        cfg: mapping or attribute object with ``steerlm2.forward_micro_batch_size`` (phase 1) and
+            ``steerlm2.micro_batch_size`` (phase 2); read once, at construction.
+        lm_head_weight: the fused-linear path (``model`` returns hidden states); not supported yet.
+        backend: kernel backend for every op (``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"``).
+        inplace_backward: let the phase-2 backward write the logits' gradient into the logits'
+            storage (saves one ``[N, V]`` buffer). Only safe when nothing in the model's autograd
+            graph saved the logits tensor itself (true of a plain LM head; not of e.g. a final
+            ``tanh`` soft-capping).
+        dp_group: data-parallel process group over which ``distance`` and the reported loss are
+            averaged; ``None`` uses the default group when ``torch.distributed`` is initialised.
+
+    The batch tensors are moved to the device of the model's first parameter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Any,
+        *,
+        lm_head_weight: Tensor | None = None,
+        backend: str = "auto",
+        inplace_backward: bool = False,
+        dp_group: Any = None,
+    ) -> None:
+        super().__init__()
+        if lm_head_weight is not None:
+            raise NotImplementedError("the fused-linear path (lm_head_weight=) is not supported yet")
+        if not callable(model):
+            raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
+        self.model = model
+        self.cfg = cfg
+        self.forward_micro_batch_size = _positive_int(cfg, "steerlm2.forward_micro_batch_size")
+        self.micro_batch_size = _positive_int(cfg, "steerlm2.micro_batch_size")
+        self.backend = backend
+        self.inplace_backward = bool(inplace_backward)
+        self.dp_group = dp_group
+
+    # ------------------------------------------------------------------------------------------
+    # plumbing
+    # ------------------------------------------------------------------------------------------
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """Run the wrapped model; returns its logits ``[B, S, V]``."""
+        return _logits_of(self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids))
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the wrapped model's first parameter (CPU if it has none)."""
+        for p in self.model.parameters() if isinstance(self.model, nn.Module) else ():
+            return p.device
+        return torch.device("cpu")
+
+    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        device = self.device
+        return {k: (x.to(device, non_blocking=True) if isinstance(x, Tensor) else x) for k, x in batch.items()}
+
+    def _logits(self, mb: Mapping[str, Any]) -> Tensor:
+        return self(mb["tokens"], mb.get("attention_mask"), mb.get("position_ids"))
+
+    @staticmethod
+    def _check_batch(batch: Any) -> None:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a mapping with keys {BATCH_KEYS}, got {type(batch).__name__}")
+        missing = [k for k in ("tokens", "labels", "loss_mask", "ws", LOG_Q_KEY, "num_responses") if k not in batch]
+        if missing:
+            raise KeyError(f"batch lacks {missing}; a SteerLM 2.0 batch has keys {BATCH_KEYS}")
+        tokens = batch["tokens"]
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise ValueError(f"batch['tokens'] must be a [B, S] tensor, got {getattr(tokens, 'shape', tokens)}")
+        for key in ("labels", "loss_mask"):
+            if not isinstance(batch[key], Tensor) or batch[key].shape != tokens.shape:
+                raise ValueError(f"batch[{key!r}] must have the shape of tokens {tuple(tokens.shape)}")
+
+    # ------------------------------------------------------------------------------------------
+    # NeMo's loss functions
+    # ------------------------------------------------------------------------------------------
+
+    def loss_func(self, loss_mask: Tensor, output_tensor: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Per-response NLL ``[B]`` float32: ``sum_t loss_mask * nll``.
+
+        ``output_tensor`` is either the logits ``[B, S, V]`` (then ``labels [B, S]`` is required
+        and the fused :func:`sequence_nll` runs) or, as in NeMo, per-token losses ``[B, S]``.
+        """
+        if labels is not None:
+            return sequence_nll(output_tensor, labels, loss_mask, backend=self.backend)
+        if output_tensor.shape != loss_mask.shape:
+            raise ValueError("without labels, output_tensor must be per-token losses of loss_mask's shape")
+        return (output_tensor.float() * loss_mask.float()).sum(dim=-1)
+
+    def weight_loss_func(
+        self,
+        loss_mask: Tensor,
+        avg_num_valid_tokens_in_ub: Tensor | float,
+        output_tensor: Tensor,
+        weight: Tensor,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """Micro-batch loss ``sum_b weight[b] * nll[b] / avg_num_valid_tokens_in_ub[b]`` (0-d float32).
+
+        ``output_tensor``: logits ``[B, S, V]`` with ``labels`` (fused
+        :func:`weighted_sequence_loss`, one-pass backward) or per-token losses ``[B, S]``.
+        ``avg_num_valid_tokens_in_ub``: ``[B]`` tensor or float (NeMo's normalizer).
+        """
+        if labels is not None:
+            return weighted_sequence_loss(
+                output_tensor, labels, loss_mask, weight, avg_num_valid_tokens_in_ub,
+                inplace_backward=self.inplace_backward, backend=self.backend,
+            )
+        seq = self.loss_func(loss_mask, output_tensor)
+        norm = torch.as_tensor(avg_num_valid_tokens_in_ub, dtype=torch.float32, device=seq.device)
+        w = weight.float()
+        return (w * seq / torch.where(w == 0, torch.ones_like(norm), norm)).sum()
+
+    # ------------------------------------------------------------------------------------------
+    # forward-step functions (Megatron schedule signature: (data_iterator, model) -> (output, loss_fn))
+    # ------------------------------------------------------------------------------------------
+
+    def get_forward_output_only_for_weight_func(self) -> Callable[..., tuple[Tensor, Callable]]:
+        """Phase-1 step: ``fwd(data_iterator, model) -> (seq_nll [b], id_func)``.
+
+        Runs one micro-batch forward under ``torch.no_grad`` and reduces it at once to the
+        per-response NLL (the logits are freed before returning); ``id_func(out)`` returns
+        ``(out, {"loss": out})`` as NeMo's does.
+        """
+
+        def fwd_output_only_func(data_iterator: Iterator[Mapping[str, Any]], model: Callable | None = None):
+            mb = next(data_iterator)
+            run = self if model is None else model
+            with torch.no_grad():
+                logits = _logits_of(run(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"),
+                                        position_ids=mb.get("position_ids")))
+                nll = self.loss_func(mb["loss_mask"], logits, mb["labels"])
+            del logits
+
+            def id_func(output_tensor: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                return output_tensor, {"loss": output_tensor}
+
+            return nll, id_func
+
+        return fwd_output_only_func
+
+    def get_forward_output_and_loss_func(self, validation_step: bool = False) -> Callable[..., tuple[Tensor, Callable]]:
+        """Phase-2 step: ``fwd(data_iterator, model) -> (logits, loss_func)``.
+
+        The micro-batch must carry ``weight [b]`` and ``avg_num_valid_tokens_in_ub [b]`` (as
+        NeMo's); ``loss_func(logits) -> (loss, {"avg": loss.detach()})`` is the micro-batch loss,
+        which the schedule divides by the number of micro-batches before backward.
+        ``validation_step`` is accepted for NeMo compatibility (no effect).
+        """
+
+        def fwd_output_and_loss_func(data_iterator: Iterator[Mapping[str, Any]], model: Callable | None = None):
+            mb = next(data_iterator)
+            run = self if model is None else model
+            logits = _logits_of(run(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"),
+                                    position_ids=mb.get("position_ids")))
+
+            def loss_func(output_tensor: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                loss = self.weight_loss_func(
+                    mb["loss_mask"], mb["avg_num_valid_tokens_in_ub"], output_tensor, mb["weight"], mb["labels"]
+                )
+                return loss, {"avg": loss.detach()}
+
+            return logits, loss_func
+
+        return fwd_output_and_loss_func
+
+    # ------------------------------------------------------------------------------------------
+    # the two phases
+    # ------------------------------------------------------------------------------------------
+
+    def compute_baseline_weights(self, batch: Mapping[str, Any]) -> SteerLM2Weights:
+        """Phase 1 on the whole batch: per-response NLL in micro-batches of
+        ``forward_micro_batch_size`` (no grad), then :func:`steerlm2_weights`.
+
+        Returns:
+            ``SteerLM2Weights(weight [B], baseline [B], distance 0-d)``, float32, on the model's
+            device; ``distance`` is local (not averaged over data-parallel ranks).
+        """
+        self._check_batch(batch)
+        batch = self._to_device(batch)
+        chunks = _split(batch, self.forward_micro_batch_size)
+        step = self.get_forward_output_only_for_weight_func()
+        it = iter(chunks)
+        nlls = []
+        for _ in chunks:
+            out, id_func = step(it)
+            nlls.append(id_func(out)[1]["loss"])
+        seq_nll = torch.cat(nlls)
+        return steerlm2_weights(seq_nll, batch[LOG_Q_KEY].float(), batch["ws"].float(), batch["num_responses"],
+                                backend=self.backend)
+
+    #: NeMo's spelling, kept for drop-in compatibility.
+    compute_baselilne_weights = compute_baseline_weights
+
+    def avg_num_valid_tokens_in_ub(self, loss_mask: Tensor, num_responses: Tensor | int,
+                                   num_microbatches: int) -> Tensor:
+        """NeMo's normalizer ``[B]`` float32: per item, the mean number of loss-masked tokens
+        (``loss_mask.sum(-1)``) over its group, divided by ``num_microbatches / num_groups``.
+
+        Groups whose responses are all fully masked get 1 (their NLL, hence their loss, is 0).
+        """
+        b = loss_mask.shape[0]
+        cu, _ = v.group_offsets(num_responses, b, loss_mask.device, "num_responses", per_item=True)
+        sizes = cu.diff()
+        group_id = torch.repeat_interleave(torch.arange(sizes.numel(), device=loss_mask.device), sizes)
+        tokens = loss_mask.float().sum(dim=-1)
+        mean_tokens = torch.zeros(sizes.numel(), device=loss_mask.device).index_add_(0, group_id, tokens) / sizes
+        mean_tokens = torch.where(mean_tokens == 0, torch.ones_like(mean_tokens), mean_tokens)
+        return mean_tokens[group_id] * (sizes.numel() / num_microbatches)
+
+    def _dp_average(self, values: Tensor) -> Tensor:
+        """Average ``values`` over the data-parallel group (one all-reduce), if distributed."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return values
+        group = self.dp_group
+        world = dist.get_world_size(group)
+        if world == 1:
+            return values
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+        return values / world
+
+    def get_loss_and_metrics(self, batch: Mapping[str, Any], forward_only: bool) -> tuple[float, dict[str, float]]:
+        """One SteerLM 2.0 step on ``batch``: phase 1 (baseline weights), then phase 2.
+
+        Unless ``forward_only``, the gradient of the objective is *accumulated* into the
+        parameters' ``.grad`` (zero them and step the optimizer yourself). With
+        ``forward_only=True`` phase 2 runs under ``torch.no_grad`` and no gradient is produced.
+
+        Returns:
+            ``(loss_value, {"loss": loss_value, "distance": distance})``: the mean of the
+            micro-batch losses and the mean over groups of ``KL(ws || baseline)``, both averaged
+            over the data-parallel group when ``torch.distributed`` is initialised.
+        """
+        self._check_batch(batch)
+        batch = self._to_device(batch)
+        weights = self.compute_baseline_weights(batch)
+
+        chunks = _split(batch, self.micro_batch_size)
+        m = len(chunks)
+        train_batch = dict(batch)
+        train_batch["weight"] = weights.weight
+        train_batch["avg_num_valid_tokens_in_ub"] = self.avg_num_valid_tokens_in_ub(
+            batch["loss_mask"], batch["num_responses"], m
+        )
+        chunks = _split(train_batch, self.micro_batch_size)
+        step = self.get_forward_output_and_loss_func()
+        it = iter(chunks)
+        losses = []
+        with torch.set_grad_enabled(not forward_only):
+            for _ in range(m):
+                logits, loss_func = step(it)
+                loss, reduced = loss_func(logits)
+                del logits
+                if not forward_only:
+                    (loss / m).backward()
+                losses.append(reduced["avg"])
+        loss_mean = torch.stack(losses).mean()
+        loss_value, distance = self._dp_average(torch.stack([loss_mean, weights.distance.float()])).tolist()
+        return loss_value, {"loss": loss_value, "distance": distance}

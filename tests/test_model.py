@@ -1,0 +1,259 @@
+"""GPTSteerLMModel: loss, every parameter gradient and distance against a float64 closed form."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from steerlm_kernels.model import GPTSteerLMModel, cfg_get
+from steerlm_kernels.tiny_lm import TinyCausalLM
+
+V = 48
+S = 14
+
+
+def make_batch(group_sizes: tuple[int, ...], seed: int = 0, seq_len: int = S, vocab: int = V) -> dict[str, Tensor]:
+    """A SteerLM 2.0 batch as NeMo's collate_fn lays it out, with right padding and prompt masks."""
+    g = torch.Generator().manual_seed(seed)
+    b = sum(group_sizes)
+    seq = torch.randint(0, vocab, (b, seq_len + 1), generator=g)
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (b,), generator=g)
+    prompt = torch.randint(1, seq_len // 3, (b,), generator=g)
+    pos = torch.arange(seq_len)
+    attention_mask = (pos[None, :] < lengths[:, None]).long()
+    loss_mask = (attention_mask.bool() & (pos[None, :] >= prompt[:, None])).long()
+    num_responses = torch.cat([torch.full((n,), n) for n in group_sizes])
+    logits_w = torch.randn(b, generator=g) * 2
+    ws = torch.cat([t.softmax(0) for t in logits_w.split(list(group_sizes))])
+    log_q = -loss_mask.sum(-1).float() * 3.9 + torch.randn(b, generator=g)
+    return {
+        "tokens": seq[:, :-1].contiguous(),
+        "labels": seq[:, 1:].contiguous(),
+        "loss_mask": loss_mask,
+        "attention_mask": attention_mask,
+        "position_ids": pos.expand(b, seq_len).contiguous(),
+        "ws": ws,
+        "log(Q(y|a,x))": log_q,
+        "num_responses": num_responses,
+    }
+
+
+def reference(model: nn.Module, batch: dict[str, Tensor], group_sizes: tuple[int, ...]):
+    """float64 closed form: ``(1/G) sum_g sum_{i in g} w_i nll_i / mean_tokens_g`` with
+    ``w = ws - softmax_g(-nll - log_q)`` held constant; returns (objective, distance, grads)."""
+    m64 = copy.deepcopy(model).double()
+    out = m64(input_ids=batch["tokens"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    logits = getattr(out, "logits", out).double()
+    logp = logits.log_softmax(-1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+    mask = batch["loss_mask"].double()
+    nll = -(logp * mask).sum(-1)
+    sizes = list(group_sizes)
+    ws = batch["ws"].double()
+    log_q = batch["log(Q(y|a,x))"].double()
+    objective = torch.zeros((), dtype=torch.float64)
+    kls = []
+    for nll_g, ws_g, lq_g, mask_g in zip(nll.split(sizes), ws.split(sizes), log_q.split(sizes), mask.split(sizes)):
+        baseline = torch.softmax(-nll_g.detach() - lq_g, 0)
+        weight = ws_g - baseline
+        objective = objective + (weight * nll_g).sum() / mask_g.sum(-1).mean()
+        kls.append(((ws_g + 1e-8) * torch.log((ws_g + 1e-8) / (baseline + 1e-8))).sum())
+    objective = objective / len(sizes)
+    objective.backward()
+    grads = {name: p.grad.float() for name, p in m64.named_parameters()}
+    return objective.item(), torch.stack(kls).mean().item(), grads
+
+
+def cfg_of(fmbs: int, mbs: int, kind: str = "dict"):
+    d = {"steerlm2": {"forward_micro_batch_size": fmbs, "micro_batch_size": mbs}}
+    if kind == "dict":
+        return d
+    if kind == "namespace":
+        return SimpleNamespace(steerlm2=SimpleNamespace(**d["steerlm2"]))
+    omegaconf = pytest.importorskip("omegaconf")
+    return omegaconf.OmegaConf.create(d)
+
+
+def check_against_reference(model: nn.Module, wrapper: GPTSteerLMModel, batch, group_sizes, grad_rtol=2e-4):
+    ref_loss, ref_distance, ref_grads = reference(model, batch, group_sizes)
+    model.zero_grad(set_to_none=True)
+    loss, metrics = wrapper.get_loss_and_metrics(batch, forward_only=False)
+    assert isinstance(loss, float) and set(metrics) == {"loss", "distance"}
+    assert metrics["loss"] == loss
+    assert loss == pytest.approx(ref_loss, rel=1e-4, abs=1e-6)
+    assert metrics["distance"] == pytest.approx(ref_distance, rel=1e-4, abs=1e-6)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        ref = ref_grads[name]
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(p.grad, ref, rtol=grad_rtol, atol=grad_rtol * scale + 1e-9, msg=name)
+
+
+GROUPS = [(3, 5, 2), (4, 4, 4)]
+
+
+@pytest.mark.parametrize("group_sizes", GROUPS, ids=lambda g: "groups" + "-".join(map(str, g)))
+@pytest.mark.parametrize("fmbs,mbs", [(1, 1), (2, 3), (5, 2), (4, 7), (None, None)], ids=str)
+def test_loss_and_grads_match_closed_form(group_sizes, fmbs, mbs):
+    b = sum(group_sizes)
+    fmbs, mbs = fmbs or b, mbs or b
+    model = TinyCausalLM(V, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, seed=1)
+    batch = make_batch(group_sizes, seed=fmbs * 10 + mbs)
+    wrapper = GPTSteerLMModel(model, cfg_of(fmbs, mbs), backend="torch")
+    check_against_reference(model, wrapper, batch, group_sizes)
+
+
+def test_micro_batch_sizes_agree_with_each_other():
+    """Whatever the split, the step (loss, distance, grads) is the same."""
+    groups = (2, 6, 1, 3)
+    batch = make_batch(groups, seed=3)
+    results = []
+    for fmbs, mbs in [(1, 1), (3, 5), (12, 12), (7, 4)]:
+        model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=2)
+        loss, metrics = GPTSteerLMModel(model, cfg_of(fmbs, mbs), backend="torch").get_loss_and_metrics(batch, False)
+        results.append((loss, metrics["distance"], [p.grad.clone() for p in model.parameters()]))
+    for loss, distance, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5, abs=1e-7)
+        assert distance == pytest.approx(results[0][1], rel=1e-5)
+        for g, g0 in zip(grads, results[0][2]):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-4 * g0.abs().max().item() + 1e-10)
+
+
+def test_backends(backend):
+    """The same closed form through each available kernel backend (Triton under the interpreter)."""
+    groups = (3, 5, 2)
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=4)
+    batch = make_batch(groups, seed=5)
+    check_against_reference(model, GPTSteerLMModel(model, cfg_of(2, 3), backend=backend), batch, groups)
+
+
+def test_inplace_backward():
+    groups = (3, 5, 2)
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=4)
+    batch = make_batch(groups, seed=6)
+    wrapper = GPTSteerLMModel(model, cfg_of(3, 4), backend="torch", inplace_backward=True)
+    check_against_reference(model, wrapper, batch, groups)
+
+
+def test_forward_only_leaves_no_gradient():
+    groups = (3, 5, 2)
+    model = TinyCausalLM(V, d_model=32, n_layers=2, max_seq_len=32, seed=7)
+    batch = make_batch(groups, seed=8)
+    ref_loss, ref_distance, _ = reference(model, batch, groups)
+    loss, metrics = GPTSteerLMModel(model, cfg_of(2, 3), backend="torch").get_loss_and_metrics(batch, True)
+    assert all(p.grad is None for p in model.parameters())
+    assert loss == pytest.approx(ref_loss, rel=1e-4, abs=1e-6)
+    assert metrics == {"loss": loss, "distance": pytest.approx(ref_distance, rel=1e-4, abs=1e-6)}
+    # and it does not disturb gradients that are already there
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    GPTSteerLMModel(model, cfg_of(4, 4), backend="torch").get_loss_and_metrics(batch, forward_only=True)
+    assert all(bool((p.grad == 1).all()) for p in model.parameters())
+
+
+def test_gradient_accumulates():
+    groups = (2, 3)
+    batch = make_batch(groups, seed=9)
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=7)
+    wrapper = GPTSteerLMModel(model, cfg_of(2, 2), backend="torch")
+    wrapper.get_loss_and_metrics(batch, False)
+    once = [p.grad.clone() for p in model.parameters()]
+    wrapper.get_loss_and_metrics(batch, False)
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g)
+
+
+def test_distance_formula():
+    groups = (3, 1, 4)
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=10)
+    batch = make_batch(groups, seed=11)
+    _, ref_distance, _ = reference(model, batch, groups)
+    wrapper = GPTSteerLMModel(model, cfg_of(3, 3), backend="torch")
+    res = wrapper.compute_baseline_weights(batch)
+    assert res.distance.item() == pytest.approx(ref_distance, rel=1e-5)
+    alias = wrapper.compute_baselilne_weights(batch)
+    torch.testing.assert_close(alias.weight, res.weight)
+    torch.testing.assert_close(res.weight, batch["ws"] - res.baseline)
+    sums = torch.stack([x.sum() for x in res.baseline.split(list(groups))])
+    torch.testing.assert_close(sums, torch.ones(len(groups)))
+
+
+@pytest.mark.parametrize("kind", ["dict", "namespace", "omegaconf"])
+def test_cfg_forms(kind):
+    groups = (3, 5, 2)
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=12)
+    wrapper = GPTSteerLMModel(model, cfg_of(5, 2, kind), backend="torch")
+    assert (wrapper.forward_micro_batch_size, wrapper.micro_batch_size) == (5, 2)
+    check_against_reference(model, wrapper, make_batch(groups, seed=13), groups)
+
+
+def test_cfg_get_and_errors():
+    assert cfg_get({"a": SimpleNamespace(b={"c": 3})}, "a.b.c") == 3
+    assert cfg_get({}, "a.b", default=7) == 7
+    with pytest.raises(KeyError, match="steerlm2"):
+        GPTSteerLMModel(nn.Linear(2, 2), {"model": {}})
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        GPTSteerLMModel(nn.Linear(2, 2), cfg_of(1, 0))
+    with pytest.raises(NotImplementedError, match="lm_head_weight"):
+        GPTSteerLMModel(nn.Linear(2, 2), cfg_of(1, 1), lm_head_weight=torch.zeros(2, 2))
+
+
+def test_bad_batch():
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32)
+    wrapper = GPTSteerLMModel(model, cfg_of(2, 2), backend="torch")
+    batch = make_batch((2, 3))
+    with pytest.raises(KeyError, match="ws"):
+        wrapper.get_loss_and_metrics({k: x for k, x in batch.items() if k != "ws"}, False)
+    bad = dict(batch, num_responses=torch.tensor([2, 2, 3, 3, 2]))
+    with pytest.raises(ValueError, match="num_responses"):
+        wrapper.get_loss_and_metrics(bad, False)
+
+
+class HFStyle(nn.Module):
+    """Returns an object with ``.logits``, as Hugging Face models do."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return SimpleNamespace(logits=self.inner(input_ids, attention_mask, position_ids), past_key_values=None)
+
+
+def test_model_returning_logits_attribute():
+    groups = (3, 5, 2)
+    model = HFStyle(TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=14))
+    check_against_reference(model, GPTSteerLMModel(model, cfg_of(3, 4)), make_batch(groups, seed=15), groups)
+
+
+def test_llama_for_causal_lm():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    groups = (3, 5, 2)
+    batch = make_batch(groups, seed=16)
+    check_against_reference(model, GPTSteerLMModel(model, cfg_of(4, 3), backend="torch"), batch, groups, 1e-3)
+
+
+def test_tiny_lm_is_causal_and_deterministic():
+    a, b = TinyCausalLM(V, seed=3), TinyCausalLM(V, seed=3)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(TinyCausalLM(V, seed=4).lm_head.weight, a.lm_head.weight)
+    x = torch.randint(0, V, (2, 10))
+    y = x.clone()
+    y[:, 6:] = (y[:, 6:] + 1) % V
+    torch.testing.assert_close(a(x)[:, :6], a(y)[:, :6])
+    # right padding changes nothing at real positions; a padding mask equals no mask there
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 7:] = 0
+    torch.testing.assert_close(a(x, mask)[0, :7], a(x)[0, :7])
+    torch.testing.assert_close(a(x, mask)[1], a(x)[1])
+    assert torch.isfinite(a(x, torch.zeros_like(mask))).all()
