@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	# megatron-core, only for the parity test of sk.megatron (runs on CPU with gloo; optional)
+	$(PY) -m pip install --no-deps "megatron-core>=0.9" || echo "megatron-core not installed: its parity test will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,7 +11,7 @@ Public API (see SPEC and each docstring)::
     sk.nn.SequenceNLL(), sk.nn.WeightedSequenceLoss()    # module forms
 """
 
-from steerlm_kernels import nn
+from steerlm_kernels import data, megatron, nn
 from steerlm_kernels._dispatch import BACKENDS, BackendStatus, backends
 from steerlm_kernels.api import (
     SteerLM2Weights,
@@ -29,6 +29,8 @@ __all__ = [
     "BackendStatus",
     "__version__",
     "backends",
+    "data",
+    "megatron",
     "nn",
     "SteerLM2Weights",
     "segment_softmax",

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from steerlm_kernels import _dispatch
 from steerlm_kernels import _validate as v
+from steerlm_kernels._distributed import group_size_rank, sum_over_context
 from steerlm_kernels.ops import group
 from steerlm_kernels.ops.cross_entropy import token_nll_2d
 from steerlm_kernels.ops.segment import segment_sum
@@ -47,12 +48,12 @@ __all__ = [
 ]
 
 
-def _no_groups(process_group: Any, cp_group: Any = None) -> None:
-    # Tensor / context parallelism is delivered by the distributed issue; refuse loudly meanwhile.
+def _check_groups(process_group: Any, cp_group: Any = None) -> None:
+    """Groups are usable (torch.distributed initialised) - checked before any kernel runs."""
     if process_group is not None:
-        raise NotImplementedError("process_group (vocabulary parallelism) is not supported yet")
+        group_size_rank(process_group, "process_group")
     if cp_group is not None:
-        raise NotImplementedError("cp_group (context parallelism) is not supported yet")
+        group_size_rank(cp_group, "cp_group")
 
 
 def _flat_inputs(logits: Any, labels: Any, ignore_index: Any, backend: Any) -> tuple[Tensor, Tensor, Tensor, str]:
@@ -75,16 +76,17 @@ def _masked_token_nll(
     check_labels: bool,
     inplace_backward: bool,
     backend: str,
+    process_group: Any,
 ) -> tuple[Tensor, Tensor, str]:
     """``(mask * nll) [N]`` float32, the original labels, and the resolved backend."""
     logits2d, labels, labels1d, name = _flat_inputs(logits, labels, ignore_index, backend)
     mask = v.check_loss_mask(loss_mask, labels)
     if mask is None:
-        nll = token_nll_2d(logits2d, labels1d, ignore_index, check_labels, inplace_backward, name)
+        nll = token_nll_2d(logits2d, labels1d, ignore_index, check_labels, inplace_backward, name, process_group)
         return nll, labels, name
     mask1d = mask.reshape(-1)
     labels1d = labels1d.masked_fill(mask1d == 0, ignore_index)
-    nll = token_nll_2d(logits2d, labels1d, ignore_index, check_labels, inplace_backward, name)
+    nll = token_nll_2d(logits2d, labels1d, ignore_index, check_labels, inplace_backward, name, process_group)
     return nll * mask1d.to(torch.float32), labels, name
 
 
@@ -104,7 +106,9 @@ def token_nll(
         logits: ``[B, S, V]`` or ``[N, V]``, float32 / bfloat16 / float16.
         labels: int64 / int32 of shape ``logits.shape[:-1]``.
         ignore_index: label value that contributes 0.
-        process_group: vocabulary-parallel group (not supported yet).
+        process_group: tensor-parallel group over which the vocabulary is split: ``logits`` is
+            then this rank's contiguous shard ``[..., V/tp]`` (Megatron's layout) and ``labels``
+            are global. One collective of ``2N + 1`` floats per call; the backward needs none.
         check_labels: raise ``IndexError`` for labels outside ``[0, V)``.
         inplace_backward: write the gradient into ``logits``' storage (do not reuse the logits).
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
@@ -113,8 +117,10 @@ def token_nll(
         float32 tensor of the labels' shape; 0 at ignored positions. Differentiable w.r.t.
         ``logits``.
     """
-    _no_groups(process_group)
-    nll, labels, _ = _masked_token_nll(logits, labels, None, ignore_index, check_labels, inplace_backward, backend)
+    _check_groups(process_group)
+    nll, labels, _ = _masked_token_nll(
+        logits, labels, None, ignore_index, check_labels, inplace_backward, backend, process_group
+    )
     return nll.view(labels.shape)
 
 
@@ -137,6 +143,11 @@ def sequence_nll(
     Packed input: ``logits [T, V]``, ``labels``/``loss_mask [T]``, ``cu_seqlens [B + 1]`` (int32 /
     int64, from 0 to T) -> ``[B]``. All-masked sequences give exactly 0.
 
+    Parallelism: ``process_group`` as :func:`token_nll` (``logits`` is this rank's vocabulary
+    shard). ``cp_group``: the context-parallel group over which every sequence is split; each
+    rank passes its own tokens (dense ``[B, S/cp]``, or packed with its local ``cu_seqlens``) and
+    gets the full-sequence sums (one all-reduce of ``[B]`` floats; identity in the backward).
+
     When no gradient is needed (``torch.no_grad()`` or logits without ``requires_grad``: the
     SteerLM baseline phase) nothing is stored for backward: the logits are read once and only
     O(N) float32 temporaries exist.
@@ -145,14 +156,13 @@ def sequence_nll(
         float32 ``[B]``, differentiable w.r.t. ``logits`` (and ``loss_mask`` if it is a float
         tensor that requires grad).
     """
-    _no_groups(process_group, cp_group)
+    _check_groups(process_group, cp_group)
     cu = _check_sequences(labels, cu_seqlens)
     nll, labels, name = _masked_token_nll(
-        logits, labels, loss_mask, ignore_index, check_labels, inplace_backward, backend
+        logits, labels, loss_mask, ignore_index, check_labels, inplace_backward, backend, process_group
     )
-    if cu is not None:
-        return segment_sum(nll, cu, name)
-    return nll.view(labels.shape).sum(dim=-1)
+    seq = segment_sum(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
+    return sum_over_context(seq, cp_group)
 
 
 def _check_sequences(labels: Any, cu_seqlens: Any) -> Tensor | None:

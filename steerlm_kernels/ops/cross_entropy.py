@@ -26,10 +26,13 @@ opaque nodes; the backend (``triton`` / ``cpp`` / ``torch``) is a string argumen
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from steerlm_kernels import _dispatch
+from steerlm_kernels._distributed import combine_vocab_partials, vocab_shard
 from steerlm_kernels._validate import check_label_range
 from steerlm_kernels.ops._triton import tl, triton
 
@@ -225,6 +228,8 @@ def _(logits, labels, lse, coef, vocab_start, ignore_index, backend):
 class TokenNLLFunction(torch.autograd.Function):
     """``nll[N] = lse - target`` (0 where ignored) of ``logits [N, V]``, differentiable.
 
+    With ``process_group`` the logits are this rank's vocabulary shard and the partials are
+    combined by one collective (:mod:`steerlm_kernels._distributed`); the backward needs none.
     Saves ``logits`` (no copy), ``labels`` and ``lse`` ([N] float32) for the one-pass backward.
     With ``inplace_backward`` the gradient is written into the logits' storage, which the caller
     must not read afterwards.
@@ -239,26 +244,41 @@ class TokenNLLFunction(torch.autograd.Function):
         check_labels: bool,
         inplace_backward: bool,
         backend: str,
+        process_group: Any,
     ) -> Tensor:
-        lse, target = torch.ops.steerlm_kernels.ce_forward(
-            logits, labels, 0, logits.shape[1], ignore_index, check_labels, backend
-        )
+        nll, lse, vocab_start = _token_nll_forward(logits, labels, ignore_index, check_labels, backend, process_group)
         ctx.save_for_backward(logits, labels, lse)
+        ctx.vocab_start = vocab_start
         ctx.ignore_index = ignore_index
         ctx.inplace_backward = inplace_backward
         ctx.backend = backend
-        return torch.where(labels == ignore_index, 0.0, lse - target)
+        return nll
 
     @staticmethod
     def backward(ctx, grad_nll: Tensor):
         logits, labels, lse = ctx.saved_tensors
         coef = grad_nll.float().contiguous()
+        args = (labels, lse, coef, ctx.vocab_start, ctx.ignore_index, ctx.backend)
         if ctx.inplace_backward:
-            torch.ops.steerlm_kernels.ce_backward_(logits, labels, lse, coef, 0, ctx.ignore_index, ctx.backend)
+            torch.ops.steerlm_kernels.ce_backward_(logits, *args)
             grad = logits
         else:
-            grad = torch.ops.steerlm_kernels.ce_backward(logits, labels, lse, coef, 0, ctx.ignore_index, ctx.backend)
-        return grad, None, None, None, None, None
+            grad = torch.ops.steerlm_kernels.ce_backward(logits, *args)
+        return grad, None, None, None, None, None, None
+
+
+def _token_nll_forward(
+    logits: Tensor, labels: Tensor, ignore_index: int, check_labels: bool, backend: str, process_group: Any
+) -> tuple[Tensor, Tensor, int]:
+    """``(nll [N], lse [N], vocab_start)``: the forward op, plus the vocabulary-parallel combine."""
+    n_cols = logits.shape[1]
+    vocab_start, vocab_size = vocab_shard(n_cols, process_group)
+    lse, target = torch.ops.steerlm_kernels.ce_forward(
+        logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend
+    )
+    if process_group is not None:
+        lse, target = combine_vocab_partials(lse, target, n_cols, process_group)
+    return torch.where(labels == ignore_index, 0.0, lse - target), lse, vocab_start
 
 
 def token_nll_2d(
@@ -268,18 +288,19 @@ def token_nll_2d(
     check_labels: bool,
     inplace_backward: bool,
     backend: str,
+    process_group: Any = None,
 ) -> Tensor:
-    """Per-token NLL ``[N]`` float32 of validated ``logits [N, V]`` and ``labels [N]``.
+    """Per-token NLL ``[N]`` float32 of validated ``logits [N, V]`` (or a vocabulary shard of
+    them, with ``process_group``) and ``labels [N]``.
 
     Goes through autograd only when a gradient is needed; otherwise (baseline phase) it calls
     the forward op directly and keeps nothing alive.
     """
     if torch.is_grad_enabled() and logits.requires_grad:
-        return TokenNLLFunction.apply(logits, labels, ignore_index, check_labels, inplace_backward, backend)
-    lse, target = torch.ops.steerlm_kernels.ce_forward(
-        logits, labels, 0, logits.shape[1], ignore_index, check_labels, backend
-    )
-    return torch.where(labels == ignore_index, 0.0, lse - target)
+        return TokenNLLFunction.apply(
+            logits, labels, ignore_index, check_labels, inplace_backward, backend, process_group
+        )
+    return _token_nll_forward(logits, labels, ignore_index, check_labels, backend, process_group)[0]
 
 
 # --------------------------------------------------------------------------------------------
