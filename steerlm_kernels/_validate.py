@@ -203,3 +203,70 @@ def group_offsets(
     cu = torch.zeros(len(group_list) + 1, dtype=torch.int64)
     cu[1:] = torch.tensor(group_list, dtype=torch.int64).cumsum(0) if group_list else cu[1:]
     return cu.to(device), max(group_list, default=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# fused linear (hidden states + LM head), appended for steerlm_kernels.api_linear
+# ------------------------------------------------------------------------------------------------
+
+
+def check_hidden(hidden: object) -> Tensor:
+    """``hidden``: ``[B, S, H]`` or ``[N, H]``, float32 / bfloat16 / float16, ``H >= 1``."""
+    hidden = check_tensor("hidden", hidden)
+    if hidden.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [N, H] or [B, S, H], got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] < 1:
+        raise ValueError(f"hidden must have a non-empty hidden dimension, got shape {tuple(hidden.shape)}")
+    return hidden
+
+
+def check_lm_head(weight: object, bias: object, hidden: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``lm_head_weight [V, H]`` and ``bias [V]`` (or None): ``hidden``'s dtype, device and ``H``."""
+    weight = check_tensor("lm_head_weight", weight)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"lm_head_weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"lm_head_weight must be 2-D [V, H] with V >= 1, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"lm_head_weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is None:
+        return weight, None
+    bias = check_tensor("bias", bias)
+    if bias.dtype != hidden.dtype:
+        raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}] (one per vocabulary row), got {tuple(bias.shape)}")
+    if bias.device != hidden.device:
+        raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    return weight, bias
+
+
+def check_hidden_labels(labels: object, hidden: Tensor) -> Tensor:
+    """``labels``: int32/int64 on ``hidden``'s device, shape ``hidden.shape[:-1]`` (or any shape
+    of ``N`` elements when ``hidden`` is ``[N, H]``)."""
+    labels = check_tensor("labels", labels)
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
+    rows = hidden.shape[:-1]
+    if labels.shape != rows and not (hidden.dim() == 2 and labels.numel() == rows[0]):
+        raise ValueError(f"labels must have shape {tuple(rows)} (hidden.shape[:-1]), got {tuple(labels.shape)}")
+    return labels
+
+
+def check_chunk_size(chunk_size: object) -> int:
+    """``chunk_size``: None (automatic, returned as 0) or a positive int of rows."""
+    if chunk_size is None:
+        return 0
+    check_int("chunk_size", chunk_size)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return chunk_size  # type: ignore[return-value]
