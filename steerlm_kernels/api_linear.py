@@ -1,0 +1,190 @@
+"""Fused linear losses: per-sequence NLL and the SteerLM 2.0 weighted loss from hidden states.
+
+``linear_sequence_nll(hidden, W, labels, ...)`` equals ``sequence_nll(hidden @ W.T + bias, labels,
+...)`` and ``linear_weighted_sequence_loss`` equals ``weighted_sequence_loss(hidden @ W.T + bias,
+...)``, but the ``[N, V]`` logits are never held: the Triton kernels keep logits tiles on chip,
+the CPU backends (``cpp``, ``torch``) work on chunks of rows. The math lives in
+:mod:`steerlm_kernels.ops.linear_cross_entropy`; this module validates, dispatches and documents.
+
+Conventions (beyond those of :mod:`steerlm_kernels.api`):
+
+* ``hidden``: ``[B, S, H]`` or ``[N, H]`` (packed, with ``cu_seqlens``); float32, bfloat16 or
+  float16. ``lm_head_weight``: ``[V, H]`` and ``bias``: ``[V]``, of ``hidden``'s dtype and device.
+  Inputs are never modified. Inputs whose last dimension is not unit-stride are copied once.
+* Precision: logits are accumulated in float32. On the Triton backend they stay float32; on the
+  CPU backends a bfloat16 input gives bfloat16 logits chunks (bfloat16 GEMM with float32
+  accumulation, as ``hidden @ W.T`` itself) and float16 is computed in float32 (a float32 copy of
+  the weight is made: CPU float16 GEMMs are very slow). The statistics (log-sum-exp, target) and
+  the per-element gradient are float32; ``grad_weight`` is accumulated in float32 across chunks.
+* Gradients flow to ``hidden``, ``lm_head_weight`` and ``bias`` (whichever require grad), and to
+  float ``loss_mask`` / ``weight`` / ``normalizer`` tensors that require grad.
+* Determinism: forward values are deterministic on every backend; on the Triton backend the
+  gradients are accumulated with float32 atomic adds (run-to-run differences at float32
+  rounding level). The CPU backends are deterministic.
+* ``chunk_size``: rows per logits chunk on the CPU backends (default: ``2**26 // V`` rows, i.e.
+  256 MiB of float32); the peak extra memory is ``O(N + chunk_size * V)`` plus the gradients.
+  Ignored by the Triton backend (its working set is a few tiles per program).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from steerlm_kernels import _dispatch
+from steerlm_kernels import _validate as v
+from steerlm_kernels.api import _check_sequences
+from steerlm_kernels.ops.linear_cross_entropy import linear_token_nll, linear_weighted_nll
+from steerlm_kernels.ops.segment import segment_sum
+
+__all__ = ["linear_sequence_nll", "linear_weighted_sequence_loss"]
+
+
+def _no_groups(process_group: Any, cp_group: Any) -> None:
+    if process_group is not None:
+        raise NotImplementedError("process_group (vocabulary parallelism) is not supported by the fused linear loss yet")
+    if cp_group is not None:
+        raise NotImplementedError("cp_group (context parallelism) is not supported by the fused linear loss yet")
+
+
+def _prepare(
+    hidden: Any, lm_head_weight: Any, bias: Any, labels: Any, loss_mask: Any, ignore_index: Any, cu_seqlens: Any,
+    chunk_size: Any, backend: Any,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor | None, Tensor | None, int, str]:
+    """Validate everything before any kernel; return ``(hidden2d [N, H], weight, bias, labels (orig
+    shape), labels1d [N] with masked tokens set to ignore_index, mask1d [N] float32 or None,
+    cu_seqlens or None, chunk_rows, backend)``."""
+    hidden = v.check_hidden(hidden)
+    weight, bias = v.check_lm_head(lm_head_weight, bias, hidden)
+    labels = v.check_hidden_labels(labels, hidden)
+    v.check_int("ignore_index", ignore_index)
+    chunk_rows = v.check_chunk_size(chunk_size)
+    cu = _check_sequences(labels, cu_seqlens)
+    mask = v.check_loss_mask(loss_mask, labels)
+    name = _dispatch.resolve(backend, hidden.device)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    if hidden2d.stride(1) != 1:
+        hidden2d = hidden2d.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    labels1d = labels.reshape(-1).contiguous()
+    mask1d = None
+    if mask is not None:
+        mask1d = mask.reshape(-1)
+        labels1d = labels1d.masked_fill(mask1d == 0, ignore_index)
+        mask1d = mask1d.to(torch.float32)
+    return hidden2d, weight, bias, labels, labels1d, mask1d, cu, chunk_rows, name
+
+
+def linear_sequence_nll(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    cu_seqlens: Tensor | None = None,
+    process_group: Any = None,
+    cp_group: Any = None,
+    check_labels: bool = True,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Per-sequence masked NLL of ``logits = hidden @ lm_head_weight.T + bias``, fused.
+
+    Args:
+        hidden: ``[B, S, H]`` (dense) or ``[T, H]`` (packed, with ``cu_seqlens``); float32 /
+            bfloat16 / float16.
+        lm_head_weight: ``[V, H]``, ``hidden``'s dtype and device.
+        labels: int64 / int32, ``hidden.shape[:-1]``; ``ignore_index`` contributes 0.
+        loss_mask: bool / int / float of the labels' shape, multiplying each token's NLL (tokens
+            with mask 0 are skipped entirely).
+        bias: optional ``[V]`` added to the logits.
+        cu_seqlens: packed input: ``[B + 1]`` int32 / int64 offsets from 0 to ``T``.
+        process_group, cp_group: not supported yet (``NotImplementedError``).
+        check_labels: raise ``IndexError`` for labels outside ``[0, V)``.
+        chunk_size: rows per logits chunk on the CPU backends (default: 256 MiB of float32).
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
+
+    Returns:
+        float32 ``[B]``, ``sum_t loss_mask * nll``; all-masked sequences give exactly 0.
+        Differentiable w.r.t. ``hidden``, ``lm_head_weight`` and ``bias``: the backward recomputes
+        the logits (the upstream gradient is only known then), so forward + backward costs four
+        matmuls' worth of work. When no gradient is needed nothing is saved.
+    """
+    _no_groups(process_group, cp_group)
+    hidden2d, weight, bias, labels, labels1d, mask1d, cu, chunk_rows, name = _prepare(
+        hidden, lm_head_weight, bias, labels, loss_mask, ignore_index, cu_seqlens, chunk_size, backend
+    )
+    nll = linear_token_nll(hidden2d, weight, bias, labels1d, ignore_index, check_labels, chunk_rows, name)
+    if mask1d is not None:
+        nll = nll * mask1d
+    if cu is not None:
+        return segment_sum(nll, cu, name)
+    return nll.view(labels.shape).sum(dim=-1)
+
+
+def linear_weighted_sequence_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor | None,
+    weight: Tensor,
+    normalizer: Tensor | float,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    cu_seqlens: Tensor | None = None,
+    process_group: Any = None,
+    cp_group: Any = None,
+    check_labels: bool = True,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """SteerLM 2.0 micro-batch loss ``sum_b weight[b] * seq_nll[b] / normalizer[b]`` of
+    ``logits = hidden @ lm_head_weight.T + bias``, fused.
+
+    Args:
+        hidden, lm_head_weight, labels, loss_mask, bias, cu_seqlens, chunk_size: as
+            :func:`linear_sequence_nll` (``B`` sequences).
+        weight: ``[B]`` floating tensor (SteerLM's ``ws - baseline``; normally detached).
+        normalizer: ``[B]`` tensor or a float; 0 only where ``weight`` is 0.
+
+    Returns:
+        0-d float32 tensor. The per-token gradient coefficient ``weight / normalizer * mask`` is
+        known in the forward, so the gradient w.r.t. ``hidden`` / ``lm_head_weight`` / ``bias``
+        is computed there, from the same logits chunk as the loss (three matmuls in all on CPU),
+        held until backward (one ``hidden``-sized and one ``lm_head_weight``-sized buffer) and
+        scaled there by the upstream scalar gradient.
+    """
+    _no_groups(process_group, cp_group)
+    labels_t = v.check_tensor("labels", labels)
+    if cu_seqlens is not None:
+        n_seq = v.check_tensor("cu_seqlens", cu_seqlens).shape[0] - 1
+    else:
+        n_seq = labels_t.shape[0] if labels_t.dim() >= 1 else 0
+    weight = v.check_weight(weight, n_seq, labels_t.device)
+    normalizer = v.check_normalizer(normalizer, weight)
+    hidden2d, lm_w, bias, labels, labels1d, mask1d, cu, chunk_rows, name = _prepare(
+        hidden, lm_head_weight, bias, labels, loss_mask, ignore_index, cu_seqlens, chunk_size, backend
+    )
+    if cu is None and labels.shape[:-1] != (n_seq,):
+        raise ValueError(
+            f"weight must have one entry per sequence {tuple(labels.shape[:-1])}, got {tuple(weight.shape)}"
+        )
+    per_seq = weight.float() / torch.where(weight == 0, 1.0, normalizer)  # [B]
+    if cu is None:
+        coef = per_seq[:, None].expand(labels.shape).reshape(-1)
+    else:
+        positions = torch.arange(labels1d.shape[0], device=labels1d.device)
+        seq_of_token = torch.searchsorted(cu[1:].to(torch.int64), positions, right=True)
+        coef = per_seq[seq_of_token] if n_seq > 0 else per_seq.new_zeros(0)
+    if mask1d is not None:
+        coef = coef * mask1d
+    coef = torch.where(labels1d == ignore_index, 0.0, coef)
+    return linear_weighted_nll(hidden2d, lm_w, bias, labels1d, coef, ignore_index, check_labels, chunk_rows, name)
