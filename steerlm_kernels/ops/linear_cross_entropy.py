@@ -210,23 +210,34 @@ def _lce_backward_kernel(
     if GRAD_B:
         tl.atomic_add(gb_ptr + cols, tl.sum(g, axis=0), mask=col_ok & (tl.zeros([BLOCK_V], tl.int32) + n_k > 0))
     gq = g.to(h_ptr.dtype.element_ty)
-    for k0 in range(0, n_k, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < n_hidden
-        if GRAD_H:
+    # Two sweeps rather than one: only one [*, BLOCK_H] product is live at a time (no spills).
+    if GRAD_H:
+        for k0 in range(0, n_k, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_ok = ks < n_hidden
             w_t = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
                           other=0.0)  # [BLOCK_V, BLOCK_H]
             dh = tl.dot(gq, w_t, input_precision=PRECISION)  # [BLOCK_N, BLOCK_H]
             tl.atomic_add(gh_ptr + rows[:, None] * n_hidden + ks[None, :], dh, mask=row_ok[:, None] & k_ok[None, :])
-        if GRAD_W:
+    if GRAD_W:
+        for k0 in range(0, n_k, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_ok = ks < n_hidden
             h_t = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                           other=0.0)  # [BLOCK_N, BLOCK_H]
             dw = tl.dot(tl.trans(gq), h_t, input_precision=PRECISION)  # [BLOCK_V, BLOCK_H]
             tl.atomic_add(gw_ptr + cols[:, None] * n_hidden + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
 
 
-#: Tile shape of both kernels: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps).
-TRITON_BLOCKS = (64, 128, 64, 8)
+#: Tile shape of both kernels, (BLOCK_N, BLOCK_V, BLOCK_H, num_warps), by operand dtype. bf16 /
+#: fp16 feed tensor cores with [64, 128] tiles; float32 operands with exact ("ieee") products are
+#: multiplied on the FMA units, whose operand fragments live in registers: smaller tiles.
+TRITON_BLOCKS: dict[str, tuple[int, int, int, int]] = {
+    "bf16": (64, 128, 64, 8),
+    "fp16": (64, 128, 64, 8),
+    "fp32": (64, 64, 16, 8),
+}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 #: Programs the forward aims for (rows blocks x vocabulary splits): several waves on an H100.
 TARGET_PROGRAMS = 1024
 
@@ -254,7 +265,7 @@ def triton_linear_ce_forward(
     target = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
     if n_rows == 0:
         return target.clone(), target
-    block_n, block_v, block_h, num_warps = TRITON_BLOCKS
+    block_n, block_v, block_h, num_warps = TRITON_BLOCKS[_DTYPE_NAMES[hidden.dtype]]
     row_blocks = triton.cdiv(n_rows, block_n)
     v_blocks = triton.cdiv(n_vocab, block_v)
     n_splits = max(1, min(v_blocks, triton.cdiv(TARGET_PROGRAMS, row_blocks)))
@@ -288,7 +299,7 @@ def triton_linear_ce_backward(
     gb = torch.zeros((n_vocab,) if need_b else (0,), dtype=torch.float32, device=dev)
     if n_rows == 0 or not (need_h or need_w or need_b):
         return gh, gw, gb
-    block_n, block_v, block_h, num_warps = TRITON_BLOCKS
+    block_n, block_v, block_h, num_warps = TRITON_BLOCKS[_DTYPE_NAMES[hidden.dtype]]
     grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_vocab, block_v))
     _lce_backward_kernel[grid](
         hidden, weight, weight if bias is None else bias, labels, lse, coef.float().contiguous(), gh, gw, gb,
@@ -655,13 +666,13 @@ def _lce_aot_variants(backward: bool) -> list[dict]:
     """Compile variants at the default tile shape, one per dtype (plus int32 labels and a
     no-bias / hidden-gradient-only backward). H=4096 and V=128256 are multiples of 16, so sizes
     and row strides are marked 16-divisible as the launcher would; ``ignore_index=-100`` is not."""
-    block_n, block_v, block_h, num_warps = TRITON_BLOCKS
     cases = [(dt, "i64", True, (True, True, True)) for dt in ("bf16", "fp16", "fp32")]
     cases += [("bf16", "i32", False, (True, True, False))]
     if backward:
         cases += [("bf16", "i64", False, (True, False, False))]
     variants = []
     for dt, label_ty, has_bias, (gh, gw, gb) in cases:
+        block_n, block_v, block_h, num_warps = TRITON_BLOCKS[dt]
         sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "labels_ptr": f"*{label_ty}"}
         if backward:
             sig |= {"lse_ptr": "*fp32", "coef_ptr": "*fp32", "gh_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32"}
