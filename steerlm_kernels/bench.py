@@ -782,6 +782,7 @@ def resolve_config(ns: argparse.Namespace) -> Config:
 def benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every (phase, implementation) case of ``cfg``; return the results (rows, meta, table)."""
     pin_malloc_mmap_threshold()
+    load_before = _load_average()
     device = cfg.device
     mem_check = memory_method_check(device)
     log(f"memory method check: a 256 MiB float32 tensor reads as "
@@ -827,7 +828,8 @@ def benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": versions(),
         "command": command_line(),
-        "load_average": _load_average(),
+        "load_average": load_before,
+        "load_average_after": _load_average(),
         "n": cfg.n, "v": cfg.v, "s": cfg.s, "b": w.b,
         "dtype": str(cfg.dtype).removeprefix("torch."),
         "repeats": cfg.repeats, "warmup": cfg.warmup,
@@ -848,7 +850,8 @@ def render(meta: dict[str, Any], rows: list[Row]) -> str:
         f"**{meta['device']}** — {meta['date']} — {meta['versions']}",
         "",
         f"Command: `{meta['command']}`"
-        + (f" (load average before the run: {meta['load_average'][0]:.2f})" if meta["load_average"] else ""),
+        + (f" (1-minute load average: {meta['load_average'][0]:.2f} before, "
+           f"{meta['load_average_after'][0]:.2f} after)" if meta["load_average"] else ""),
         "",
         f"Logits [{meta['n']}, {meta['v']}] {meta['dtype']} ({meta['b']} sequences × {meta['s']}, "
         f"{meta['masked_fraction']:.0%} of tokens masked), median of {meta['repeats']} runs after "
