@@ -779,8 +779,13 @@ def resolve_config(ns: argparse.Namespace) -> Config:
     )
 
 
-def benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every (phase, implementation) case of ``cfg``; return the results (rows, meta, table)."""
+def benchmark(
+    cfg: Config, log: Callable[[str], None] = print, on_row: Callable[[list[Row]], None] | None = None
+) -> dict[str, Any]:
+    """Run every (phase, implementation) case of ``cfg``; return the results (rows, meta, table).
+
+    ``on_row(rows so far)`` is called after each case (``run`` saves partial results with it).
+    """
     pin_malloc_mmap_threshold()
     load_before = _load_average()
     device = cfg.device
@@ -811,6 +816,8 @@ def benchmark(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]
                 continue
             row = run_case(impls[name], phase, w, timer, cfg.repeats, cfg.warmup, reference)
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             head = f"[{len(rows)}/{len(cases)}] {phase:8s} {row.title:26s}"
             if row.error:
                 log(f"{head} ERROR {row.error}")
@@ -871,7 +878,15 @@ def run(ns: argparse.Namespace) -> int:
     cfg = resolve_config(ns)
     print(f"steerlm_kernels bench on {device_name(cfg.device)}: phases {cfg.phases}, impls {cfg.impls}",
           flush=True)
-    result = benchmark(cfg, log=lambda s: print(s, flush=True))
+    out = Path(cfg.output) if cfg.output else None
+    partial = out / "bench.partial.json" if out else None
+
+    def save_partial(rows: list[Row]) -> None:
+        if partial is not None:  # survives a time limit that kills the run
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+    result = benchmark(cfg, log=lambda s: print(s, flush=True), on_row=save_partial)
     rows: list[Row] = result.pop("_rows")
     print()
     print(result["table"])
@@ -886,12 +901,13 @@ def run(ns: argparse.Namespace) -> int:
                 f"grad rel err {_fmt_err(r.grad_rel_err)}")
             print(f"!! {r.phase} / {r.title}: {what}")
         print("!" * 78)
-    if cfg.output:
-        out = Path(cfg.output)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         payload = {"meta": result["meta"], "rows": result["rows"]}
         (out / "bench.json").write_text(json.dumps(payload, indent=2))
         (out / "bench.md").write_text(result["table"] + "\n")
+        if partial is not None and partial.exists():
+            partial.unlink()
         print(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 1 if bad else 0
 
