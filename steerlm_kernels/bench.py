@@ -168,6 +168,7 @@ def malloc_steady_state() -> None:
 
 
 def _proc_status_bytes(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes (None where unreadable)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -179,6 +180,7 @@ def _proc_status_bytes(key: str) -> int | None:
 
 
 def _reset_rss_peak() -> bool:
+    """Reset ``VmHWM`` to the current RSS (False where ``clear_refs`` is not writable)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -188,6 +190,7 @@ def _reset_rss_peak() -> bool:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the device (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -324,6 +327,7 @@ class Impl:
 
 
 def _eager_impl() -> Impl:
+    """The naive user code, run eagerly."""
     return Impl(
         "eager", IMPL_TITLES["eager"],
         seq_nll=lambda w, x: naive_sequence_nll(x, w.labels, w.loss_mask),
@@ -332,6 +336,7 @@ def _eager_impl() -> Impl:
 
 
 def _compile_impl() -> Impl:
+    """``torch.compile`` of the naive code (one compiled function per phase; compiles on first call)."""
     seq_c = torch.compile(naive_sequence_nll)
     loss_c = torch.compile(naive_weighted_loss)
     return Impl(
@@ -343,6 +348,7 @@ def _compile_impl() -> Impl:
 
 
 def _liger_impl() -> Impl:
+    """Liger-Kernel's cross entropy (``reduction="none"``), masked tokens as ``ignore_index``."""
     from liger_kernel.transformers import LigerCrossEntropyLoss
 
     ce = LigerCrossEntropyLoss(reduction="none", ignore_index=-100)
@@ -359,6 +365,7 @@ def _liger_impl() -> Impl:
 
 
 def _our_impl(backend: str, auto: str) -> Impl:
+    """Our public functions forced to ``backend`` (titled "(auto)" when ``auto`` picks it)."""
     def seq_nll(w: Workload, x: Tensor) -> Tensor:
         return sk.sequence_nll(x.view(w.b, w.s, w.v), w.labels, w.loss_mask, backend=backend)
 
