@@ -1,0 +1,59 @@
+"""``nn.Module`` forms of the fused linear losses (hold the keyword options; forward takes the tensors).
+
+The LM head is passed to ``forward`` (``lm_head.weight``, optionally ``lm_head.bias``) rather than
+owned by the module, so that the model keeps its parameters where its optimizer and sharding
+expect them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from steerlm_kernels import api_linear
+
+__all__ = ["LinearSequenceNLL", "LinearWeightedSequenceLoss"]
+
+
+class LinearSequenceNLL(nn.Module):
+    """``forward(hidden, lm_head_weight, labels, loss_mask=None, cu_seqlens=None, bias=None) -> [B]``;
+    see :func:`steerlm_kernels.linear_sequence_nll`."""
+
+    def __init__(self, ignore_index: int = -100, *, chunk_size: int | None = None, check_labels: bool = True,
+                 process_group: Any = None, cp_group: Any = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+        self.check_labels = check_labels
+        self.process_group = process_group
+        self.cp_group = cp_group
+        self.backend = backend
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "ignore_index": self.ignore_index, "process_group": self.process_group, "cp_group": self.cp_group,
+            "check_labels": self.check_labels, "chunk_size": self.chunk_size, "backend": self.backend,
+        }
+
+    def forward(self, hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, loss_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        return api_linear.linear_sequence_nll(
+            hidden, lm_head_weight, labels, loss_mask, bias=bias, cu_seqlens=cu_seqlens, **self._options()
+        )
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}, backend={self.backend!r}"
+
+
+class LinearWeightedSequenceLoss(LinearSequenceNLL):
+    """``forward(hidden, lm_head_weight, labels, loss_mask, weight, normalizer, cu_seqlens=None,
+    bias=None) -> scalar``; see :func:`steerlm_kernels.linear_weighted_sequence_loss`."""
+
+    def forward(self, hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,  # type: ignore[override]
+                loss_mask: Tensor | None, weight: Tensor, normalizer: Tensor | float,
+                cu_seqlens: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        return api_linear.linear_weighted_sequence_loss(
+            hidden, lm_head_weight, labels, loss_mask, weight, normalizer, bias=bias, cu_seqlens=cu_seqlens,
+            **self._options(),
+        )
