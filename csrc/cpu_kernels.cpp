@@ -1,8 +1,8 @@
 // CPU kernels of the `cpp` backend: cross entropy straight from the logits, and segment sums.
 //
 // Vectorisation: ATen's at::vec::Vectorized<float> (16 lanes under AVX-512, 8 under AVX2, a
-// scalar fallback otherwise; setup.py picks the flags and defines CPU_CAPABILITY_*). Its exp()
-// is Sleef's 1-ulp expf, linked from libtorch_cpu. bf16/fp16 logits are read once and widened to
+// scalar fallback otherwise; setup.py picks the flags and defines CPU_CAPABILITY_*), with an
+// inlined ~1-ulp exp (vexp below). bf16/fp16 logits are read once and widened to
 // float32 in registers; every sum is accumulated in float32.
 //
 // Threading: OpenMP over rows. A row is computed start to finish by one thread in a fixed
@@ -76,6 +76,62 @@ inline void store_2x<float>(float* p, const Vec& a, const Vec& b) {
   b.store(p + kW);
 }
 
+// exp(x) lane-wise, inlined (no call per vector, unlike Sleef's expf): Cephes' expf scheme,
+// ~1 ulp. x = n*ln2 + r with |r| <= ln2/2 (ln2 split in two so the reduction is exact), a
+// degree-7 Horner polynomial for exp(r), and 2^n written into the exponent bits: adding
+// 1.5 * 2^23 to x*log2(e) rounds it to the integer n and leaves n in the low mantissa bits, so
+// ((bits + 127) << 23) is the float 2^n. x is clamped to [-88, 88.376] first (n in [-127, 127]):
+// below, 2^n is 0 (exp(-inf) = 0; denormal results flush to 0, harmless next to a sum >= 1);
+// above it saturates at exp(88.376) (our arguments are x - max or x - lse, never > ~0).
+// NaN in gives NaN out. AVX-512 / AVX2 intrinsics (about 20 instructions); ATen's exp otherwise.
+constexpr float kExpLo = -88.f, kExpHi = 88.3762626647949f, kLog2e = 1.44269504088896341f;
+constexpr float kMagic = 12582912.f;  // 1.5 * 2^23
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f;
+constexpr float kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec vexp(const Vec& xv) {
+  const __m512 x = xv;
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
+  const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kMagic));
+  const __m512 n = _mm512_sub_ps(t, _mm512_set1_ps(kMagic));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kP0), r, _mm512_set1_ps(kP1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
+  const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vec vexp(const Vec& xv) {
+  const __m256 x = xv;
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
+  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kMagic));
+  const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kMagic));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kP0), r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#else
+inline Vec vexp(const Vec& x) { return x.exp(); }
+#endif
+
 // Horizontal reductions in a fixed lane order (deterministic).
 inline float hsum(const Vec& v) {
   alignas(64) float lanes[kW];
@@ -88,7 +144,7 @@ inline float hmax(const Vec& v) {
   alignas(64) float lanes[kW];
   v.store(lanes);
   float m = lanes[0];
-  for (int64_t i = 1; i < kW; ++i) m = std::max(m, lanes[i]);
+  for (int64_t i = 1; i < kW; ++i) m = (std::isnan(lanes[i]) || lanes[i] > m) ? lanes[i] : m;  // NaN sticks
   return m;
 }
 
@@ -98,7 +154,7 @@ inline float hmax(const Vec& v) {
 // kChunk + kW floats. The running max m is a scalar per row; the running sum is a vector of
 // per-lane partial sums, rescaled by exp(m_old - m_new) only when a chunk raises the max.
 // NaN anywhere gives NaN; a row of -inf gives -inf; +inf gives NaN (inf - inf), as the Triton
-// kernel does.
+// kernel does (and as F.cross_entropy's loss does).
 template <typename T>
 float row_lse(const T* x, int64_t V, float* buf) {
   float m = kNegInf;
@@ -118,7 +174,10 @@ float row_lse(const T* x, int64_t V, float* buf) {
       vmax = at::vec::maximum(vmax, Vec::loadu(buf + nv));
       nv += kW;
     }
-    const float m_new = std::max(m, hmax(vmax));
+    const float cm = hmax(vmax);
+    // NaN, or +inf (inf - inf): the row's lse is NaN, as in PyTorch; the rest need not be read.
+    if (std::isnan(cm) || cm == -kNegInf) return std::numeric_limits<float>::quiet_NaN();
+    const float m_new = std::max(m, cm);
     if (m_new == kNegInf) continue;  // everything so far is -inf: nothing to add
     if (m_new > m) {
       acc = acc * Vec(std::exp(m - m_new));  // m == -inf -> factor 0
@@ -128,13 +187,12 @@ float row_lse(const T* x, int64_t V, float* buf) {
     Vec acc2(0.f);  // two accumulators: shorter add dependency chains
     int64_t j = 0;
     for (; j + 2 * kW <= nv; j += 2 * kW) {
-      acc = acc + (Vec::loadu(buf + j) - mv).exp();
-      acc2 = acc2 + (Vec::loadu(buf + j + kW) - mv).exp();
+      acc = acc + vexp(Vec::loadu(buf + j) - mv);
+      acc2 = acc2 + vexp(Vec::loadu(buf + j + kW) - mv);
     }
-    if (j < nv) acc = acc + (Vec::loadu(buf + j) - mv).exp();
+    if (j < nv) acc = acc + vexp(Vec::loadu(buf + j) - mv);
     acc = acc + acc2;
   }
-  if (std::isnan(m)) return m;
   return m + std::log(hsum(acc));
 }
 
@@ -147,8 +205,8 @@ void row_grad(const T* x, T* out, int64_t V, float lse, float c, int64_t local) 
   const Vec lv(lse), cv(c);
   int64_t j = 0;
   for (; j + 2 * kW <= V; j += 2 * kW) {
-    const Vec a = (load_f32(x + j) - lv).exp() * cv;
-    const Vec b = (load_f32(x + j + kW) - lv).exp() * cv;
+    const Vec a = vexp(load_f32(x + j) - lv) * cv;
+    const Vec b = vexp(load_f32(x + j + kW) - lv) * cv;
     store_2x(out + j, a, b);
   }
   for (; j < V; ++j) out[j] = static_cast<T>(std::exp(static_cast<float>(x[j]) - lse) * c);
