@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from collections.abc import Callable
 
 import pytest
@@ -161,19 +162,26 @@ def _megatron_parity_worker(rank: int, world: int, port: int, backends: list[str
 
 
 def _failing_rank_worker(rank: int, world: int, port: int, backends: list[str]) -> None:
-    """Rank 1 passes a bad label: it raises IndexError at once; rank 0 raises at the timeout."""
-    _init(rank, world, port, timeout_s=5.0)
+    """Rank 1 passes a bad label: it raises IndexError at once, before any collective; rank 0
+    raises when the group's timeout expires instead of hanging. (Rank 1 stays alive past that
+    timeout so that rank 0 sees the timeout, not a closed connection.)"""
+    timeout_s = 2.0
+    _init(rank, world, port, timeout_s=timeout_s)
     logits, labels, _, _, _ = _inputs(V_PER_RANK * world)
     if rank == 1:
         labels[1, 1] = 10**6
     cols = slice(rank * V_PER_RANK, (rank + 1) * V_PER_RANK)
+    start = time.monotonic()
     try:
         sk.token_nll(logits[..., cols].contiguous(), labels, process_group=dist.group.WORLD, backend="torch")
     except IndexError:
         assert rank == 1
+        time.sleep(5 * timeout_s + 2.0)
         return
     except RuntimeError:  # the collective timed out: bounded, no hang
-        assert rank == 0
+        elapsed = time.monotonic() - start
+        print(f"rank 0 raised after {elapsed:.1f} s", flush=True)
+        assert rank == 0 and elapsed < 5 * timeout_s, elapsed
         return
     raise AssertionError("expected an error on every rank")
 
