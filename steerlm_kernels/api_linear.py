@@ -44,7 +44,9 @@ __all__ = ["linear_sequence_nll", "linear_weighted_sequence_loss"]
 
 def _no_groups(process_group: Any, cp_group: Any) -> None:
     if process_group is not None:
-        raise NotImplementedError("process_group (vocabulary parallelism) is not supported by the fused linear loss yet")
+        raise NotImplementedError(
+            "process_group (vocabulary parallelism) is not supported by the fused linear loss yet"
+        )
     if cp_group is not None:
         raise NotImplementedError("cp_group (context parallelism) is not supported by the fused linear loss yet")
 
