@@ -45,6 +45,13 @@ class _Block(nn.Module):
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
+def _right_padded(attention_mask: Tensor) -> bool:
+    """True when every row of the ``[B, S]`` mask is ones then zeros: causal attention alone then
+    gives the same result at every real position (a real query never sees a later padded key)."""
+    keep = attention_mask.bool()
+    return bool((keep[:, 1:] <= keep[:, :-1]).all())
+
+
 class TinyCausalLM(nn.Module):
     """Tiny pre-LN causal transformer LM.
 
@@ -102,7 +109,9 @@ class TinyCausalLM(nn.Module):
         Args:
             input_ids: ``[B, S]`` int64 token ids in ``[0, V)``.
             attention_mask: optional ``[B, S]`` padding mask (1/True = real token, 0 = padding);
-                padded keys are not attended to (a position always attends to itself).
+                padded keys are not attended to (a position always attends to itself). Right
+                padding (each row ones then zeros) takes the plain causal path: identical outputs
+                at real positions, unspecified (finite) ones at padded positions.
             position_ids: optional ``[B, S]`` (or ``[S]``) int64 positions; default ``0..S-1``.
 
         Returns:
@@ -118,6 +127,7 @@ class TinyCausalLM(nn.Module):
         if attention_mask is not None:
             if attention_mask.shape != (b, s):
                 raise ValueError(f"attention_mask must be a [B, S] padding mask, got {tuple(attention_mask.shape)}")
+        if attention_mask is not None and not _right_padded(attention_mask):
             idx = torch.arange(s, device=input_ids.device)
             causal = idx[None, :] <= idx[:, None]  # [S, S]: key <= query
             keep = attention_mask.bool()[:, None, None, :] & causal  # [B, 1, S, S]

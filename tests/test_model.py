@@ -257,3 +257,9 @@ def test_tiny_lm_is_causal_and_deterministic():
     torch.testing.assert_close(a(x, mask)[0, :7], a(x)[0, :7])
     torch.testing.assert_close(a(x, mask)[1], a(x)[1])
     assert torch.isfinite(a(x, torch.zeros_like(mask))).all()
+    # left padding takes the masked path: real positions equal the unpadded run
+    pad = 3
+    xl = torch.cat([torch.zeros(2, pad, dtype=torch.long), x], dim=1)
+    ml = torch.cat([torch.zeros(2, pad, dtype=torch.long), torch.ones(2, 10, dtype=torch.long)], dim=1)
+    pl = (ml.cumsum(1) - 1).clamp(min=0)
+    torch.testing.assert_close(a(xl, ml, pl)[:, pad:], a(x), rtol=1e-5, atol=1e-5)
