@@ -250,7 +250,7 @@ def run(ns: argparse.Namespace) -> int:
     json_path = out_dir / "metrics.json"
     json_path.write_text(json.dumps({"config": config, "summary": summary, "steps": history}, indent=1) + "\n")
     png_path = out_dir / "metrics.png"
-    why_not = _plot(history, png_path, f"SteerLM 2.0: {model_desc.split(',')[0]}")
+    why_not = _plot(history, png_path, f"SteerLM 2.0: {Path(ns.model).name} on {Path(dataset.source).name}")
 
     print()
     print(f"done: {len(history)} steps in {total:.1f}s ({summary['tokens_per_s']:.0f} tokens/s)")

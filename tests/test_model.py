@@ -263,3 +263,39 @@ def test_tiny_lm_is_causal_and_deterministic():
     ml = torch.cat([torch.zeros(2, pad, dtype=torch.long), torch.ones(2, 10, dtype=torch.long)], dim=1)
     pl = (ml.cumsum(1) - 1).clamp(min=0)
     torch.testing.assert_close(a(xl, ml, pl)[:, pad:], a(x), rtol=1e-5, atol=1e-5)
+
+
+def _dp_worker(rank: int, world: int, port: int) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        groups = [(3, 2), (1, 4, 2)]
+        batches = [make_batch(g, seed=20 + r) for r, g in enumerate(groups)]
+        model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=21)
+        local = [reference(model, b, g) for b, g in zip(batches, groups)]
+        loss, metrics = GPTSteerLMModel(model, cfg_of(2, 3), backend="torch").get_loss_and_metrics(batches[rank], False)
+        # distance and reported loss: averaged over the data-parallel ranks
+        assert loss == pytest.approx((local[0][0] + local[1][0]) / 2, rel=1e-4, abs=1e-6)
+        assert metrics["distance"] == pytest.approx((local[0][1] + local[1][1]) / 2, rel=1e-4)
+        # gradients stay local (averaging them is DDP's / FSDP's job)
+        for name, p in model.named_parameters():
+            ref = local[rank][2][name]
+            torch.testing.assert_close(p.grad, ref, rtol=2e-4, atol=2e-4 * ref.abs().max().item() + 1e-9)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_averaging():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_dp_worker, args=(2, port), nprocs=2, start_method="spawn", join=True)
