@@ -435,3 +435,23 @@ def _usable(name: str) -> tuple[bool, str]:
     except ValueError as exc:
         return False, str(exc)
     return True, ""
+
+
+def test_torch_compile_fullgraph(backend, device):
+    """The custom ops and autograd functions trace without graph breaks."""
+    hidden, weight, bias, labels, loss_mask = make_inputs(2, 5, 16, 40, torch.float32, device)
+    wt = torch.randn(2, device=device)
+
+    def fn(h, w, b):
+        seq = linear_sequence_nll(h, w, labels, loss_mask, bias=b, backend=backend)
+        loss = linear_weighted_sequence_loss(h, w, labels, loss_mask, wt, 2.0, bias=b, backend=backend)
+        return seq.sum() + loss
+
+    h1, w1, b1 = leaves(hidden, weight, bias)
+    fn(h1, w1, b1).backward()  # eager first (also warms the backend probes)
+    h2, w2, b2 = leaves(hidden, weight, bias)
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True)(h2, w2, b2)
+    out.backward()
+    for a, e in [(h2.grad, h1.grad), (w2.grad, w1.grad), (b2.grad, b1.grad)]:
+        assert_grad_close(a, e, 1e-5)
