@@ -8,7 +8,10 @@ Public API (see SPEC and each docstring)::
     sk.weighted_sequence_loss(logits, labels, loss_mask, weight, normalizer)  # scalar
     sk.steerlm2_weights(seq_nll, log_q, ws, num_responses)  # (weight, baseline, distance)
     sk.backends()                                        # what can run here, and why not
+    sk.linear_weighted_sequence_loss(hidden, lm_head_weight, labels, loss_mask, weight, normalizer)
     sk.nn.SequenceNLL(), sk.nn.WeightedSequenceLoss()    # module forms
+    sk.GPTSteerLMModel(model, cfg).get_loss_and_metrics(batch, forward_only=False)
+    sk.data.SteerLM2Dataset(path), sk.megatron.vocab_parallel_cross_entropy(...)
 """
 
 from steerlm_kernels import data, megatron, nn
@@ -21,15 +24,20 @@ from steerlm_kernels.api import (
     token_nll,
     weighted_sequence_loss,
 )
+from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
+from steerlm_kernels.model import GPTSteerLMModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendStatus",
+    "GPTSteerLMModel",
     "__version__",
     "backends",
     "data",
+    "linear_sequence_nll",
+    "linear_weighted_sequence_loss",
     "megatron",
     "nn",
     "SteerLM2Weights",

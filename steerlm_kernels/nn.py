@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from steerlm_kernels import api
 
-__all__ = ["SequenceNLL", "TokenNLL", "WeightedSequenceLoss"]
+__all__ = ["LinearSequenceNLL", "LinearWeightedSequenceLoss", "SequenceNLL", "TokenNLL", "WeightedSequenceLoss"]
 
 
 class TokenNLL(nn.Module):
@@ -61,3 +61,6 @@ class WeightedSequenceLoss(SequenceNLL):
             cu_seqlens=cu_seqlens, process_group=self.process_group, cp_group=self.cp_group,
             check_labels=self.check_labels, inplace_backward=self.inplace_backward, backend=self.backend,
         )
+
+
+from steerlm_kernels.nn_linear import LinearSequenceNLL, LinearWeightedSequenceLoss  # noqa: E402
