@@ -13,15 +13,18 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	$(PY) -m pip install --no-build-isolation -e ".[test,plot]"
 	# megatron-core, only for the parity test of sk.megatron (runs on CPU with gloo; optional)
 	$(PY) -m pip install --no-deps "megatron-core>=0.9" || echo "megatron-core not installed: its parity test will skip"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# info + the fused loss beside eager PyTorch, then the main job: SteerLM 2.0 training on the
+# embedded default (bundled sample data, tiny model, CPU, about a minute).
 demo: $(STAMP)
 	$(PY) -m steerlm_kernels demo
+	$(PY) -m steerlm_kernels train
 
 lint: $(STAMP)
 	$(PY) -m ruff check steerlm_kernels tests benchmarks python

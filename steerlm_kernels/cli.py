@@ -1,4 +1,4 @@
-"""Command line: ``steerlm-kernels {info,bench,demo}`` (also ``python -m steerlm_kernels``)."""
+"""Command line: ``steerlm-kernels {info,bench,demo,train}`` (also ``python -m steerlm_kernels``)."""
 
 from __future__ import annotations
 
@@ -35,18 +35,23 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from steerlm_kernels import bench
+    from steerlm_kernels import bench, train
 
     parser = argparse.ArgumentParser(prog="steerlm-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and backends")
     bench.add_arguments(sub.add_parser("bench", help="benchmark table against eager PyTorch and torch.compile"))
     sub.add_parser("demo", help="info, then the fused loss beside eager PyTorch on a random batch")
+    train.add_arguments(
+        sub.add_parser("train", help="SteerLM 2.0 training (no arguments: bundled sample + tiny model on CPU)")
+    )
     ns = parser.parse_args(argv)
     if ns.command == "info":
         return info()
     if ns.command == "bench":
         return bench.run(ns)
+    if ns.command == "train":
+        return train.run(ns)
     info()
     print()
     return bench.demo()
