@@ -132,6 +132,18 @@ inline Vec vexp(const Vec& xv) {
 inline Vec vexp(const Vec& x) { return x.exp(); }
 #endif
 
+// Lane-wise max without ATen's NaN bookkeeping (a plain vmaxps): the forward does not need the
+// max to see NaN, because exp(NaN - m) is NaN and poisons the row's sum anyway.
+inline Vec fast_max(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
 // Horizontal reductions in a fixed lane order (deterministic).
 inline float hsum(const Vec& v) {
   alignas(64) float lanes[kW];
@@ -166,16 +178,17 @@ float row_lse(const T* x, int64_t V, float* buf) {
     for (int64_t j = 0; j < nv; j += kW) {
       Vec v = load_f32(x + c0 + j);
       v.store(buf + j);
-      vmax = at::vec::maximum(vmax, v);
+      vmax = fast_max(vmax, v);
     }
     if (nv < len) {  // tail: widen scalar-wise, pad the last vector with -inf (exp -> 0)
       for (int64_t j = nv; j < len; ++j) buf[j] = static_cast<float>(x[c0 + j]);
       for (int64_t j = len; j < nv + kW; ++j) buf[j] = kNegInf;
-      vmax = at::vec::maximum(vmax, Vec::loadu(buf + nv));
+      vmax = fast_max(vmax, Vec::loadu(buf + nv));
       nv += kW;
     }
     const float cm = hmax(vmax);
-    // NaN, or +inf (inf - inf): the row's lse is NaN, as in PyTorch; the rest need not be read.
+    // +inf (inf - inf; or a NaN the max happened to keep): the row's lse is NaN, as in PyTorch,
+    // and the rest need not be read. Other NaNs reach the sum through exp.
     if (std::isnan(cm) || cm == -kNegInf) return std::numeric_limits<float>::quiet_NaN();
     const float m_new = std::max(m, cm);
     if (m_new == kNegInf) continue;  // everything so far is -inf: nothing to add
