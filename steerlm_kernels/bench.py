@@ -35,7 +35,7 @@ Measurements per row:
 
 * time: median of ``--repeats`` runs after warm-up. CUDA: CUDA events around the call, the L2
   cache flushed before each run (as ``triton.testing.do_bench``). CPU: ``time.perf_counter``.
-* peak EXTRA memory beyond the inputs, from one separate call. CUDA:
+* peak EXTRA memory beyond the inputs: the median over 3 separate calls. CUDA:
   ``max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus ``memory_allocated()``
   before. CPU: the process's resident-set high-water mark: ``VmHWM`` is reset to the current RSS
   by writing ``5`` to ``/proc/self/clear_refs``, read after the call, minus ``VmRSS`` before.
@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import gc
 import json
 import math
@@ -112,6 +113,9 @@ DTYPES: dict[str, torch.dtype] = {
 CPU_DEFAULT = {"n": 2048, "v": 32000, "s": 512, "repeats": 5, "warmup": 1}
 GPU_DEFAULT = {"n": 16384, "v": 128256, "s": 4096, "repeats": 20, "warmup": 3}
 QUICK_DEFAULT = {"n": 128, "v": 1000, "s": 32, "repeats": 2, "warmup": 1}
+#: Separate calls whose peak extra memory is measured; the median is reported (the CPU's RSS
+#: reading is occasionally inflated by the allocator's state: one outlier must not decide a row).
+MEMORY_SAMPLES = 3
 VALUE_TOL = 1e-4
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
@@ -447,6 +451,7 @@ class Row:
     median_ms: float | None = None
     times_ms: list[float] = field(default_factory=list)
     extra_mib: float | None = None
+    extra_mib_samples: list[float | None] = field(default_factory=list)
     bytes_per_elem: float = 0.0
     gbps: float | None = None
     frac_read: float | None = None
@@ -596,9 +601,12 @@ def run_case(
         for _ in range(max(0, warmup - 1) + impl.warmup_extra):
             call(prepare())
         _sync(device)
-        args = prepare()
-        row.extra_mib = measure_extra_memory(lambda: call(args), device)[0]
-        args = None
+        for _ in range(MEMORY_SAMPLES):
+            args = prepare()
+            row.extra_mib_samples.append(measure_extra_memory(functools.partial(call, args), device)[0])
+            args = None
+        if all(m is not None for m in row.extra_mib_samples):
+            row.extra_mib = statistics.median(row.extra_mib_samples)
         row.times_ms = timer(prepare, call, repeats)
         row.median_ms = statistics.median(row.times_ms)
     except Exception as exc:  # reported in the table, loudly
