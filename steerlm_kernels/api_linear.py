@@ -24,6 +24,25 @@ Conventions (beyond those of :mod:`steerlm_kernels.api`):
 * ``chunk_size``: rows per logits chunk on the CPU backends (default: ``2**26 // V`` rows, i.e.
   256 MiB of float32); the peak extra memory is ``O(N + chunk_size * V)`` plus the gradients.
   Ignored by the Triton backend (its working set is a few tiles per program).
+
+Parallelism (``torch.distributed`` groups; gloo on CPU, NCCL on GPU; Megatron-core's
+``parallel_state`` groups work as they are):
+
+* ``process_group`` (tensor / vocabulary parallelism, Megatron's layout): ``lm_head_weight`` is
+  this rank's contiguous shard ``[V/tp, H]`` (rank ``r`` holds rows ``[r V/tp, (r+1) V/tp)``),
+  ``bias`` its ``[V/tp]`` shard, ``hidden`` and ``labels`` are replicated (labels global, in
+  ``[0, V)``). Each rank computes its local ``(lse, target)`` per token; ONE all-gather of
+  ``2N + 1`` floats per call combines them. No collective in backward.
+  **The gradient w.r.t. ``hidden`` is this rank's partial contribution** ``g_r @ W_r``: the full
+  gradient is its sum over the group. Reduce it as for Megatron's column-parallel linear (whose
+  input passes through ``copy_to_tensor_model_parallel_region``, an all-reduce in backward), or
+  sum the gradients of replicated parameters yourself. ``lm_head_weight`` / ``bias`` get exactly
+  their shard of the full gradient.
+* ``cp_group`` (context parallelism): each rank passes its own tokens of every sequence (dense
+  ``[B, S/cp, H]``, or packed with its local ``cu_seqlens``); the per-sequence sums are ONE
+  all-reduce of ``[B]`` floats (identity in backward), so every rank gets the full-sequence
+  results and the gradients of its own tokens (sum parameter gradients over the group, as
+  Megatron's gradient all-reduce over data x context parallel ranks does).
 """
 
 from __future__ import annotations
@@ -35,20 +54,30 @@ from torch import Tensor
 
 from steerlm_kernels import _dispatch
 from steerlm_kernels import _validate as v
-from steerlm_kernels.api import _check_sequences
-from steerlm_kernels.ops.linear_cross_entropy import linear_token_nll, linear_weighted_nll
+from steerlm_kernels._distributed import sum_over_context, vocab_shard
+from steerlm_kernels.api import _check_groups, _check_sequences
+from steerlm_kernels.ops.linear_cross_entropy import (
+    linear_nll_with_grad,
+    linear_token_nll,
+    linear_weighted_nll,
+    shard_labels,
+)
 from steerlm_kernels.ops.segment import segment_sum
 
 __all__ = ["linear_sequence_nll", "linear_weighted_sequence_loss"]
 
 
-def _no_groups(process_group: Any, cp_group: Any) -> None:
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group (vocabulary parallelism) is not supported by the fused linear loss yet"
-        )
-    if cp_group is not None:
-        raise NotImplementedError("cp_group (context parallelism) is not supported by the fused linear loss yet")
+def _local_labels(labels1d: Tensor, n_local: int, ignore_index: int, check_labels: bool,
+                  process_group: Any) -> tuple[Tensor, bool]:
+    """``(labels for the kernels, check_labels for the kernels)``. Under vocabulary parallelism
+    the global labels are range-checked here against the full ``V = tp * V/tp`` (before any
+    collective, so a bad label fails fast on its rank) and made shard-local."""
+    if process_group is None:
+        return labels1d, check_labels
+    vocab_start, vocab_size = vocab_shard(n_local, process_group)
+    if check_labels:
+        v.check_label_range(labels1d, vocab_size, ignore_index)
+    return shard_labels(labels1d, vocab_start, n_local, ignore_index), False
 
 
 def _prepare(
@@ -108,7 +137,11 @@ def linear_sequence_nll(
             with mask 0 are skipped entirely).
         bias: optional ``[V]`` added to the logits.
         cu_seqlens: packed input: ``[B + 1]`` int32 / int64 offsets from 0 to ``T``.
-        process_group, cp_group: not supported yet (``NotImplementedError``).
+        process_group: tensor-parallel group over which the vocabulary is split:
+            ``lm_head_weight`` / ``bias`` are then this rank's shard ``[V/tp, H]`` / ``[V/tp]``
+            (see the module notes; ``grad_hidden`` is this rank's partial contribution).
+        cp_group: context-parallel group over which every sequence is split (``hidden`` /
+            ``labels`` / ``loss_mask`` hold this rank's tokens); the result is the full-sequence sum.
         check_labels: raise ``IndexError`` for labels outside ``[0, V)``.
         chunk_size: rows per logits chunk on the CPU backends (default: 256 MiB of float32).
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
@@ -119,16 +152,16 @@ def linear_sequence_nll(
         the logits (the upstream gradient is only known then), so forward + backward costs four
         matmuls' worth of work. When no gradient is needed nothing is saved.
     """
-    _no_groups(process_group, cp_group)
+    _check_groups(process_group, cp_group)
     hidden2d, weight, bias, labels, labels1d, mask1d, cu, chunk_rows, name = _prepare(
         hidden, lm_head_weight, bias, labels, loss_mask, ignore_index, cu_seqlens, chunk_size, backend
     )
-    nll = linear_token_nll(hidden2d, weight, bias, labels1d, ignore_index, check_labels, chunk_rows, name)
+    labels_k, check_k = _local_labels(labels1d, weight.shape[0], ignore_index, check_labels, process_group)
+    nll = linear_token_nll(hidden2d, weight, bias, labels_k, ignore_index, check_k, chunk_rows, name, process_group)
     if mask1d is not None:
         nll = nll * mask1d
-    if cu is not None:
-        return segment_sum(nll, cu, name)
-    return nll.view(labels.shape).sum(dim=-1)
+    seq = segment_sum(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
+    return sum_over_context(seq, cp_group)
 
 
 def linear_weighted_sequence_loss(
@@ -156,15 +189,21 @@ def linear_weighted_sequence_loss(
             :func:`linear_sequence_nll` (``B`` sequences).
         weight: ``[B]`` floating tensor (SteerLM's ``ws - baseline``; normally detached).
         normalizer: ``[B]`` tensor or a float; 0 only where ``weight`` is 0.
+        process_group, cp_group: as :func:`linear_sequence_nll` (``weight`` / ``normalizer`` are
+            per sequence, identical on every rank of both groups).
 
     Returns:
-        0-d float32 tensor. The per-token gradient coefficient ``weight / normalizer * mask`` is
-        known in the forward, so the gradient w.r.t. ``hidden`` / ``lm_head_weight`` / ``bias``
-        is computed there, from the same logits chunk as the loss (three matmuls in all on CPU),
-        held until backward (one ``hidden``-sized and one ``lm_head_weight``-sized buffer) and
-        scaled there by the upstream scalar gradient.
+        0-d float32 tensor (with ``cp_group``: the full-sequence loss, the same on every rank).
+        The per-token gradient coefficient ``weight / normalizer * mask`` is known in the
+        forward, so the gradient w.r.t. ``hidden`` / ``lm_head_weight`` / ``bias`` is computed
+        there, from the same logits chunk as the loss (three matmuls in all on CPU), held until
+        backward (one ``hidden``-sized and one ``lm_head_weight``-sized buffer) and scaled there
+        by the upstream scalar gradient. With ``process_group`` the gradient needs the global
+        log-sum-exp, known only after the collective: the logits chunks are computed twice (a
+        statistics pass, the collective, a gradient pass), i.e. four matmuls instead of three;
+        still no collective in backward, and ``grad_hidden`` is this rank's partial (module notes).
     """
-    _no_groups(process_group, cp_group)
+    _check_groups(process_group, cp_group)
     labels_t = v.check_tensor("labels", labels)
     if cu_seqlens is not None:
         n_seq = v.check_tensor("cu_seqlens", cu_seqlens).shape[0] - 1
@@ -189,4 +228,18 @@ def linear_weighted_sequence_loss(
     if mask1d is not None:
         coef = coef * mask1d
     coef = torch.where(labels1d == ignore_index, 0.0, coef)
-    return linear_weighted_nll(hidden2d, lm_w, bias, labels1d, coef, ignore_index, check_labels, chunk_rows, name)
+    if process_group is None and cp_group is None:
+        return linear_weighted_nll(hidden2d, lm_w, bias, labels1d, coef, ignore_index, check_labels, chunk_rows,
+                                   name)
+    # Parallel: loss = sum_b per_seq[b] * seq[b] with seq the (context-reduced) per-sequence sums of
+    # the detached token NLLs, plus a zero-valued carrier of the eagerly computed hidden / weight /
+    # bias gradients. weight, normalizer and a float loss_mask get their exact gradients through
+    # the O(N) glue (d loss / d weight[b] = full seq[b] / normalizer[b] on every rank).
+    labels_k, check_k = _local_labels(labels1d, lm_w.shape[0], ignore_index, check_labels, process_group)
+    nll, carrier = linear_nll_with_grad(hidden2d, lm_w, bias, labels_k, coef, ignore_index, check_k, chunk_rows,
+                                        name, process_group)
+    if mask1d is not None:
+        nll = nll * mask1d
+    seq = segment_sum(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
+    loss = (per_seq * sum_over_context(seq, cp_group)).sum()
+    return loss if carrier is None else loss + carrier

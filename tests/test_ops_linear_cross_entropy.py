@@ -360,11 +360,15 @@ def test_bad_input_raises_before_any_kernel(no_kernels, case):
 
 
 @pytest.mark.parametrize("group", ["process_group", "cp_group"])
-def test_groups_not_implemented_yet(no_kernels, group):
+def test_groups_without_torch_distributed_raise_before_any_kernel(no_kernels, group):
+    """Groups are supported (tests/test_distributed_linear.py); without an initialised
+    torch.distributed they are a clear ValueError naming the argument, before any kernel."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("torch.distributed is initialised in this process")
     h, w, b, y, m = _good()
-    with pytest.raises(NotImplementedError, match=group):
+    with pytest.raises(ValueError, match=group):
         SEQ(h, w, y, m, **{group: object()})
-    with pytest.raises(NotImplementedError, match=group):
+    with pytest.raises(ValueError, match=group):
         WSL(h, w, y, m, torch.ones(2), 1.0, **{group: object()})
 
 

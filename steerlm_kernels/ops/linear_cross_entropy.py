@@ -42,16 +42,33 @@ Three ops, registered with ``torch.library`` (opaque to ``torch.compile``):
 
 Gradients are returned in the dtype of their input; a gradient that is not asked for is an empty
 ``[0]`` tensor.
+
+**Vocabulary parallelism** (``process_group``; Megatron's layout): ``weight`` / ``bias`` are this
+rank's contiguous shard ``[V/tp, H]`` / ``[V/tp]``, ``hidden`` is replicated. The kernels are not
+told about the shard: the caller turns the global labels into shard-local ones
+(:func:`shard_labels`: labels outside the shard become a sentinel that matches no column, so the
+row still contributes its log-sum-exp but no target logit), the ops yield the local
+``(lse_r, target_r)``, and ONE collective (:func:`steerlm_kernels._distributed.combine_vocab_partials`)
+gives the global ``(lse, target)``. Backward needs no communication: each rank recomputes its own
+logits columns with the global ``lse``. The gradient w.r.t. ``hidden`` is then this rank's
+*partial* contribution ``g_r @ W_r`` (the full one is the sum over the group, as for Megatron's
+column-parallel linear, whose ``copy_to_tensor_model_parallel_region`` all-reduces it);
+``grad_weight`` / ``grad_bias`` are exactly this rank's shard of the full gradients. With a
+coefficient known at forward time the fused single pass is impossible (the gradient needs the
+global ``lse``), so :class:`LinearWeightedGradFunction` runs the forward op, the collective and the
+recomputing backward op: four matmuls instead of three.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from steerlm_kernels import _dispatch
+from steerlm_kernels._distributed import combine_vocab_partials
 from steerlm_kernels._validate import check_label_range
 from steerlm_kernels.ops._triton import tl, triton
 
@@ -566,17 +583,42 @@ def _nll(lse: Tensor, target: Tensor, labels: Tensor, ignore_index: int) -> Tens
     return torch.where(labels == ignore_index, 0.0, lse - target)
 
 
+def shard_labels(labels: Tensor, vocab_start: int, n_local: int, ignore_index: int) -> Tensor:
+    """Global labels ``[N]`` -> labels local to the vocabulary shard ``[vocab_start, vocab_start +
+    n_local)``: ``label - vocab_start`` inside the shard, ``ignore_index`` kept, and a negative
+    sentinel (``-1``, or ``-2`` when ``ignore_index == -1``) elsewhere, which every backend treats
+    as "row active, target not in this shard" (it matches no column)."""
+    sentinel = -2 if ignore_index == -1 else -1
+    local = labels - vocab_start
+    inside = (local >= 0) & (local < n_local)
+    out = torch.where(inside, local, torch.full_like(labels, sentinel))
+    return torch.where(labels == ignore_index, labels, out)
+
+
+def _linear_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+                  check_labels: bool, chunk_rows: int, backend: str, process_group: Any) -> tuple[Tensor, Tensor]:
+    """Global ``(lse [N], target [N])``: the forward op, plus (with ``process_group``) the one
+    collective combining every shard's partials."""
+    lse, target = torch.ops.steerlm_kernels.linear_ce_forward(
+        hidden, weight, bias, labels, ignore_index, check_labels, chunk_rows, backend
+    )
+    if process_group is not None:
+        lse, target = combine_vocab_partials(lse, target, weight.shape[0], process_group)
+    return lse, target
+
+
 class LinearTokenNLLFunction(torch.autograd.Function):
     """``nll[N]`` float32 of ``logits = hidden @ weight.T + bias``, differentiable w.r.t. hidden,
     weight and bias. Saves the inputs (no copies) and ``lse [N]``; the backward recomputes the
-    logits chunk by chunk (tile by tile on Triton)."""
+    logits chunk by chunk (tile by tile on Triton). With ``process_group``, ``weight`` / ``bias``
+    are this rank's vocabulary shard, ``labels`` shard-local (:func:`shard_labels`), the saved
+    ``lse`` is the global one, and ``grad_hidden`` is this rank's partial (see the module notes)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-                check_labels: bool, chunk_rows: int, backend: str) -> Tensor:
-        lse, target = torch.ops.steerlm_kernels.linear_ce_forward(
-            hidden, weight, bias, labels, ignore_index, check_labels, chunk_rows, backend
-        )
+                check_labels: bool, chunk_rows: int, backend: str, process_group: Any = None) -> Tensor:
+        lse, target = _linear_stats(hidden, weight, bias, labels, ignore_index, check_labels, chunk_rows, backend,
+                                    process_group)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.ignore_index, ctx.chunk_rows, ctx.backend = ignore_index, chunk_rows, backend
         return _nll(lse, target, labels, ignore_index)
@@ -590,7 +632,7 @@ class LinearTokenNLLFunction(torch.autograd.Function):
             ctx.backend, need_h, need_w, need_b and bias is not None,
         )
         return (gh if need_h else None, gw if need_w else None, gb if need_b and bias is not None else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class LinearWeightedNLLFunction(torch.autograd.Function):
@@ -631,17 +673,87 @@ class LinearWeightedNLLFunction(torch.autograd.Function):
         )
 
 
+class LinearWeightedGradFunction(torch.autograd.Function):
+    """``(carrier, nll)``: the per-token ``nll [N]`` float32 (not differentiable) and a 0-d float32
+    zero ``carrier`` whose gradient w.r.t. hidden / weight / bias is that of ``sum(coef * nll)``,
+    computed in the forward (``coef`` known then) and scaled by the carrier's upstream gradient.
+
+    The caller builds the loss as ``f(nll.detach(), mask, weight, ...) + carrier`` where ``f`` is
+    linear in ``nll`` with ``d f / d nll = coef``: the loss then has the right value and the right
+    gradients w.r.t. everything, including tensors (weight, normalizer, float mask) that ``f`` sees
+    and that may be reduced across context-parallel ranks in between (per-sequence sums), which a
+    scalar-valued fused op could not express.
+
+    Without ``process_group``: one fused op (three matmuls on CPU). With it (``weight`` / ``bias``
+    this rank's vocabulary shard, ``labels`` shard-local): the forward op, one collective for the
+    global ``lse``, then the recomputing gradient op (four matmuls; ``grad_hidden`` is this rank's
+    partial). No communication in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
+                ignore_index: int, check_labels: bool, chunk_rows: int, backend: str,
+                process_group: Any) -> tuple[Tensor, Tensor]:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        coef32 = coef.detach().float().contiguous()
+        if process_group is None:
+            lse, target, gh, gw, gb = torch.ops.steerlm_kernels.linear_ce_fused(
+                hidden, weight, bias, labels, coef32, ignore_index, check_labels, chunk_rows, backend,
+                need_h, need_w, need_b,
+            )
+        else:
+            lse, target = _linear_stats(hidden, weight, bias, labels, ignore_index, check_labels, chunk_rows,
+                                        backend, process_group)
+            gh, gw, gb = torch.ops.steerlm_kernels.linear_ce_backward(
+                hidden, weight, bias, labels, lse, coef32, ignore_index, chunk_rows, backend, need_h, need_w, need_b,
+            )
+        nll = _nll(lse, target, labels, ignore_index)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.need = (need_h, need_w, need_b)
+        ctx.mark_non_differentiable(nll)
+        return lse.new_zeros(()), nll
+
+    @staticmethod
+    def backward(ctx, grad_carrier: Tensor, grad_nll: Tensor | None):
+        gh, gw, gb = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.need
+        g = grad_carrier.float()
+        return (
+            (gh * g).to(gh.dtype) if need_h else None,
+            (gw * g).to(gw.dtype) if need_w else None,
+            (gb * g).to(gb.dtype) if need_b else None,
+            None, None, None, None, None, None, None,
+        )
+
+
+def linear_nll_with_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
+                         ignore_index: int, check_labels: bool, chunk_rows: int, backend: str,
+                         process_group: Any = None) -> tuple[Tensor, Tensor | None]:
+    """``(nll [N] float32, carrier)`` for a loss linear in ``nll`` with coefficients ``coef [N]``
+    known now (see :class:`LinearWeightedGradFunction`). ``carrier`` is None when no gradient
+    w.r.t. hidden / weight / bias is needed (then only the forward op and, with
+    ``process_group``, its collective run)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        carrier, nll = LinearWeightedGradFunction.apply(hidden, weight, bias, labels, coef, ignore_index,
+                                                        check_labels, chunk_rows, backend, process_group)
+        return nll, carrier
+    lse, target = _linear_stats(hidden, weight, bias, labels, ignore_index, check_labels, chunk_rows, backend,
+                                process_group)
+    return _nll(lse, target, labels, ignore_index), None
+
+
 def linear_token_nll(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-                     check_labels: bool, chunk_rows: int, backend: str) -> Tensor:
+                     check_labels: bool, chunk_rows: int, backend: str, process_group: Any = None) -> Tensor:
     """Per-token NLL ``[N]`` float32 of validated ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]``
     and ``labels [N]``. Goes through autograd only when a gradient is needed (nothing is saved in
-    the baseline phase)."""
+    the baseline phase). With ``process_group``: ``weight [V/tp, H]`` / ``bias [V/tp]`` are this
+    rank's shard and ``labels`` are shard-local (:func:`shard_labels`); one collective per call."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return LinearTokenNLLFunction.apply(hidden, weight, bias, labels, ignore_index, check_labels, chunk_rows,
-                                            backend)
-    lse, target = torch.ops.steerlm_kernels.linear_ce_forward(
-        hidden, weight, bias, labels, ignore_index, check_labels, chunk_rows, backend
-    )
+                                            backend, process_group)
+    lse, target = _linear_stats(hidden, weight, bias, labels, ignore_index, check_labels, chunk_rows, backend,
+                                process_group)
     return _nll(lse, target, labels, ignore_index)
 
 
