@@ -20,6 +20,29 @@ fused ops of this package:
 
 The batch is the dictionary of NeMo's ``SteerLM2Dataset.collate_fn`` (see :data:`BATCH_KEYS`);
 groups are consecutive and may have different sizes.
+
+**Fused-linear path** (``lm_head_weight=``): the wrapped model returns hidden states ``[B, S, H]``
+and the wrapper applies the LM head inside :func:`steerlm_kernels.linear_sequence_nll` (phase 1)
+and :func:`steerlm_kernels.linear_weighted_sequence_loss` (phase 2): neither phase ever holds
+``[B, S, V]`` logits.
+
+**Tensor / context parallelism** (``process_group=``, ``cp_group=``, Megatron's layouts):
+
+* ``process_group``: the vocabulary is split over the group. On the logits path the model returns
+  this rank's logits shard ``[B, S, V/tp]``; on the fused path ``lm_head_weight`` is this rank's
+  shard ``[V/tp, H]``. Labels are global. Losses, weights and distance equal the single-process
+  ones on every rank. The gradient reaching the (replicated) hidden states is this rank's partial:
+  the model must reduce it over the group (Megatron's ``copy_to_tensor_model_parallel_region`` in
+  front of its column-parallel LM head does), or the caller sums replicated parameters' gradients.
+* ``cp_group``: every rank holds a slice of every sequence (the batch's per-token tensors
+  ``tokens``, ``labels``, ``loss_mask``, ... are ``[B, S/cp]``; ``ws``, ``log(Q(y|a,x))``,
+  ``num_responses`` are per response and identical on every rank). The model is responsible for
+  attention across the slices (ring attention etc.). Per-sequence NLL sums are all-reduced over
+  the group in BOTH phases (NeMo's baseline phase forgets this and computes its baseline from
+  partial sums), and the normalizer's valid-token counts are summed over the group too (one
+  all-reduce of ``[B]`` floats per step), so the loss, distance and weights equal the
+  single-process ones; each rank's parameters receive the gradient of its own tokens (sum them
+  over the group, as Megatron's gradient all-reduce over data x context parallel ranks does).
 """
 
 from __future__ import annotations
@@ -31,7 +54,9 @@ import torch
 from torch import Tensor, nn
 
 from steerlm_kernels import _validate as v
+from steerlm_kernels._distributed import group_size_rank, sum_over_context
 from steerlm_kernels.api import SteerLM2Weights, sequence_nll, steerlm2_weights, weighted_sequence_loss
+from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
 
 __all__ = ["BATCH_KEYS", "GPTSteerLMModel", "cfg_get"]
 
@@ -102,6 +127,62 @@ def _logits_of(output: Any) -> Tensor:
     )
 
 
+def _hidden_of(output: Any) -> Tensor:
+    """The final hidden states from a model output (fused-linear path): a tensor ``[B, S, H]``; an
+    object with ``.last_hidden_state`` (a Hugging Face base model, e.g. ``LlamaModel``); an object
+    with ``.hidden_states`` holding a tensor or a tuple/list of per-layer tensors (the last one is
+    taken: it must be the final, normalised hidden state, as Hugging Face's is); or a tuple whose
+    first element is the tensor."""
+    if isinstance(output, Tensor):
+        return output
+    last = getattr(output, "last_hidden_state", None)
+    if isinstance(last, Tensor):
+        return last
+    states = getattr(output, "hidden_states", None)
+    if isinstance(states, Tensor):
+        return states
+    if isinstance(states, (tuple, list)) and states and isinstance(states[-1], Tensor):
+        return states[-1]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model returned {type(output).__name__}; with lm_head_weight= it must return hidden states "
+        "[B, S, H], an object with .last_hidden_state or .hidden_states, or a tuple whose first element is them"
+    )
+
+
+HeadSource = Any  # Tensor | Callable[[], Tensor] | nn.Module with .weight
+
+
+def _head_getter(weight: HeadSource, bias: HeadSource, name: str = "lm_head_weight") -> Callable[[], tuple]:
+    """A zero-argument function returning the current ``(weight, bias)`` of the LM head."""
+    if isinstance(weight, nn.Module):
+        module = weight
+        if not isinstance(getattr(module, "weight", None), Tensor):
+            raise TypeError(f"{name}: the module {type(module).__name__} has no .weight tensor")
+        if bias is None:
+            bias = lambda: getattr(module, "bias", None)  # noqa: E731
+        weight = lambda: module.weight  # noqa: E731
+
+    def as_fn(x: HeadSource, what: str) -> Callable[[], Tensor | None]:
+        if x is None or isinstance(x, Tensor):
+            return lambda: x
+        if callable(x):
+            return x
+        raise TypeError(f"{what} must be a tensor, a callable returning one, or an nn.Module with .weight; "
+                        f"got {type(x).__name__}")
+
+    get_w, get_b = as_fn(weight, name), as_fn(bias, "lm_head_bias")
+
+    def current() -> tuple[Tensor, Tensor | None]:
+        w = get_w()
+        if not isinstance(w, Tensor):
+            raise TypeError(f"{name} returned {type(w).__name__}, expected a [V, H] tensor")
+        return w, get_b()
+
+    return current
+
+
 def _split(batch: Mapping[str, Any], size: int) -> list[dict[str, Any]]:
     """Cut the per-item tensors of ``batch`` (dim 0) into consecutive chunks of ``size`` items."""
     n = batch["tokens"].shape[0]
@@ -126,14 +207,29 @@ class GPTSteerLMModel(nn.Module):
             ``.logits`` (Hugging Face), or a tuple whose first element is the logits.
         cfg: mapping or attribute object with ``steerlm2.forward_micro_batch_size`` (phase 1) and
             ``steerlm2.micro_batch_size`` (phase 2); read once, at construction.
-        lm_head_weight: the fused-linear path (``model`` returns hidden states); not supported yet.
+        lm_head_weight: switches on the fused-linear path: ``model`` then returns the final hidden
+            states (see :func:`_hidden_of` for the accepted forms) and the LM head is applied
+            inside the fused losses, so no ``[B, S, V]`` logits are ever held. Either the head's
+            weight ``[V, H]`` itself (an ``nn.Parameter``, usually ``model.lm_head.weight`` of the
+            full model, tied or not), a zero-argument callable returning the current weight
+            (for weights that are re-materialised per step, e.g. by FSDP), or an ``nn.Module``
+            with ``.weight`` (and ``.bias``, used unless ``lm_head_bias`` is given), e.g. an
+            ``nn.Linear``. The wrapper does not register it as a parameter of its own: it
+            belongs to the model (or to the caller's optimizer). Its dtype must equal the hidden
+            states'. With ``process_group`` it is this rank's vocabulary shard ``[V/tp, H]``.
+        lm_head_bias: optional ``[V]`` (or ``[V/tp]``) bias of the fused path, or a callable
+            returning it.
+        process_group: tensor-parallel group over which the vocabulary is split (module notes).
+        cp_group: context-parallel group over which the sequence is split (module notes).
+        chunk_size: rows per logits chunk of the fused path on the CPU backends (default: 256 MiB).
         backend: kernel backend for every op (``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"``).
         inplace_backward: let the phase-2 backward write the logits' gradient into the logits'
             storage (saves one ``[N, V]`` buffer). Only safe when nothing in the model's autograd
             graph saved the logits tensor itself (true of a plain LM head; not of e.g. a final
-            ``tanh`` soft-capping).
+            ``tanh`` soft-capping). No effect on the fused path (no logits).
         dp_group: data-parallel process group over which ``distance`` and the reported loss are
-            averaged; ``None`` uses the default group when ``torch.distributed`` is initialised.
+            averaged; ``None`` uses the default group when ``torch.distributed`` is initialised
+            (harmless with tensor / context parallel ranks in it: their values are identical).
 
     The batch tensors are moved to the device of the model's first parameter.
     """
@@ -143,14 +239,25 @@ class GPTSteerLMModel(nn.Module):
         model: nn.Module,
         cfg: Any,
         *,
-        lm_head_weight: Tensor | None = None,
+        lm_head_weight: HeadSource = None,
+        lm_head_bias: HeadSource = None,
+        process_group: Any = None,
+        cp_group: Any = None,
+        chunk_size: int | None = None,
         backend: str = "auto",
         inplace_backward: bool = False,
         dp_group: Any = None,
     ) -> None:
         super().__init__()
-        if lm_head_weight is not None:
-            raise NotImplementedError("the fused-linear path (lm_head_weight=) is not supported yet")
+        if lm_head_weight is None and lm_head_bias is not None:
+            raise ValueError("lm_head_bias needs lm_head_weight (the fused-linear path)")
+        self._lm_head: Callable[[], tuple[Tensor, Tensor | None]] | None = (
+            None if lm_head_weight is None else _head_getter(lm_head_weight, lm_head_bias)
+        )
+        if process_group is not None:
+            group_size_rank(process_group, "process_group")
+        if cp_group is not None:
+            group_size_rank(cp_group, "cp_group")
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
         self.model = model
@@ -160,6 +267,23 @@ class GPTSteerLMModel(nn.Module):
         self.backend = backend
         self.inplace_backward = bool(inplace_backward)
         self.dp_group = dp_group
+        self.process_group = process_group
+        self.cp_group = cp_group
+        self.chunk_size = chunk_size
+
+    @property
+    def fused_linear(self) -> bool:
+        """True on the fused-linear path (constructed with ``lm_head_weight=``)."""
+        return self._lm_head is not None
+
+    def lm_head(self) -> tuple[Tensor, Tensor | None]:
+        """The current ``(weight [V, H], bias [V] or None)`` of the fused path's LM head."""
+        if self._lm_head is None:
+            raise RuntimeError("no lm_head_weight was given: this wrapper runs on the logits path")
+        return self._lm_head()
+
+    def _output_of(self, output: Any) -> Tensor:
+        return _hidden_of(output) if self.fused_linear else _logits_of(output)
 
     # ------------------------------------------------------------------------------------------
     # plumbing
@@ -168,8 +292,11 @@ class GPTSteerLMModel(nn.Module):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
     ) -> Tensor:
-        """Run the wrapped model; returns its logits ``[B, S, V]``."""
-        return _logits_of(self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids))
+        """Run the wrapped model; returns its logits ``[B, S, V]`` (``[B, S, V/tp]`` under vocabulary
+        parallelism), or on the fused-linear path its hidden states ``[B, S, H]``."""
+        return self._output_of(
+            self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        )
 
     @property
     def device(self) -> torch.device:
@@ -204,16 +331,24 @@ class GPTSteerLMModel(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def loss_func(self, loss_mask: Tensor, output_tensor: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Per-response NLL ``[B]`` float32: ``sum_t loss_mask * nll``.
+        """Per-response NLL ``[B]`` float32: ``sum_t loss_mask * nll`` (over the whole sequence,
+        all-reduced over ``cp_group`` when given).
 
-        ``output_tensor`` is either the logits ``[B, S, V]`` (then ``labels [B, S]`` is required
-        and the fused :func:`sequence_nll` runs) or, as in NeMo, per-token losses ``[B, S]``.
+        ``output_tensor`` is either the model output with ``labels [B, S]``: the logits
+        ``[B, S, V]`` (fused :func:`sequence_nll`) or, on the fused-linear path, the hidden
+        states ``[B, S, H]`` (:func:`linear_sequence_nll` with the LM head); or, as in NeMo,
+        per-token losses ``[B, S]`` without labels.
         """
         if labels is not None:
-            return sequence_nll(output_tensor, labels, loss_mask, backend=self.backend)
+            groups = {"process_group": self.process_group, "cp_group": self.cp_group, "backend": self.backend}
+            if self.fused_linear:
+                w, b = self.lm_head()
+                return linear_sequence_nll(output_tensor, w, labels, loss_mask, bias=b, chunk_size=self.chunk_size,
+                                           **groups)
+            return sequence_nll(output_tensor, labels, loss_mask, **groups)
         if output_tensor.shape != loss_mask.shape:
             raise ValueError("without labels, output_tensor must be per-token losses of loss_mask's shape")
-        return (output_tensor.float() * loss_mask.float()).sum(dim=-1)
+        return sum_over_context((output_tensor.float() * loss_mask.float()).sum(dim=-1), self.cp_group)
 
     def weight_loss_func(
         self,
@@ -226,13 +361,21 @@ class GPTSteerLMModel(nn.Module):
         """Micro-batch loss ``sum_b weight[b] * nll[b] / avg_num_valid_tokens_in_ub[b]`` (0-d float32).
 
         ``output_tensor``: logits ``[B, S, V]`` with ``labels`` (fused
-        :func:`weighted_sequence_loss`, one-pass backward) or per-token losses ``[B, S]``.
-        ``avg_num_valid_tokens_in_ub``: ``[B]`` tensor or float (NeMo's normalizer).
+        :func:`weighted_sequence_loss`, one-pass backward), hidden states ``[B, S, H]`` with
+        ``labels`` on the fused-linear path (:func:`linear_weighted_sequence_loss`), or per-token
+        losses ``[B, S]``. ``avg_num_valid_tokens_in_ub``: ``[B]`` tensor or float (NeMo's normalizer).
         """
         if labels is not None:
+            groups = {"process_group": self.process_group, "cp_group": self.cp_group, "backend": self.backend}
+            if self.fused_linear:
+                w, b = self.lm_head()
+                return linear_weighted_sequence_loss(
+                    output_tensor, w, labels, loss_mask, weight, avg_num_valid_tokens_in_ub, bias=b,
+                    chunk_size=self.chunk_size, **groups,
+                )
             return weighted_sequence_loss(
                 output_tensor, labels, loss_mask, weight, avg_num_valid_tokens_in_ub,
-                inplace_backward=self.inplace_backward, backend=self.backend,
+                inplace_backward=self.inplace_backward, **groups,
             )
         seq = self.loss_func(loss_mask, output_tensor)
         norm = torch.as_tensor(avg_num_valid_tokens_in_ub, dtype=torch.float32, device=seq.device)
@@ -247,18 +390,19 @@ class GPTSteerLMModel(nn.Module):
         """Phase-1 step: ``fwd(data_iterator, model) -> (seq_nll [b], id_func)``.
 
         Runs one micro-batch forward under ``torch.no_grad`` and reduces it at once to the
-        per-response NLL (the logits are freed before returning); ``id_func(out)`` returns
-        ``(out, {"loss": out})`` as NeMo's does.
+        per-response NLL (the logits, or hidden states on the fused path, are freed before
+        returning); ``id_func(out)`` returns ``(out, {"loss": out})`` as NeMo's does. ``model``
+        defaults to this wrapper; another callable must return what this wrapper's model does.
         """
 
         def fwd_output_only_func(data_iterator: Iterator[Mapping[str, Any]], model: Callable | None = None):
             mb = next(data_iterator)
             run = self if model is None else model
             with torch.no_grad():
-                logits = _logits_of(run(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"),
-                                        position_ids=mb.get("position_ids")))
-                nll = self.loss_func(mb["loss_mask"], logits, mb["labels"])
-            del logits
+                out = self._output_of(run(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"),
+                                          position_ids=mb.get("position_ids")))
+                nll = self.loss_func(mb["loss_mask"], out, mb["labels"])
+            del out
 
             def id_func(output_tensor: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
                 return output_tensor, {"loss": output_tensor}
@@ -268,7 +412,7 @@ class GPTSteerLMModel(nn.Module):
         return fwd_output_only_func
 
     def get_forward_output_and_loss_func(self, validation_step: bool = False) -> Callable[..., tuple[Tensor, Callable]]:
-        """Phase-2 step: ``fwd(data_iterator, model) -> (logits, loss_func)``.
+        """Phase-2 step: ``fwd(data_iterator, model) -> (logits or hidden states, loss_func)``.
 
         The micro-batch must carry ``weight [b]`` and ``avg_num_valid_tokens_in_ub [b]`` (as
         NeMo's); ``loss_func(logits) -> (loss, {"avg": loss.detach()})`` is the micro-batch loss,
@@ -279,8 +423,8 @@ class GPTSteerLMModel(nn.Module):
         def fwd_output_and_loss_func(data_iterator: Iterator[Mapping[str, Any]], model: Callable | None = None):
             mb = next(data_iterator)
             run = self if model is None else model
-            logits = _logits_of(run(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"),
-                                    position_ids=mb.get("position_ids")))
+            logits = self._output_of(run(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"),
+                                         position_ids=mb.get("position_ids")))
 
             def loss_func(output_tensor: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
                 loss = self.weight_loss_func(
@@ -325,6 +469,8 @@ class GPTSteerLMModel(nn.Module):
         """NeMo's normalizer ``[B]`` float32: per item, the mean number of loss-masked tokens
         (``loss_mask.sum(-1)``) over its group, divided by ``num_microbatches / num_groups``.
 
+        With ``cp_group`` the token counts of the rank's sequence slices are summed over the group
+        (one all-reduce of ``[B]`` floats), so the normalizer equals the single-process one.
         Groups whose responses are all fully masked get 1 (their NLL, hence their loss, is 0).
         """
         b = loss_mask.shape[0]
@@ -332,6 +478,8 @@ class GPTSteerLMModel(nn.Module):
         sizes = cu.diff()
         group_id = torch.repeat_interleave(torch.arange(sizes.numel(), device=loss_mask.device), sizes)
         tokens = loss_mask.float().sum(dim=-1)
+        if self.cp_group is not None:
+            torch.distributed.all_reduce(tokens, group=self.cp_group)
         mean_tokens = torch.zeros(sizes.numel(), device=loss_mask.device).index_add_(0, group_id, tokens) / sizes
         mean_tokens = torch.where(mean_tokens == 0, torch.ones_like(mean_tokens), mean_tokens)
         return mean_tokens[group_id] * (sizes.numel() / num_microbatches)

@@ -197,8 +197,12 @@ def test_cfg_get_and_errors():
         GPTSteerLMModel(nn.Linear(2, 2), {"model": {}})
     with pytest.raises(ValueError, match="micro_batch_size"):
         GPTSteerLMModel(nn.Linear(2, 2), cfg_of(1, 0))
-    with pytest.raises(NotImplementedError, match="lm_head_weight"):
-        GPTSteerLMModel(nn.Linear(2, 2), cfg_of(1, 1), lm_head_weight=torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="lm_head_weight"):
+        GPTSteerLMModel(nn.Linear(2, 2), cfg_of(1, 1), lm_head_weight="weight")
+    with pytest.raises(ValueError, match="lm_head_bias"):
+        GPTSteerLMModel(nn.Linear(2, 2), cfg_of(1, 1), lm_head_bias=torch.zeros(2))
+    with pytest.raises(ValueError, match="process_group"):
+        GPTSteerLMModel(nn.Linear(2, 2), cfg_of(1, 1), process_group=object())
 
 
 def test_bad_batch():
@@ -299,3 +303,125 @@ def test_data_parallel_averaging():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_dp_worker, args=(2, port), nprocs=2, start_method="spawn", join=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# fused-linear path: the wrapped model returns hidden states, the wrapper applies the LM head
+# ------------------------------------------------------------------------------------------------
+
+
+class TinyTrunk(nn.Module):
+    """TinyCausalLM without its LM head: returns the final hidden states ``[B, S, H]`` (causal
+    path only: the batches of these tests are right-padded). Shares ``lm``'s parameters."""
+
+    def __init__(self, lm: TinyCausalLM, as_object: bool = False) -> None:
+        super().__init__()
+        self.lm = lm
+        self.as_object = as_object
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        b, s = input_ids.shape
+        pos = torch.arange(s) if position_ids is None else position_ids
+        x = self.lm.tok(input_ids) + self.lm.pos(pos).expand(b, s, -1)
+        for block in self.lm.blocks:
+            x = block(x, None)
+        x = self.lm.ln_f(x)
+        return SimpleNamespace(last_hidden_state=x) if self.as_object else x
+
+
+def _spy_no_logits_ops(monkeypatch):
+    """Fail if the logits-based ops run (the fused path must never form [B, S, V] logits)."""
+    import steerlm_kernels.model as model_mod
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the logits path ran on the fused-linear path")
+
+    monkeypatch.setattr(model_mod, "sequence_nll", tripwire)
+    monkeypatch.setattr(model_mod, "weighted_sequence_loss", tripwire)
+
+
+@pytest.mark.parametrize("group_sizes", GROUPS, ids=lambda g: "groups" + "-".join(map(str, g)))
+@pytest.mark.parametrize("fmbs,mbs", [(2, 3), (5, 2), (1, 4)], ids=str)
+def test_fused_linear_path_matches_closed_form(monkeypatch, group_sizes, fmbs, mbs):
+    _spy_no_logits_ops(monkeypatch)
+    model = TinyCausalLM(V, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, seed=1)
+    batch = make_batch(group_sizes, seed=fmbs * 10 + mbs + 100)
+    wrapper = GPTSteerLMModel(TinyTrunk(model), cfg_of(fmbs, mbs), lm_head_weight=model.lm_head.weight,
+                              backend="torch", chunk_size=7)
+    check_against_reference(model, wrapper, batch, group_sizes)  # includes lm_head.weight's gradient
+
+
+def test_fused_linear_equals_logits_path():
+    """Same loss, distance and every parameter gradient as the logits path (float32 vs float32)."""
+    groups = (3, 1, 4)
+    batch = make_batch(groups, seed=30)
+    results = []
+    for fused in (False, True):
+        model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=31)
+        wrapped = TinyTrunk(model) if fused else model
+        head = {"lm_head_weight": model.lm_head.weight} if fused else {}
+        loss, metrics = GPTSteerLMModel(wrapped, cfg_of(3, 5), backend="cpp", **head).get_loss_and_metrics(batch,
+                                                                                                           False)
+        results.append((loss, metrics["distance"], {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, d0, g0), (l1, d1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-7) and d1 == pytest.approx(d0, rel=1e-5)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-4 * g0[name].abs().max().item() + 1e-10,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("head", ["callable", "module", "object_output"])
+def test_fused_linear_head_forms(head):
+    """The head as a callable / an nn.Module (weight + bias), and hidden states in an output object."""
+    groups = (2, 3)
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=32)
+    if head == "module":  # a biased head: TinyCausalLM's has no bias, so give it one for this test
+        biased = nn.Linear(32, V)
+        with torch.no_grad():
+            biased.weight.copy_(model.lm_head.weight)
+            biased.bias.normal_(0, 0.1)
+        model.lm_head = biased
+    kwargs = {
+        "callable": {"lm_head_weight": lambda: model.lm_head.weight},
+        "module": {"lm_head_weight": model.lm_head},
+        "object_output": {"lm_head_weight": model.lm_head.weight},
+    }[head]
+    wrapper = GPTSteerLMModel(TinyTrunk(model, as_object=head == "object_output"), cfg_of(2, 2), backend="torch",
+                              **kwargs)
+    check_against_reference(model, wrapper, make_batch(groups, seed=33), groups)
+
+
+def test_fused_linear_backends(backend, monkeypatch):
+    _spy_no_logits_ops(monkeypatch)
+    groups = (3, 5, 2)
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=4)
+    wrapper = GPTSteerLMModel(TinyTrunk(model), cfg_of(2, 3), lm_head_weight=model.lm_head.weight, backend=backend)
+    check_against_reference(model, wrapper, make_batch(groups, seed=34), groups)
+
+
+def test_fused_linear_forward_only():
+    groups = (3, 2)
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=35)
+    batch = make_batch(groups, seed=36)
+    ref_loss, ref_distance, _ = reference(model, batch, groups)
+    wrapper = GPTSteerLMModel(TinyTrunk(model), cfg_of(2, 3), lm_head_weight=model.lm_head.weight, backend="torch")
+    loss, metrics = wrapper.get_loss_and_metrics(batch, forward_only=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert loss == pytest.approx(ref_loss, rel=1e-4, abs=1e-6)
+    assert metrics["distance"] == pytest.approx(ref_distance, rel=1e-4, abs=1e-6)
+    assert wrapper(batch["tokens"]).shape == (5, S, 32)  # forward gives the hidden states
+
+
+def test_fused_linear_llama_split_into_trunk_and_head():
+    """Hugging Face: LlamaModel (returns .last_hidden_state) + the LlamaForCausalLM head's weight."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    groups = (3, 5, 2)
+    batch = make_batch(groups, seed=37)
+    wrapper = GPTSteerLMModel(model.model, cfg_of(4, 3), lm_head_weight=model.lm_head.weight, backend="torch")
+    check_against_reference(model, wrapper, batch, groups, 1e-3)
