@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install --no-build-isolation -e ".[test,plot]"
 	# megatron-core, only for the parity test of sk.megatron (runs on CPU with gloo; optional)
 	$(PY) -m pip install --no-deps "megatron-core>=0.9" || echo "megatron-core not installed: its parity test will skip"
+	# the peers (Liger-Kernel, Cut Cross-Entropy) for the agreement checks and benchmarks (optional; never touches torch/triton)
+	$(PY) -m pip install --no-deps "liger-kernel==0.8.5" "cut-cross-entropy==25.1.1" || echo "peers not installed: their agreement checks will skip"
 	touch $(STAMP)
 
 install: $(STAMP)
