@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint bench gpu-check clean
+.PHONY: install demo test lint bench gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -42,3 +42,8 @@ clean:
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Wheels of the peers for a GPU machine that cannot download (gpu_check.sh installs .whl/*.whl).
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download --no-deps -d .whl "liger-kernel==0.8.5" "cut-cross-entropy==25.1.1"

@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from steerlm_kernels import bench
+from steerlm_kernels import bench_suite
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the options of ``steerlm-kernels bench`` and run it."""
-    parser = argparse.ArgumentParser(prog="benchmarks/bench.py", description=bench.__doc__.split("\n")[0])
-    bench.add_arguments(parser)
-    return bench.run(parser.parse_args(argv))
+    parser = argparse.ArgumentParser(prog="benchmarks/bench.py", description=bench_suite.__doc__.split("\n")[0])
+    bench_suite.add_arguments(parser)
+    return bench_suite.run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -64,12 +64,9 @@ Measurements per row:
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import datetime
 import functools
 import gc
-import json
 import math
 import os
 import platform
@@ -77,8 +74,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -267,20 +263,23 @@ class Workload:
         return self.labels.shape[1]
 
 
-def make_workload(
-    n: int, v: int, s: int, dtype: torch.dtype, device: torch.device, seed: int = 0
-) -> Workload:
-    """Random logits ``[n, v]`` in ``dtype`` and the matching labels / mask / weights."""
+@dataclass
+class Batch:
+    """The non-logits part of a SteerLM-like micro-batch of ``B`` sequences of ``S`` tokens."""
+
+    labels: Tensor  # [B, S] int64, uniform in [0, V)
+    loss_mask: Tensor  # [B, S] float32, 0 on the prompt-like prefix
+    weight: Tensor  # [B] float32 (ws - baseline, signed)
+    normalizer: Tensor  # [B] float32 (group mean of loss tokens)
+    labels_ignored: Tensor  # [B, S] labels with masked positions set to -100
+
+
+def make_batch(n: int, v: int, s: int, device: torch.device, seed: int = 0) -> Batch:
+    """Labels, loss mask (15-35 % prompt-like prefixes), weights and normalizers of ``n / s`` sequences."""
     if n <= 0 or v <= 0 or s <= 0 or n % s:
         raise ValueError(f"need positive N, V, S with S dividing N; got N={n}, V={v}, S={s}")
     b = n // s
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    logits = torch.empty(n, v, dtype=dtype, device=device)
-    dgen = torch.Generator(device=device).manual_seed(seed)
-    rows = max(1, (1 << 26) // v)  # fill in chunks: no [N, V] float32 temporary
-    for start in range(0, n, rows):
-        chunk = logits[start:start + rows]
-        chunk.copy_(torch.randn(chunk.shape, generator=dgen, device=device, dtype=torch.float32).mul_(2.0))
     labels = torch.randint(0, v, (b, s), generator=gen)
     # Prompt-like prefixes of 15..35 % of each sequence, evenly spread (25 % overall), shuffled.
     frac = 0.15 + 0.2 * (torch.arange(b) + 0.5) / b
@@ -293,14 +292,28 @@ def make_workload(
     tokens = loss_mask.sum(1).view(b // group, group).mean(1, keepdim=True).expand(-1, group).reshape(b)
     normalizer = tokens.clamp_min(1.0)
     labels_ignored = labels.masked_fill(loss_mask == 0, -100)
-    return Workload(
-        logits=logits,
-        labels=labels.to(device),
-        loss_mask=loss_mask.to(device),
-        weight=weight.to(device),
-        normalizer=normalizer.to(device),
-        labels_ignored=labels_ignored.to(device),
-    )
+    return Batch(labels.to(device), loss_mask.to(device), weight.to(device), normalizer.to(device),
+                 labels_ignored.to(device))
+
+
+def _random_fill(x: Tensor, gen: torch.Generator, scale: float) -> Tensor:
+    """Fill ``x`` (2-D) with ``scale * randn`` in row chunks (no full-size float32 temporary)."""
+    rows = max(1, (1 << 26) // max(x.shape[1], 1))
+    for start in range(0, x.shape[0], rows):
+        chunk = x[start:start + rows]
+        chunk.copy_(torch.randn(chunk.shape, generator=gen, device=x.device, dtype=torch.float32).mul_(scale))
+    return x
+
+
+def make_workload(
+    n: int, v: int, s: int, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> Workload:
+    """Random logits ``[n, v]`` in ``dtype`` and the matching labels / mask / weights."""
+    batch = make_batch(n, v, s, device, seed)
+    logits = torch.empty(n, v, dtype=dtype, device=device)
+    _random_fill(logits, torch.Generator(device=device).manual_seed(seed), 2.0)
+    return Workload(logits=logits, labels=batch.labels, loss_mask=batch.loss_mask, weight=batch.weight,
+                    normalizer=batch.normalizer, labels_ignored=batch.labels_ignored)
 
 
 def naive_sequence_nll(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
@@ -464,6 +477,16 @@ class Row:
     agrees: bool | None = None
     first_call_s: float | None = None
     error: str | None = None
+    section: str = "ce"  # "ce" (logits in), "linear" (hidden states in), "group" (SteerLM group ops)
+    flops: float | None = None  # fused linear: model FLOPs (2·N·V·H per matmul the phase needs)
+    tflops: float | None = None  # model FLOPs / median time
+    frac_matmul: float | None = None  # tflops / the matmul rate measured in the same run
+    vs_floor: float | None = None  # this row's time / the bare matmuls' time (SPEC: within 1.2x)
+    vs_lce: float | None = None  # F.linear_cross_entropy's time / this row's
+    n: int = 0  # tokens (CE, linear) or sequences (group)
+    v: int = 0  # vocabulary (CE, linear); largest group size (group)
+    h: int = 0  # hidden size (linear)
+    dtype: str = ""
 
 
 class Timer:
@@ -568,37 +591,24 @@ def eager_reference(w: Workload, phase: str) -> dict[str, Tensor]:
     return {"value": out} if phase == "baseline" else {"value": out[0], "grad": out[1]}
 
 
-def run_case(
-    impl: Impl, phase: str, w: Workload, timer: Timer, repeats: int, warmup: int,
-    reference: dict[str, Tensor] | None,
+def measure(
+    row: Row, prepare: Callable[[], Any], call: Callable[[Any], Any], device: torch.device, timer: Timer,
+    repeats: int, warmup: int, check: Callable[[Any], None] | None = None, warmup_extra: int = 0,
 ) -> Row:
-    """Warm up, check values against ``reference``, measure extra memory, then time one case."""
-    row = Row(phase=phase, impl=impl.name, title=impl.title, ours=impl.ours)
-    row.bytes_per_elem = ACCESSES_PER_ELEM[phase] * w.logits.element_size()
-    fns = phase_fns(impl, phase, w)
-    if fns is None:
-        row.error = "no such phase"
-        return row
-    prepare, call = fns
-    device = w.logits.device
+    """Fill ``row``: first call (timed as ``first_call_s``, passed to ``check``), warm-up, peak extra
+    memory (median of :data:`MEMORY_SAMPLES` calls), then ``repeats`` timed calls.
+
+    Any exception lands in ``row.error`` (reported loudly in the table, never raised).
+    """
     try:
         t0 = time.perf_counter()
         first = call(prepare())
         _sync(device)
         row.first_call_s = time.perf_counter() - t0
-        if reference is not None:
-            if phase == "baseline":
-                row.value_rel_err = _rel_err(first, reference["value"])
-            else:
-                row.value = first[0].item()
-                row.value_rel_err = _rel_err(first[0], reference["value"])
-                row.grad_rel_err = _grad_rel_err(first[1], reference["grad"])
-            checks = [(row.value_rel_err, VALUE_TOL)]
-            if row.grad_rel_err is not None:
-                checks.append((row.grad_rel_err, GRAD_TOL.get(w.logits.dtype, 1e-2)))
-            row.agrees = all(math.isfinite(e) and e <= tol for e, tol in checks)
+        if check is not None:
+            check(first)
         del first
-        for _ in range(max(0, warmup - 1) + impl.warmup_extra):
+        for _ in range(max(0, warmup - 1) + warmup_extra):
             call(prepare())
         _sync(device)
         for _ in range(MEMORY_SAMPLES):
@@ -606,12 +616,45 @@ def run_case(
             row.extra_mib_samples.append(measure_extra_memory(functools.partial(call, args), device)[0])
             args = None
         if all(m is not None for m in row.extra_mib_samples):
-            row.extra_mib = statistics.median(row.extra_mib_samples)
+            row.extra_mib = statistics.median(row.extra_mib_samples)  # type: ignore[type-var]
         row.times_ms = timer(prepare, call, repeats)
         row.median_ms = statistics.median(row.times_ms)
     except Exception as exc:  # reported in the table, loudly
         row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return row
+
+
+def run_case(
+    impl: Impl, phase: str, w: Workload, timer: Timer, repeats: int, warmup: int,
+    reference: dict[str, Tensor] | None,
+) -> Row:
+    """Warm up, check values against ``reference``, measure extra memory, then time one case."""
+    row = Row(phase=phase, impl=impl.name, title=impl.title, ours=impl.ours, n=w.n, v=w.v,
+              dtype=str(w.logits.dtype).removeprefix("torch."))
+    row.bytes_per_elem = ACCESSES_PER_ELEM[phase] * w.logits.element_size()
+    fns = phase_fns(impl, phase, w)
+    if fns is None:
+        row.error = "no such phase"
+        return row
+    prepare, call = fns
+
+    def check(first: Any) -> None:
+        if reference is None:
+            return
+        if phase == "baseline":
+            row.value_rel_err = _rel_err(first, reference["value"])
+        else:
+            row.value = first[0].item()
+            row.value_rel_err = _rel_err(first[0], reference["value"])
+            row.grad_rel_err = _grad_rel_err(first[1], reference["grad"])
+        checks = [(row.value_rel_err, VALUE_TOL)]
+        if row.grad_rel_err is not None:
+            checks.append((row.grad_rel_err, GRAD_TOL.get(w.logits.dtype, 1e-2)))
+        row.agrees = all(math.isfinite(e) and e <= tol for e, tol in checks)
+
+    return measure(row, prepare, call, w.logits.device, timer, repeats, warmup, check, impl.warmup_extra)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -708,223 +751,6 @@ def command_line() -> str:
     if argv:
         argv[0] = os.path.basename(argv[0])
     return " ".join(argv)
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``steerlm-kernels bench``."""
-    parser.add_argument("--n", type=int, default=None,
-                        help="tokens N = B*S (default: 2048 on CPU, 16384 on CUDA, 128 with --quick)")
-    parser.add_argument("--v", type=int, default=None,
-                        help="vocabulary V (default: 32000 on CPU, 128256 on CUDA, 1000 with --quick)")
-    parser.add_argument("--s", type=int, default=None,
-                        help="sequence length S, must divide N (default: 512 on CPU, 4096 on CUDA)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="logits dtype (default bf16)")
-    parser.add_argument("--device", default=None,
-                        help="cpu or cuda[:i] (default: cuda if available, else cpu)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs per case before timing")
-    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
-    parser.add_argument("--impls", default=None,
-                        help="comma list of eager, compile, liger, torch, cpp, triton "
-                             "(default: eager, compile, liger on CUDA, and every available backend)")
-    parser.add_argument("--output", default=None, metavar="DIR",
-                        help="write bench.json (all rows) and bench.md (the table) there")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny default shape and 2 repeats (a smoke test; numbers mean little)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the batch")
-
-
-@dataclass
-class Config:
-    """Resolved benchmark settings."""
-
-    n: int
-    v: int
-    s: int
-    dtype: torch.dtype
-    device: torch.device
-    repeats: int
-    warmup: int
-    phases: list[str]
-    impls: list[str]
-    skipped: dict[str, str]
-    output: str | None
-    quick: bool
-    seed: int
-
-
-def resolve_config(ns: argparse.Namespace) -> Config:
-    """Fill device-dependent defaults and validate the options."""
-    device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is available")
-    quick = bool(getattr(ns, "quick", False))
-    d = QUICK_DEFAULT if quick else (GPU_DEFAULT if device.type == "cuda" else CPU_DEFAULT)
-    n = ns.n or d["n"]
-    s = ns.s or min(d["s"], n)
-    phases = [p.strip() for p in ns.phases.split(",") if p.strip()]
-    bad = [p for p in phases if p not in PHASES]
-    if bad:
-        raise SystemExit(f"--phases: unknown {bad}; choose from {PHASES}")
-    default, why_not = default_impls(device, quick)
-    if ns.impls:
-        impls: list[str] = []
-        skipped: dict[str, str] = {}
-        for name in dict.fromkeys(i.strip() for i in ns.impls.split(",") if i.strip()):
-            if name not in COMPARATORS + _dispatch.BACKENDS:
-                raise SystemExit(f"--impls: unknown {name!r}; choose from {COMPARATORS + _dispatch.BACKENDS}")
-            named_ok = name == "triton" and not available_backends(device)["triton"]  # interpreted
-            if name in default or named_ok:
-                impls.append(name)
-            else:
-                skipped[name] = why_not.get(name, "not available")
-    else:
-        impls, skipped = default, why_not
-    if n % s:
-        raise SystemExit(f"--s {s} must divide --n {n}")
-    return Config(
-        n=n, v=ns.v or d["v"], s=s, dtype=DTYPES[ns.dtype], device=device,
-        repeats=ns.repeats or d["repeats"], warmup=ns.warmup if ns.warmup is not None else d["warmup"],
-        phases=phases, impls=impls, skipped=skipped, output=ns.output, quick=quick, seed=ns.seed,
-    )
-
-
-def benchmark(
-    cfg: Config, log: Callable[[str], None] = print, on_row: Callable[[list[Row]], None] | None = None
-) -> dict[str, Any]:
-    """Run every (phase, implementation) case of ``cfg``; return the results (rows, meta, table).
-
-    ``on_row(rows so far)`` is called after each case (``run`` saves partial results with it).
-    """
-    pin_malloc_mmap_threshold()
-    load_before = _load_average()
-    device = cfg.device
-    mem_check = memory_method_check(device)
-    log(f"memory method check: a 256 MiB float32 tensor reads as "
-        f"{'n/a' if mem_check is None else f'{mem_check:.1f} MiB'}")
-    w = make_workload(cfg.n, cfg.v, cfg.s, cfg.dtype, device, cfg.seed)
-    timer = Timer(device)
-    bw = measure_bandwidth(w.logits, timer, cfg.repeats)
-    log(f"logits [{cfg.n}, {cfg.v}] {str(cfg.dtype).removeprefix('torch.')} "
-        f"({w.logits.numel() * w.logits.element_size() / MIB:.0f} MiB), {w.b} sequences of {w.s}, "
-        f"{(w.loss_mask == 0).float().mean().item():.0%} masked; "
-        f"READ {bw['read']:.1f} GB/s (torch.sum), COPY {bw['copy']:.1f} GB/s (copy_)")
-    impls: dict[str, Impl] = {}
-    errors: dict[str, str] = {}
-    for name in cfg.impls:
-        try:
-            impls[name] = build_impl(name, device)
-        except Exception as exc:
-            errors[name] = f"{type(exc).__name__}: {exc}"
-    cases = [(p, i) for p in cfg.phases for i in impls
-             if i in cfg.impls and not (p == "inplace" and impls[i].inplace is None)]
-    rows: list[Row] = []
-    for phase in cfg.phases:
-        reference = eager_reference(w, phase)
-        for name in impls:
-            if (phase, name) not in cases:
-                continue
-            row = run_case(impls[name], phase, w, timer, cfg.repeats, cfg.warmup, reference)
-            rows.append(row)
-            if on_row is not None:
-                on_row(rows)
-            head = f"[{len(rows)}/{len(cases)}] {phase:8s} {row.title:26s}"
-            if row.error:
-                log(f"{head} ERROR {row.error}")
-            else:
-                log(f"{head} {row.median_ms:9.1f} ms  extra {_fmt(row.extra_mib, '.1f')} MiB  "
-                    f"value err {_fmt_err(row.value_rel_err)}  grad err {_fmt_err(row.grad_rel_err)}  "
-                    f"(first call {row.first_call_s:.1f} s)"
-                    + ("" if row.agrees is not False else "  <-- MISMATCH"))
-        del reference
-    _fill_ratios(rows, w, bw)
-    skipped = dict(cfg.skipped)
-    skipped.update(errors)
-    meta = {
-        "device": device_name(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": versions(),
-        "command": command_line(),
-        "load_average": load_before,
-        "load_average_after": _load_average(),
-        "n": cfg.n, "v": cfg.v, "s": cfg.s, "b": w.b,
-        "dtype": str(cfg.dtype).removeprefix("torch."),
-        "repeats": cfg.repeats, "warmup": cfg.warmup,
-        "masked_fraction": (w.loss_mask == 0).float().mean().item(),
-        "auto_backend": _dispatch.resolve("auto", device),
-        "backends": {k: str(v) for k, v in sk.backends().items()},
-        "memory_method_check_mib_of_256": mem_check,
-        "bandwidth_gbps": bw,
-        "skipped": skipped,
-    }
-    return {"meta": meta, "rows": [asdict(r) for r in rows], "table": render(meta, rows), "_rows": rows}
-
-
-def render(meta: dict[str, Any], rows: list[Row]) -> str:
-    """Header + markdown table + notes, ready to paste into benchmarks/RESULTS.md."""
-    bw = meta["bandwidth_gbps"]
-    lines = [
-        f"**{meta['device']}** — {meta['date']} — {meta['versions']}",
-        "",
-        f"Command: `{meta['command']}`"
-        + (f" (1-minute load average: {meta['load_average'][0]:.2f} before, "
-           f"{meta['load_average_after'][0]:.2f} after)" if meta["load_average"] else ""),
-        "",
-        f"Logits [{meta['n']}, {meta['v']}] {meta['dtype']} ({meta['b']} sequences × {meta['s']}, "
-        f"{meta['masked_fraction']:.0%} of tokens masked), median of {meta['repeats']} runs after "
-        f"{meta['warmup']} warm-up. READ bandwidth {bw['read']:.1f} GB/s (`torch.sum` of the logits), "
-        f"COPY {bw['copy']:.1f} GB/s (`copy_` of the logits, read + write). auto backend: "
-        f"`{meta['auto_backend']}`.",
-        "",
-        markdown_table(rows),
-    ]
-    if meta["skipped"]:
-        lines += ["", "Not run: " + "; ".join(f"`{k}` ({why})" for k, why in meta["skipped"].items()) + "."]
-    return "\n".join(lines)
-
-
-def run(ns: argparse.Namespace) -> int:
-    """``steerlm-kernels bench``: run, print the table, optionally write JSON + markdown."""
-    cfg = resolve_config(ns)
-    print(f"steerlm_kernels bench on {device_name(cfg.device)}: phases {cfg.phases}, impls {cfg.impls}",
-          flush=True)
-    out = Path(cfg.output) if cfg.output else None
-    partial = out / "bench.partial.json" if out else None
-
-    def save_partial(rows: list[Row]) -> None:
-        if partial is not None:  # survives a time limit that kills the run
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps([asdict(r) for r in rows], indent=1))
-
-    result = benchmark(cfg, log=lambda s: print(s, flush=True), on_row=save_partial)
-    rows: list[Row] = result.pop("_rows")
-    print()
-    print(result["table"])
-    bad = [r for r in rows if r.ours and (r.error or r.agrees is False)]
-    loud = [r for r in rows if r.error or r.agrees is False]
-    if loud:
-        print()
-        print("!" * 78)
-        for r in loud:
-            what = f"ERROR {r.error}" if r.error else (
-                f"DISAGREES with eager: value rel err {_fmt_err(r.value_rel_err)}, "
-                f"grad rel err {_fmt_err(r.grad_rel_err)}")
-            print(f"!! {r.phase} / {r.title}: {what}")
-        print("!" * 78)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {"meta": result["meta"], "rows": result["rows"]}
-        (out / "bench.json").write_text(json.dumps(payload, indent=2))
-        (out / "bench.md").write_text(result["table"] + "\n")
-        if partial is not None and partial.exists():
-            partial.unlink()
-        print(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}")
-    return 1 if bad else 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,12 +35,14 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from steerlm_kernels import bench, train
+    from steerlm_kernels import bench, bench_suite, train
 
     parser = argparse.ArgumentParser(prog="steerlm-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and backends")
-    bench.add_arguments(sub.add_parser("bench", help="benchmark table against eager PyTorch and torch.compile"))
+    bench_suite.add_arguments(sub.add_parser(
+        "bench", help="benchmark tables (logits in, fused linear, group ops, peers) against eager PyTorch, "
+        "torch.compile and the peers; JSON, markdown and plots in --output"))
     sub.add_parser("demo", help="info, then the fused loss beside eager PyTorch on a random batch")
     train.add_arguments(
         sub.add_parser("train", help="SteerLM 2.0 training (no arguments: bundled sample + tiny model on CPU)")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "info":
         return info()
     if ns.command == "bench":
-        return bench.run(ns)
+        return bench_suite.run(ns)
     if ns.command == "train":
         return train.run(ns)
     info()
