@@ -181,25 +181,34 @@ def group_offsets(
             raise TypeError(f"{name} must be an integer tensor, got {sizes.dtype}")
         if sizes.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(sizes.shape)}")
-        values = [int(s) for s in sizes.tolist()]
-        if any(s <= 0 for s in values):
-            raise ValueError(f"{name} must hold positive group sizes, got {min(values)}")
-        if sum(values) == total:
-            group_list = values
-        elif per_item and len(values) == total:
-            group_list = []
-            i = 0
+        values = sizes.detach().to("cpu", torch.int64)  # one small copy; checks vectorised (B can be 1e6)
+        if values.numel() and int(values.min()) <= 0:
+            raise ValueError(f"{name} must hold positive group sizes, got {int(values.min())}")
+        if int(values.sum()) == total:
+            groups = values
+        elif per_item and values.numel() == total:
+            # One Python step per GROUP (not per item): jump from a group's first item to the next
+            # group's, then check every item against its group's size in one vectorised comparison.
+            flat = values.tolist()
+            starts, group_list, i = [], [], 0
             while i < total:
-                n = values[i]
-                if i + n > total or any(x != n for x in values[i:i + n]):
-                    raise ValueError(
-                        f"{name} in per-item form must hold each group's size on each of its "
-                        f"{n} consecutive items; item {i} breaks that"
-                    )
-                group_list.append(n)
-                i += n
+                starts.append(i)
+                group_list.append(flat[i])
+                i += flat[i]
+            groups = torch.tensor(group_list, dtype=torch.int64)
+            expanded = torch.repeat_interleave(groups, groups)[:total]
+            bad = (expanded != values[:expanded.numel()]).nonzero()
+            if i != total or bad.numel():
+                item = int(bad[0, 0]) if bad.numel() else starts[-1]
+                raise ValueError(
+                    f"{name} in per-item form must hold each group's size on each of its "
+                    f"consecutive items; item {item} breaks that"
+                )
         else:
-            raise ValueError(f"{name} sums to {sum(values)} but the batch has {total} items")
+            raise ValueError(f"{name} sums to {int(values.sum())} but the batch has {total} items")
+        cu = torch.zeros(groups.numel() + 1, dtype=torch.int64)
+        torch.cumsum(groups, 0, out=cu[1:])
+        return cu.to(device), max(int(groups.max()) if groups.numel() else 1, 1)
     cu = torch.zeros(len(group_list) + 1, dtype=torch.int64)
     cu[1:] = torch.tensor(group_list, dtype=torch.int64).cumsum(0) if group_list else cu[1:]
     return cu.to(device), max(group_list, default=1)
