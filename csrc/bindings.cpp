@@ -53,12 +53,16 @@ TORCH_LIBRARY(steerlm_kernels_C, m) {
       "ce_backward(Tensor logits, Tensor labels, Tensor lse, Tensor coef, int vocab_start, "
       "int ignore_index, Tensor(a!) out) -> ()");
   m.def("segment_sum(Tensor x, Tensor cu_seqlens) -> Tensor");
+  m.def("group_softmax(Tensor x, Tensor cu_groups) -> Tensor");
+  m.def("steerlm2_weights(Tensor seq_nll, Tensor log_q, Tensor ws, Tensor cu_groups) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(steerlm_kernels_C, CPU, m) {
   m.impl("ce_forward", &steerlm::ce_forward_cpu);
   m.impl("ce_backward", &ce_backward_op);
   m.impl("segment_sum", &steerlm::segment_sum_cpu);
+  m.impl("group_softmax", &steerlm::group_softmax_cpu);
+  m.impl("steerlm2_weights", &steerlm::steerlm2_weights_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -72,6 +76,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("segment_sum", &segment_sum, "y[b] = sum(x[cu[b]:cu[b+1]]), bounds clamped",
         py::arg("x"), py::arg("cu_seqlens"), py::call_guard<py::gil_scoped_release>());
+  // The group ops are CPU-only (CUDA tensors go to the Triton kernels of ops/group.py).
+  m.def("group_softmax", &steerlm::group_softmax_cpu, "softmax within consecutive groups x[cu[g]:cu[g+1]]",
+        py::arg("x"), py::arg("cu_groups"), py::call_guard<py::gil_scoped_release>());
+  m.def("steerlm2_weights", &steerlm::steerlm2_weights_cpu,
+        "(weight, baseline, kl[G]) of SteerLM 2.0's baseline phase, groups x[cu[g]:cu[g+1]]", py::arg("seq_nll"),
+        py::arg("log_q"), py::arg("ws"), py::arg("cu_groups"), py::call_guard<py::gil_scoped_release>());
   m.attr("simd") = steerlm::simd_capability();
 #ifdef SK_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -1,4 +1,5 @@
-// CPU kernels of the `cpp` backend: cross entropy straight from the logits, and segment sums.
+// CPU kernels of the `cpp` backend: cross entropy straight from the logits, segment sums, and the
+// group softmax / SteerLM 2.0 weights of the baseline phase.
 //
 // Vectorisation: ATen's at::vec::Vectorized<float> (16 lanes under AVX-512, 8 under AVX2, a
 // scalar fallback otherwise; setup.py picks the flags and defines CPU_CAPABILITY_*), with an
@@ -27,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace steerlm {
 namespace {
@@ -131,6 +133,67 @@ inline Vec vexp(const Vec& xv) {
 #else
 inline Vec vexp(const Vec& x) { return x.exp(); }
 #endif
+
+// log(x) lane-wise, inlined (Sleef's logf costs a call and ~3x the instructions): Cephes' logf,
+// ~1 ulp. x = m * 2^e with m in [sqrt(1/2), sqrt(2)), a degree-8 polynomial in m - 1, and e*ln2
+// added in two parts (exact reduction). Fast path for positive normal finite lanes only: a
+// vector with any other lane (0, denormal, negative, inf, NaN) takes ATen's log instead, whose
+// special values are PyTorch's. AVX2 code; AVX-512 runs it on each 256-bit half.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr float kSqrtHalf = 0.707106781186547524f;
+constexpr float kL0 = 7.0376836292e-2f, kL1 = -1.1514610310e-1f, kL2 = 1.1676998740e-1f;
+constexpr float kL3 = -1.2420140846e-1f, kL4 = 1.4249322787e-1f, kL5 = -1.6668057665e-1f;
+constexpr float kL6 = 2.0000714765e-1f, kL7 = -2.4999993993e-1f, kL8 = 3.3333331174e-1f;
+
+// Cephes' logf of 8 positive normal finite floats (other lanes: garbage; see vlog).
+inline __m256 log_normal_avx2(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256i bits = _mm256_castps_si256(x);
+  // x = m * 2^e, m in [0.5, 1): the mantissa under 0.5's exponent, e from the biased exponent
+  __m256 m = _mm256_or_ps(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x007FFFFF))),
+                          _mm256_set1_ps(0.5f));
+  __m256 e = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 23)), _mm256_set1_ps(126.f));
+  // m < sqrt(1/2): use 2m, e - 1 (so m - 1 lies in [-0.29, 0.41])
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrtHalf), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(one, small));
+  m = _mm256_add_ps(_mm256_sub_ps(m, one), _mm256_and_ps(m, small));
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(kL0), m, _mm256_set1_ps(kL1));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL2));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL3));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL4));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL5));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL6));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL7));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL8));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Lo), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Hi), _mm256_add_ps(m, y));
+}
+
+// All 8 lanes positive, normal and finite (false for NaN).
+inline bool all_normal_avx2(__m256 x) {
+  const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_GE_OQ),
+                                  _mm256_cmp_ps(x, _mm256_set1_ps(-kNegInf), _CMP_LT_OQ));
+  return _mm256_movemask_ps(ok) == 0xFF;
+}
+#endif
+
+inline Vec vlog(const Vec& xv) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = xv;
+  const __m256 lo = _mm512_castps512_ps256(x);
+  const __m256 hi = _mm512_extractf32x8_ps(x, 1);
+  if (!all_normal_avx2(lo) || !all_normal_avx2(hi)) return xv.log();
+  return _mm512_insertf32x8(_mm512_castps256_ps512(log_normal_avx2(lo)), log_normal_avx2(hi), 1);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (!all_normal_avx2(xv)) return xv.log();
+  return log_normal_avx2(xv);
+#else
+  return xv.log();
+#endif
+}
 
 // Lane-wise max without ATen's NaN bookkeeping (a plain vmaxps): the forward does not need the
 // max to see NaN, because exp(NaN - m) is NaN and poisons the row's sum anyway.
@@ -325,6 +388,144 @@ void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
+// ---- group ops (SteerLM 2.0) ------------------------------------------------------------------
+
+constexpr float kGroupEps = 1e-8f;  // NeMo's epsilon, rounded to float32 as `ws + 1e-8` does
+
+// A 1-D floating vector (of n elements when n >= 0) as contiguous float32 (no copy when it
+// already is one; float64 / bf16 / fp16 are rounded to float32 first, as the torch reference's
+// .float() does).
+at::Tensor check_vector(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(n < 0 || t.size(0) == n, name, " must have ", n, " elements, got ", t.size(0));
+  return t.to(at::kFloat).contiguous();
+}
+
+// Group offsets as int64: 1-D int32/int64 [G+1], cu[0] == 0, non-decreasing, cu[G] == B.
+// Checked in full (O(G), serial) so that the kernels never read or write out of bounds.
+at::Tensor check_groups(const at::Tensor& cu_in, int64_t B) {
+  TORCH_CHECK(cu_in.device().is_cpu(), "cu_groups must be a CPU tensor");
+  TORCH_CHECK(cu_in.dim() == 1 && cu_in.size(0) >= 1, "cu_groups must be 1-D with at least one entry");
+  TORCH_CHECK(cu_in.scalar_type() == at::kLong || cu_in.scalar_type() == at::kInt,
+              "cu_groups must be int32 or int64, got ", cu_in.scalar_type());
+  const at::Tensor cu = cu_in.to(at::kLong).contiguous();
+  const int64_t* c = cu.data_ptr<int64_t>();
+  const int64_t G = cu.size(0) - 1;
+  TORCH_CHECK(c[0] == 0 && c[G] == B, "cu_groups must run from 0 to ", B, ", got ", c[0], " .. ", c[G]);
+  bool sorted = true;
+  for (int64_t g = 0; g < G; ++g) sorted &= c[g] <= c[g + 1];
+  TORCH_CHECK(sorted, "cu_groups must be non-decreasing");
+  return cu;
+}
+
+// f(i, count) for i = 0, kW, 2*kW, ... < n: count = kW, except a shorter tail. Vector code reads
+// and writes [i, i + count) with Vec::loadu(p + i, count) / store(p + i, count), so every element
+// goes through the same lane-wise code and no result depends on where an element falls.
+template <typename F>
+inline void for_vectors(int64_t n, F f) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) f(i, kW);
+  if (i < n) f(i, n - i);
+}
+
+// Items per block of consecutive groups: the few passes over a block stay in L1.
+constexpr int64_t kGroupBlockItems = 1024;
+
+// Call block(ga, gb, scratch) for consecutive runs of groups [ga, gb) covering [0, G), in
+// parallel: each thread takes the groups that start in its 1/T of the items (balanced by items,
+// not groups), cut into blocks of about kGroupBlockItems items (a larger group is a block of its
+// own); `scratch` is the thread's own buffer, for block() to size and use. Every group is
+// handled by exactly one call, and no result depends on the partition.
+template <typename Block>
+void for_group_blocks(const int64_t* c, int64_t G, int64_t B, Block block) {
+#pragma omp parallel num_threads(n_threads(B))
+  {
+    std::vector<float> scratch;
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+    const int64_t t = 0, T = 1;
+#endif
+    // First group starting at or after item i (c[0:G] are the starts, non-decreasing).
+    const auto first_at = [&](int64_t i) { return static_cast<int64_t>(std::lower_bound(c, c + G, i) - c); };
+    const auto split = [&](int64_t k) { return B / T * k + B % T * k / T; };  // floor(B * k / T)
+    int64_t g = t == 0 ? 0 : first_at(split(t));
+    const int64_t g_end = t + 1 == T ? G : first_at(split(t + 1));
+    while (g < g_end) {
+      int64_t ge = g + 1;
+      while (ge < g_end && c[ge + 1] - c[g] <= kGroupBlockItems) ++ge;
+      block(g, ge, scratch);
+      g = ge;
+    }
+  }
+}
+
+// Scratch of a block of n items: two float arrays of n + kW (the kW slack lets a group of at
+// most kW items be read and written as one whole vector), the slack zeroed.
+struct GroupScratch {
+  float* x;    // [n + kW] the block's logits in, exp(x - group max) out; then free
+  float* tmp;  // [n + kW] each item's group max, then group sum
+  GroupScratch(std::vector<float>& buf, int64_t n) {
+    if (static_cast<int64_t>(buf.size()) < 2 * (n + kW)) buf.resize(2 * (n + kW));
+    x = buf.data();
+    tmp = x + n + kW;
+    std::fill(x + n, x + n + kW, 0.f);
+    std::fill(tmp + n, tmp + n + kW, 0.f);
+  }
+};
+
+// Reduce one group's items v[0:L] (L >= 1, v[L:kW] readable) with op, lanes past the group
+// filled with `fill`: a group of at most kW items as one masked vector (no data-dependent branch:
+// groups are mostly a few items of varying size, where scalar loops mispredict at every group),
+// a larger one with one vector accumulator and a masked tail. Then a fixed tree over the lanes:
+// the order depends only on L (and the build's vector width), never on threads or blocks.
+template <typename Op>
+inline float group_reduce(const float* v, int64_t L, float fill, Op op) {
+  const Vec fv(fill);
+  if (L <= kW) {
+    const Vec lane_in = Vec::arange(0.f, 1.f) < Vec(static_cast<float>(L));
+    return at::vec::vec_reduce_all<float>(op, Vec::blendv(fv, Vec::loadu(v), lane_in));
+  }
+  Vec acc = Vec::loadu(v);
+  int64_t i = kW;
+  for (; i + kW <= L; i += kW) acc = op(acc, Vec::loadu(v + i));
+  acc = op(acc, Vec::blendv(fv, Vec::loadu(v + i, L - i), Vec::arange(0.f, 1.f) < Vec(static_cast<float>(L - i))));
+  return at::vec::vec_reduce_all<float>(op, acc);
+}
+
+// dst[0:L] = value, as whole vectors (dst has kW slack; later groups overwrite the spill, since
+// groups are handled in order).
+inline void group_fill(float* dst, int64_t L, float value) {
+  const Vec v(value);
+  for (int64_t i = 0; i < L; i += kW) v.store(dst + i);
+}
+
+// The group softmax numerators and denominators of a block [c[ga], c[gb]) held in sc.x: on
+// return sc.x[i] = exp(x_i - m_g) and sc.tmp[i] = sum over the group of those (the caller
+// divides). Same formula as the torch reference (max-subtracted exp, then e / sum(e)).
+// exp is vexp: results below ~1e-38 flush to 0 (no denormals, which cost ~100 cycles each and
+// are common here: logits spread over hundreds of nats). The max is a plain max, which may drop
+// a NaN; such a group still comes out all NaN, through exp and the sum. A +inf item, or a group
+// of -inf only, gives inf - inf = NaN, as in torch.
+void group_exp_block(const int64_t* c, int64_t ga, int64_t gb, const GroupScratch& sc) {
+  const int64_t s = c[ga], n = c[gb] - s;
+  const auto vmax = [](const Vec& a, const Vec& b) { return fast_max(a, b); };
+  const auto vadd = [](const Vec& a, const Vec& b) { return a + b; };
+  for (int64_t g = ga; g < gb; ++g) {
+    const int64_t o = c[g] - s, L = c[g + 1] - c[g];
+    if (L > 0) group_fill(sc.tmp + o, L, group_reduce(sc.x + o, L, kNegInf, vmax));
+  }
+  for_vectors(n, [&](int64_t i, int64_t k) {
+    vexp(Vec::loadu(sc.x + i, k) - Vec::loadu(sc.tmp + i, k)).store(sc.x + i, k);
+  });
+  for (int64_t g = ga; g < gb; ++g) {
+    const int64_t o = c[g] - s, L = c[g + 1] - c[g];
+    if (L > 0) group_fill(sc.tmp + o, L, group_reduce(sc.x + o, L, 0.f, vadd));
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
@@ -409,6 +610,73 @@ at::Tensor segment_sum_cpu(const at::Tensor& x_in, const at::Tensor& cu_in) {
     yp[b] = s;
   }
   return y;
+}
+
+at::Tensor group_softmax_cpu(const at::Tensor& x_in, const at::Tensor& cu_in) {
+  const at::Tensor x = check_vector(x_in, -1, "x");
+  const int64_t B = x.size(0);
+  const at::Tensor cu = check_groups(cu_in, B);
+  const int64_t G = cu.size(0) - 1;
+  at::Tensor y = at::empty({B}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int64_t* c = cu.data_ptr<int64_t>();
+  float* yp = y.data_ptr<float>();
+  for_group_blocks(c, G, B, [&](int64_t ga, int64_t gb, std::vector<float>& buf) {
+    const int64_t s = c[ga], n = c[gb] - s;
+    const GroupScratch sc(buf, n);
+    std::memcpy(sc.x, xp + s, sizeof(float) * n);
+    group_exp_block(c, ga, gb, sc);
+    for_vectors(n, [&](int64_t i, int64_t k) {
+      (Vec::loadu(sc.x + i, k) / Vec::loadu(sc.tmp + i, k)).store(yp + s + i, k);
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> steerlm2_weights_cpu(
+    const at::Tensor& nll_in, const at::Tensor& log_q_in, const at::Tensor& ws_in, const at::Tensor& cu_in) {
+  const at::Tensor nll = check_vector(nll_in, -1, "seq_nll");
+  const int64_t B = nll.size(0);
+  const at::Tensor log_q = check_vector(log_q_in, B, "log_q");
+  const at::Tensor ws = check_vector(ws_in, B, "ws");
+  const at::Tensor cu = check_groups(cu_in, B);
+  const int64_t G = cu.size(0) - 1;
+  at::Tensor weight = at::empty({B}, nll.options());
+  at::Tensor baseline = at::empty({B}, nll.options());
+  at::Tensor kl = at::empty({G}, nll.options());
+  const float* np = nll.data_ptr<float>();
+  const float* qp = log_q.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const int64_t* c = cu.data_ptr<int64_t>();
+  float* wp = weight.data_ptr<float>();
+  float* bp = baseline.data_ptr<float>();
+  float* klp = kl.data_ptr<float>();
+  const Vec eps(kGroupEps);
+  const auto vadd = [](const Vec& a, const Vec& b) { return a + b; };
+  for_group_blocks(c, G, B, [&](int64_t ga, int64_t gb, std::vector<float>& buf) {
+    const int64_t s = c[ga], n = c[gb] - s;
+    const GroupScratch sc(buf, n);
+    // baseline logits -seq_nll - log_q, and their group softmax
+    for_vectors(n, [&](int64_t i, int64_t k) {
+      (Vec::loadu(np + s + i, k).neg() - Vec::loadu(qp + s + i, k)).store(sc.x + i, k);
+    });
+    group_exp_block(c, ga, gb, sc);
+    // baseline, weight = ws - baseline, and the KL terms (ws + eps) log((ws + eps) / (baseline + eps))
+    for_vectors(n, [&](int64_t i, int64_t k) {
+      const Vec b = Vec::loadu(sc.x + i, k) / Vec::loadu(sc.tmp + i, k);
+      const Vec w = Vec::loadu(wsp + s + i, k);
+      const Vec p = w + eps;
+      b.store(bp + s + i, k);
+      (w - b).store(wp + s + i, k);
+      (p * vlog(p / (b + eps))).store(sc.x + i, k);
+    });
+    // kl[g]: the group's terms summed (an empty group: 0)
+    for (int64_t g = ga; g < gb; ++g) {
+      const int64_t L = c[g + 1] - c[g];
+      klp[g] = L > 0 ? group_reduce(sc.x + (c[g] - s), L, 0.f, vadd) : 0.f;
+    }
+  });
+  return {weight, baseline, kl};
 }
 
 const char* simd_capability() {

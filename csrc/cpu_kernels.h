@@ -1,6 +1,6 @@
 // CPU kernels of the `cpp` backend (see steerlm_kernels/_dispatch.py for the contract).
 //
-// All three functions take CPU tensors, validate them with TORCH_CHECK (shapes, dtypes, strides)
+// All functions take CPU tensors, validate them with TORCH_CHECK (shapes, dtypes, strides)
 // and run OpenMP-parallel, SIMD-vectorised loops. Results never depend on the thread count:
 // every output element is computed by exactly one thread in a fixed order.
 #pragma once
@@ -27,6 +27,22 @@ void ce_backward_cpu(
 
 // y[b] = sum(x[cu[b]:cu[b+1]]) with the bounds clamped to [0, T]; float32 out, fixed order.
 at::Tensor segment_sum_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens);
+
+// Group (per-prompt) ops of SteerLM 2.0 over consecutive groups x[cu[g]:cu[g+1]] (cu int32/int64
+// [G+1], 0 = cu[0] <= cu[1] <= ... <= cu[G] = B; an empty group writes nothing and has kl 0).
+// Inputs are 1-D [B] floating tensors of any stride, rounded to float32 first (as the torch
+// reference does); everything is computed in float32, one group start to finish by one thread,
+// group sums in a fixed order (bit-identical for every thread count).
+//
+// y = softmax within each group (max-subtracted). NaN anywhere in a group makes the whole group
+// NaN; so does +inf (inf - inf) or a group of -inf only, as in PyTorch.
+at::Tensor group_softmax_cpu(const at::Tensor& x, const at::Tensor& cu_groups);
+
+// baseline = group_softmax(-seq_nll - log_q), weight = ws - baseline,
+// kl[g] = sum_{i in g} (ws_i + 1e-8) * log((ws_i + 1e-8) / (baseline_i + 1e-8)).
+// Returns (weight [B], baseline [B], kl [G]) float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> steerlm2_weights_cpu(
+    const at::Tensor& seq_nll, const at::Tensor& log_q, const at::Tensor& ws, const at::Tensor& cu_groups);
 
 // The SIMD flavour this file was compiled for ("avx512", "avx2" or "default").
 const char* simd_capability();

@@ -31,8 +31,10 @@ and any row stride; ``labels`` ``[N]`` int32/int64; results float32):
     ``y[b] = sum(x[cu_seqlens[b]:cu_seqlens[b+1]])`` in a fixed order (deterministic).
 ``group_softmax(x, cu_groups, max_group) -> y[B]`` and
 ``steerlm2_weights(seq_nll, log_q, ws, cu_groups, max_group) -> (weight[B], baseline[B], kl[G])``
-    the O(B) group ops of :mod:`steerlm_kernels.ops.group`. The ``cpp`` backend uses the torch
-    implementation for these: a few hundred floats leave nothing for compiled code to gain.
+    the O(B) group ops of :mod:`steerlm_kernels.ops.group`: softmax within consecutive groups
+    ``cu_groups`` (int64 ``[G+1]`` offsets, groups non-empty), and SteerLM 2.0's baseline /
+    weight / per-group KL. ``max_group`` (the largest group) sizes the Triton launch; the ``cpp``
+    and ``torch`` implementations do not need it.
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ def get(name: str) -> SimpleNamespace:
             ce_forward=cpp.ce_forward,
             ce_backward=cpp.ce_backward,
             segment_sum=cpp.segment_sum,
-            group_softmax=group.torch_group_softmax,
-            steerlm2_weights=group.torch_steerlm2_weights,
+            group_softmax=cpp.group_softmax,
+            steerlm2_weights=cpp.steerlm2_weights,
         )
     raise ValueError(f"unknown backend {name!r}")

@@ -6,7 +6,11 @@
 * ``_C.ce_forward`` / ``_C.ce_backward`` / ``_C.segment_sum`` against ``ops/reference.py`` and
   against float64 math: every dtype, odd vocabulary sizes, ignored and zero-coefficient rows, in
   place, row-strided input, offsets past 2**31 elements, NaN-poisoned outputs (every element is
-  written), thread-count independence.
+  written), thread-count independence;
+* ``_C.group_softmax`` / ``_C.steerlm2_weights`` (the group ops; their values on every backend
+  are tested in test_ops_group.py) against the torch implementations: many groups over several
+  threads, thread-count independence, empty groups, non-contiguous and non-float32 inputs,
+  contract violations.
 """
 
 from __future__ import annotations
@@ -338,6 +342,11 @@ def test_dispatcher_ops_registered() -> None:
     assert torch.equal(out, out2)
     cu = torch.tensor([0, 3, 8])
     assert torch.equal(torch.ops.steerlm_kernels_C.segment_sum(lse, cu), _C.segment_sum(lse, cu))
+    assert torch.equal(torch.ops.steerlm_kernels_C.group_softmax(lse, cu), _C.group_softmax(lse, cu))
+    ws = torch.rand(8)
+    for a, b in zip(torch.ops.steerlm_kernels_C.steerlm2_weights(lse, tgt, ws, cu),
+                    _C.steerlm2_weights(lse, tgt, ws, cu), strict=True):
+        assert torch.equal(a, b)
 
 
 @needs_ext
@@ -365,3 +374,125 @@ def test_public_api_cpp_matches_torch(inplace: bool) -> None:
         a = sk.sequence_nll(logits, labels, mask, backend="cpp")
         b = sk.sequence_nll(logits, labels, mask, backend="torch")
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# group ops (SteerLM 2.0 baseline phase)
+# --------------------------------------------------------------------------------------------
+
+
+def make_groups(n_groups: int, max_size: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """(seq_nll, log_q, ws, cu_groups int64) for random group sizes in [1, max_size]."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, max_size + 1, (n_groups,), generator=g)
+    cu = torch.zeros(n_groups + 1, dtype=torch.long)
+    cu[1:] = sizes.cumsum(0)
+    b = int(cu[-1])
+    nll = torch.rand(b, generator=g) * 200
+    log_q = -torch.rand(b, generator=g) * 200
+    ws = torch.rand(b, generator=g)
+    return nll, log_q, ws, cu
+
+
+@needs_ext
+@pytest.mark.parametrize("max_size", [1, 8, 40])
+def test_group_ops_match_torch_many_groups(max_size: int) -> None:
+    """Enough items for every thread and many blocks per thread (groups of 1, of up to a vector,
+    of several vectors); kernel vs the torch implementations, to float32 rounding."""
+    from steerlm_kernels.ops import group
+
+    nll, log_q, ws, cu = make_groups(60000 // (max_size // 2 + 1), max_size, seed=10)
+    weight, baseline, kl = _C.steerlm2_weights(nll, log_q, ws, cu)
+    ref = group.torch_steerlm2_weights(nll, log_q, ws, cu, max_size)
+    assert weight.dtype == baseline.dtype == kl.dtype == torch.float32
+    assert kl.shape == (cu.numel() - 1,) and weight.shape == baseline.shape == nll.shape
+    torch.testing.assert_close(weight, ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(baseline, ref[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl, ref[2], rtol=1e-5, atol=1e-5)
+    x = torch.randn(nll.numel()) * 50
+    torch.testing.assert_close(_C.group_softmax(x, cu), group.torch_group_softmax(x, cu, max_size),
+                               rtol=1e-5, atol=1e-7)
+
+
+@needs_ext
+def test_group_ops_do_not_depend_on_thread_count() -> None:
+    nll, log_q, ws, cu = make_groups(9000, 12, seed=12)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((*_C.steerlm2_weights(nll, log_q, ws, cu), _C.group_softmax(nll, cu)))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+@needs_ext
+def test_group_ops_empty_groups_and_inputs() -> None:
+    """The kernels allow what the API never passes: empty groups (nothing written, KL 0), no
+    groups at all, B = 0."""
+    nll, log_q, ws = torch.randn(5), torch.randn(5), torch.rand(5)
+    cu = torch.tensor([0, 0, 2, 2, 5, 5])
+    weight, baseline, kl = _C.steerlm2_weights(nll, log_q, ws, cu)
+    dense = _C.steerlm2_weights(nll, log_q, ws, torch.tensor([0, 2, 5]))
+    assert torch.equal(weight, dense[0]) and torch.equal(baseline, dense[1])
+    assert kl.tolist()[0] == 0 and kl.tolist()[2] == 0 and kl.tolist()[4] == 0
+    assert torch.equal(kl[[1, 3]], dense[2])
+    assert torch.equal(_C.group_softmax(nll, cu), _C.group_softmax(nll, torch.tensor([0, 2, 5])))
+    empty = torch.empty(0)
+    for cu0 in (torch.tensor([0]), torch.tensor([0, 0])):
+        w, b, k = _C.steerlm2_weights(empty, empty, empty, cu0)
+        assert w.shape == b.shape == (0,) and k.shape == (cu0.numel() - 1,) and (k == 0).all()
+        assert _C.group_softmax(empty, cu0).shape == (0,)
+
+
+@needs_ext
+def test_group_ops_strided_and_dtypes() -> None:
+    """Non-contiguous inputs and int32 offsets give the same result; float64 / bf16 / fp16 are
+    rounded to float32 first, as the torch reference does."""
+    nll, log_q, ws, cu = make_groups(50, 9, seed=13)
+    base = _C.steerlm2_weights(nll, log_q, ws, cu)
+    wide = torch.stack([nll, log_q, ws], 1)  # each column has stride 3
+    for a, c in zip(_C.steerlm2_weights(wide[:, 0], wide[:, 1], wide[:, 2], cu.int()), base, strict=True):
+        assert torch.equal(a, c)
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        got = _C.steerlm2_weights(nll.to(dtype), log_q.to(dtype), ws.to(dtype), cu)
+        want = _C.steerlm2_weights(nll.to(dtype).float(), log_q.to(dtype).float(), ws.to(dtype).float(), cu)
+        assert all(torch.equal(a, c) for a, c in zip(got, want, strict=True))
+        assert torch.equal(_C.group_softmax(nll.to(dtype), cu), _C.group_softmax(nll.to(dtype).float(), cu))
+
+
+@needs_ext
+def test_group_ops_write_every_output() -> None:
+    """Outputs are fresh torch.empty tensors: after freeing NaN-filled buffers of the same size
+    (which the allocator is likely to hand back), every output element must still be finite."""
+    nll, log_q, ws, cu = make_groups(700, 9, seed=14)
+    for _ in range(3):
+        poison = [torch.full_like(nll, float("nan")) for _ in range(3)] + [torch.full((cu.numel() - 1,), float("nan"))]
+        del poison
+        for out in (*_C.steerlm2_weights(nll, log_q, ws, cu), _C.group_softmax(nll, cu)):
+            assert torch.isfinite(out).all()
+
+
+@needs_ext
+def test_group_ops_bad_input_raises() -> None:
+    x, ws = torch.randn(6), torch.rand(6)
+    cu = torch.tensor([0, 2, 6])
+    with pytest.raises(RuntimeError, match="cu_groups must run from 0 to 6"):
+        _C.group_softmax(x, torch.tensor([0, 2, 5]))
+    with pytest.raises(RuntimeError, match="cu_groups must run from 0 to 6"):
+        _C.steerlm2_weights(x, x, ws, torch.tensor([1, 2, 6]))
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        _C.group_softmax(x, torch.tensor([0, 4, 2, 6]))
+    with pytest.raises(RuntimeError, match="cu_groups must be int32 or int64"):
+        _C.group_softmax(x, cu.float())
+    with pytest.raises(RuntimeError, match="cu_groups must be 1-D"):
+        _C.group_softmax(x, torch.empty(0, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="log_q must have 6 elements"):
+        _C.steerlm2_weights(x, x[:5], ws, cu)
+    with pytest.raises(RuntimeError, match="ws must be a floating-point"):
+        _C.steerlm2_weights(x, x, ws.long(), cu)
+    with pytest.raises(RuntimeError, match="seq_nll must be 1-D"):
+        _C.steerlm2_weights(x.view(2, 3), x, ws, cu)

@@ -1,5 +1,8 @@
 """segment_softmax and steerlm2_weights on every backend against a float64 loop written from
-SPEC's formulas; the three forms of num_responses; unequal groups; bad group structures."""
+SPEC's formulas; the three forms of num_responses; unequal groups, groups of one, groups larger
+than a SIMD vector (and than a kernel's block), many groups (several OpenMP threads and blocks
+in the cpp kernels); extreme values, NaN and inf propagation; input dtypes; bad group
+structures."""
 
 from __future__ import annotations
 
@@ -19,21 +22,27 @@ def _groups_ref(sizes: list[int]) -> list[range]:
     return out
 
 
-def _steerlm2_ref(nll, log_q, ws, sizes):
-    """Phase 1 of SteerLM 2.0, element by element in float64."""
+def _steerlm2_ref_groups(nll, log_q, ws, sizes):
+    """Phase 1 of SteerLM 2.0, element by element in float64: (weight, baseline, kl per group).
+    Special values follow IEEE: a NaN, a +inf logit or a group of -inf logits makes the group NaN."""
     nll, log_q, ws = nll.double().tolist(), log_q.double().tolist(), ws.double().tolist()
     weight, baseline, kls = [0.0] * len(nll), [0.0] * len(nll), []
     for g in _groups_ref(sizes):
         z = [-nll[i] - log_q[i] for i in g]
-        m = max(z)
+        m = math.nan if any(math.isnan(t) for t in z) else max(z)
         e = [math.exp(t - m) for t in z]
         for i, ei in zip(g, e):
             baseline[i] = ei / sum(e)
             weight[i] = ws[i] - baseline[i]
         kls.append(sum((ws[i] + 1e-8) * math.log((ws[i] + 1e-8) / (baseline[i] + 1e-8)) for i in g))
     f64 = torch.float64
-    distance = torch.tensor(sum(kls) / len(kls), dtype=f64)
-    return torch.tensor(weight, dtype=f64), torch.tensor(baseline, dtype=f64), distance
+    return torch.tensor(weight, dtype=f64), torch.tensor(baseline, dtype=f64), torch.tensor(kls, dtype=f64)
+
+
+def _steerlm2_ref(nll, log_q, ws, sizes):
+    """Phase 1 of SteerLM 2.0 in float64: (weight, baseline, distance = mean KL)."""
+    weight, baseline, kl = _steerlm2_ref_groups(nll, log_q, ws, sizes)
+    return weight, baseline, kl.mean()
 
 
 def _random_case(sizes, device):
@@ -117,3 +126,129 @@ def test_bad_vectors():
         sk.steerlm2_weights(nll, log_q, ws.long(), 3)
     with pytest.raises(ValueError, match="seq_nll"):
         sk.steerlm2_weights(nll.view(2, 3), log_q, ws, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# sizes around SIMD widths, large and many groups, extreme and special values, dtypes
+# --------------------------------------------------------------------------------------------
+
+def _usable(name, device):
+    try:
+        sk._dispatch.resolve(name, device)
+    except ValueError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+# Around the cpp kernels' vector widths (8 lanes under AVX2, 16 under AVX-512: a group up to one
+# vector is reduced as one masked vector, a larger one as whole vectors plus a masked tail).
+VECTOR_EDGE_SIZES = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 1, 2]
+
+
+@pytest.mark.parametrize("sizes", [VECTOR_EDGE_SIZES, [1000], [1000, 1, 1500, 3]],
+                         ids=["vector_edges", "one_1000", "large_and_small"])
+def test_steerlm2_weights_sizes_vs_float64(backend, device, sizes):
+    nll, log_q, ws = _random_case(sizes, device)
+    weight, baseline, kl = _steerlm2_ref_groups(nll.cpu(), log_q.cpu(), ws.cpu(), sizes)
+    out = sk.steerlm2_weights(nll, log_q, ws, torch.tensor(sizes), backend=backend)
+    torch.testing.assert_close(out.weight.double().cpu(), weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.baseline.double().cpu(), baseline, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.distance.double().cpu(), kl.mean(), rtol=1e-5, atol=1e-6)
+    x = (torch.randn(sum(sizes)) * 30).to(device)
+    y = sk.segment_softmax(x, torch.tensor(sizes), backend=backend)
+    want = torch.cat([torch.softmax(x.cpu().double()[list(g)], 0) for g in _groups_ref(sizes)])
+    torch.testing.assert_close(y.double().cpu(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "torch"])
+def test_many_groups_vs_float64(backend_name, device):
+    """~40k items in ~9k groups of sizes 1..9 in a shuffled order (several OpenMP threads and
+    several blocks per thread in the cpp kernels; the Triton interpreter would take minutes)."""
+    ok, why = _usable(backend_name, device)
+    if not ok:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(11)
+    sizes = torch.randint(1, 10, (9000,), generator=gen).tolist()
+    nll, log_q, ws = _random_case(sizes, device)
+    weight, baseline, kl = _steerlm2_ref_groups(nll.cpu(), log_q.cpu(), ws.cpu(), sizes)
+    out = sk.steerlm2_weights(nll, log_q, ws, torch.tensor(sizes), backend=backend_name)
+    torch.testing.assert_close(out.weight.double().cpu(), weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.baseline.double().cpu(), baseline, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.distance.double().cpu(), kl.mean(), rtol=1e-5, atol=1e-6)
+    y = sk.segment_softmax(-nll - log_q, torch.tensor(sizes), backend=backend_name)
+    torch.testing.assert_close(y, out.baseline, rtol=0, atol=0)  # the same softmax
+
+
+
+def test_extreme_values(backend, device):
+    """Logits spread over 1e4 nats and +-1e30 (baselines that underflow to 0, KL terms with
+    log(ws / 1e-8)), ws of exactly 0 and 1: finite, and equal to float64 math."""
+    sizes = [4, 3, 5, 1]
+    nll = torch.tensor([0.0, 1e4, 5e3, 2.5,  -1e30, 1e30, 0.0,  7e3, 7e3 + 1, 7e3 + 2, 9e3, 1e4,  3e4])
+    log_q = torch.zeros_like(nll)
+    ws = torch.tensor([0.0, 0.5, 0.5, 0.0,  1.0, 0.0, 0.0,  0.2, 0.2, 0.2, 0.2, 0.2,  1.0])
+    weight, baseline, kl = _steerlm2_ref_groups(nll, log_q, ws, sizes)
+    out = sk.steerlm2_weights(nll.to(device), log_q.to(device), ws.to(device), torch.tensor(sizes), backend=backend)
+    for got in out:
+        assert torch.isfinite(got).all()
+    torch.testing.assert_close(out.weight.double().cpu(), weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.baseline.double().cpu(), baseline, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.distance.double().cpu(), kl.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_nan_and_inf_propagate(backend, device):
+    """No silent masking: a NaN seq_nll / log_q makes its whole group NaN (baseline, weight, KL,
+    hence the distance); a NaN ws makes its item's weight and its group's KL NaN. seq_nll = +inf
+    (logit -inf) just gets baseline 0; seq_nll = -inf (logit +inf), or a group whose logits are
+    all -inf, is NaN (inf - inf), as in the torch reference. Other groups are untouched."""
+    sizes = [3, 3, 3, 3, 2, 3, 2]
+    nll, log_q, ws = _random_case(sizes, "cpu")
+    nan, inf = float("nan"), float("inf")
+    nll[1] = nan          # group 0
+    log_q[5] = nan        # group 1
+    ws[6] = nan           # group 2: weight[6] and kl NaN, baseline fine
+    nll[9] = inf          # group 3: baseline[9] = 0, finite
+    nll[12] = -inf        # group 4: NaN
+    nll[14:17] = inf      # group 5: all logits -inf: NaN
+    weight, baseline, kl = _steerlm2_ref_groups(nll, log_q, ws, sizes)
+    out = sk.steerlm2_weights(nll.to(device), log_q.to(device), ws.to(device), torch.tensor(sizes), backend=backend)
+    got_w, got_b = out.weight.double().cpu(), out.baseline.double().cpu()
+    torch.testing.assert_close(got_w, weight, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got_b, baseline, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(got_b[0:6]).all() and torch.isnan(got_w[0:6]).all()
+    assert torch.isfinite(got_b[6:9]).all() and torch.isnan(got_w[6]) and torch.isfinite(got_w[7:9]).all()
+    assert got_b[9] == 0 and torch.isfinite(got_b[9:12]).all() and torch.isfinite(got_w[9:12]).all()
+    assert torch.isnan(got_b[12:17]).all()
+    assert torch.isfinite(got_b[17:]).all() and torch.isfinite(got_w[17:]).all()
+    assert torch.isnan(out.distance)
+    # the KL of each group: through the op directly (the API only returns the mean)
+    from steerlm_kernels._validate import group_offsets
+    from steerlm_kernels.ops import group
+
+    cu, max_group = group_offsets(torch.tensor(sizes), len(nll), torch.device(device), "num_responses")
+    _, _, got_kl = group.steerlm2_weights(nll.to(device), log_q.to(device), ws.to(device), cu, max_group, backend)
+    torch.testing.assert_close(got_kl.double().cpu(), kl, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(got_kl[[0, 1, 2, 4, 5]]).all() and torch.isfinite(got_kl[[3, 6]]).all()
+    # segment_softmax: the same rules
+    x = (torch.randn(9) * 3)
+    x[1], x[3], x[6:9] = nan, inf, -inf
+    y = sk.segment_softmax(x.to(device), 3, backend=backend).cpu()
+    assert torch.isnan(y).all()
+    x[1], x[3] = 0.0, -inf
+    y = sk.segment_softmax(x.to(device), 3, backend=backend).cpu()
+    assert torch.isfinite(y[:6]).all() and y[3] == 0 and torch.isnan(y[6:]).all()
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_input_dtypes_are_read_as_float32(backend, device, in_dtype):
+    """Any floating dtype is accepted and read as float32 (as the torch reference's .float())."""
+    sizes = [3, 1, 5, 9]
+    nll, log_q, ws = (t.to(in_dtype) for t in _random_case(sizes, device))
+    groups = torch.tensor(sizes)
+    out = sk.steerlm2_weights(nll, log_q, ws, groups, backend=backend)
+    ref = sk.steerlm2_weights(nll.float(), log_q.float(), ws.float(), groups, backend=backend)
+    for got, want in zip(out, ref):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    y = sk.segment_softmax(nll, groups, backend=backend)
+    torch.testing.assert_close(y, sk.segment_softmax(nll.float(), groups, backend=backend), rtol=0, atol=0)

@@ -3,8 +3,9 @@
 Importing this module fails with ``ImportError`` when the extension is not built; the dispatcher
 (:mod:`steerlm_kernels._dispatch`) reports that as "cpp: extension not built".
 
-The kernels live in ``csrc/cpu_kernels.cpp`` (OpenMP over rows, ATen ``Vectorized<float>`` SIMD
-with Sleef's exp, float32 accumulation, results independent of the thread count). They validate
+The kernels live in ``csrc/cpu_kernels.cpp`` (OpenMP over rows or groups, ATen
+``Vectorized<float>`` SIMD with inlined exp/log, float32 accumulation, results independent of the
+thread count). They validate
 their inputs themselves (``RuntimeError`` on a contract violation); the public API has already
 raised the user-facing ``ValueError``/``TypeError`` before these are reached. The C++ functions
 release the GIL while they run.
@@ -40,3 +41,19 @@ def segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:
     """``y[b] = sum(x[cu_seqlens[b]:cu_seqlens[b+1]])`` float32, bounds clamped to ``[0, len(x)]``,
     summed in index order (deterministic)."""
     return _C.segment_sum(x, cu_seqlens)
+
+
+def group_softmax(x: Tensor, cu_groups: Tensor, max_group: int) -> Tensor:
+    """Softmax within each group ``x[cu_groups[g]:cu_groups[g+1]]``, float32 ``[B]`` (``max_group``
+    is not needed: any group size runs). See :mod:`steerlm_kernels.ops.group`."""
+    return _C.group_softmax(x, cu_groups)
+
+
+def steerlm2_weights(
+    seq_nll: Tensor, log_q: Tensor, ws: Tensor, cu_groups: Tensor, max_group: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weight [B], baseline [B], kl [G])`` float32: ``baseline = group_softmax(-seq_nll - log_q)``,
+    ``weight = ws - baseline``, ``kl[g] = sum (ws + 1e-8) log((ws + 1e-8) / (baseline + 1e-8))``
+    over group ``g``. See :mod:`steerlm_kernels.ops.group`."""
+    weight, baseline, kl = _C.steerlm2_weights(seq_nll, log_q, ws, cu_groups)
+    return weight, baseline, kl

@@ -87,12 +87,15 @@ def triton_steerlm2_weights(
 
 
 # --------------------------------------------------------------------------------------------
-# torch reference (also used by the cpp backend: O(B) work, nothing for C++ to gain)
+# torch reference (the cpp backend's kernels are csrc/cpu_kernels.cpp, via ops/cpp.py)
 # --------------------------------------------------------------------------------------------
 
 
 def _segment_ids(cu_groups: Tensor, n: int) -> Tensor:
-    return torch.searchsorted(cu_groups[1:], torch.arange(n, device=cu_groups.device), right=True)
+    """``[n]`` int64: the group of each item (groups are non-empty and cover ``[0, n)``)."""
+    lengths = cu_groups.diff()
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_groups.device), lengths,
+                                   output_size=n)
 
 
 def torch_group_softmax(x: Tensor, cu_groups: Tensor, max_group: int) -> Tensor:
