@@ -187,23 +187,18 @@ def group_offsets(
         if int(values.sum()) == total:
             groups = values
         elif per_item and values.numel() == total:
-            # One Python step per GROUP (not per item): jump from a group's first item to the next
-            # group's, then check every item against its group's size in one vectorised comparison.
-            flat = values.tolist()
-            starts, group_list, i = [], [], 0
-            while i < total:
-                starts.append(i)
-                group_list.append(flat[i])
-                i += flat[i]
-            groups = torch.tensor(group_list, dtype=torch.int64)
-            expanded = torch.repeat_interleave(groups, groups)[:total]
-            bad = (expanded != values[:expanded.numel()]).nonzero()
-            if i != total or bad.numel():
-                item = int(bad[0, 0]) if bad.numel() else starts[-1]
+            # Vectorised: a group holds one value, so runs of equal values are whole groups of that
+            # size back to back; a run of value n and length L is L/n groups, and L % n != 0 is an error.
+            run_values, run_lengths = torch.unique_consecutive(values, return_counts=True)
+            broken = (run_lengths % run_values).nonzero()
+            if broken.numel():
+                r = int(broken[0, 0])
+                item = int(run_lengths[:r].sum()) + int(run_lengths[r] // run_values[r] * run_values[r])
                 raise ValueError(
                     f"{name} in per-item form must hold each group's size on each of its "
                     f"consecutive items; item {item} breaks that"
                 )
+            groups = torch.repeat_interleave(run_values, run_lengths // run_values)
         else:
             raise ValueError(f"{name} sums to {int(values.sum())} but the batch has {total} items")
         cu = torch.zeros(groups.numel() + 1, dtype=torch.int64)

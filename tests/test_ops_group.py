@@ -252,3 +252,24 @@ def test_input_dtypes_are_read_as_float32(backend, device, in_dtype):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     y = sk.segment_softmax(nll, groups, backend=backend)
     torch.testing.assert_close(y, sk.segment_softmax(nll.float(), groups, backend=backend), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_item, expected", [
+    ([2, 2, 3, 3, 3, 1], [0, 2, 5, 6]),
+    ([2, 2, 2, 2], [0, 2, 4]),  # adjacent groups of the same size
+    ([3, 3, 3, 3, 3, 3, 2, 2, 1], [0, 3, 6, 8, 9]),
+])
+def test_per_item_num_responses_parse_into_groups(per_item: list[int], expected: list[int]) -> None:
+    from steerlm_kernels._validate import group_offsets
+
+    cu, max_group = group_offsets(torch.tensor(per_item), len(per_item), torch.device("cpu"), "num_responses",
+                                  per_item=True)
+    assert cu.tolist() == expected and max_group == max(per_item)
+
+
+@pytest.mark.parametrize("per_item, bad_item", [([2, 2, 2], 2), ([2, 3, 3, 3], 0), ([1, 2, 1], 1), ([3, 3, 3, 3], 3)])
+def test_per_item_num_responses_name_the_breaking_item(per_item: list[int], bad_item: int) -> None:
+    from steerlm_kernels._validate import group_offsets
+
+    with pytest.raises(ValueError, match=f"num_responses in per-item form .* item {bad_item} breaks that"):
+        group_offsets(torch.tensor(per_item), len(per_item), torch.device("cpu"), "num_responses", per_item=True)
