@@ -624,12 +624,20 @@ def write_plots(rows: list[Row], meta: dict[str, Any], out: Path) -> list[Path]:
             axes[0][j].set_title(f"{section}: {phase} ({fixed_attr.upper()}={fixed})")
             axes[0][j].set_ylabel("median ms")
             axes[1][j].set_ylabel("peak extra MiB")
+            xs_all = sorted({getattr(r, x_attr) for r in sel if r.phase == phase})
+            mem_max = max([r.extra_mib or 0.0 for r in sel if r.phase == phase] + [1.0])
             for ax in (axes[0][j], axes[1][j]):
                 ax.set_xlabel(xlabel)
                 ax.set_xscale("log")
-                ax.set_yscale("symlog" if ax is axes[1][j] else "log")
+                ax.set_xticks(xs_all, [str(x) for x in xs_all])
+                ax.minorticks_off()
                 ax.grid(True, alpha=0.3)
-            axes[0][j].legend(fontsize=7)
+            axes[0][j].set_yscale("log")
+            # symlog: 0 MiB (our in-place rows) and 1500 MiB (eager) on one readable axis
+            axes[1][j].set_yscale("symlog", linthresh=1.0)
+            axes[1][j].set_ylim(0, 2 * mem_max)
+            if axes[0][j].get_legend_handles_labels()[0]:
+                axes[0][j].legend(fontsize=7)
         fig.suptitle(f"{meta['device']} — {meta['dtype']}", fontsize=9)
         fig.tight_layout()
         path = out / name
