@@ -44,13 +44,19 @@ def vocab_shard(n_cols: int, process_group: Any) -> tuple[int, int]:
     return rank * n_cols, world * n_cols
 
 
+def _all_gather_single(out: Tensor, mine: Tensor, group: Any) -> None:
+    """``all_gather_single`` where torch has it (2.13 deprecates ``all_gather_into_tensor``), else the old name."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, mine, group=group)
+
+
 def combine_vocab_partials(lse: Tensor, target: Tensor, n_cols: int, process_group: Any) -> tuple[Tensor, Tensor]:
     """The global ``(lse, target)`` from every rank's partials: one all_gather of 2N+1 floats."""
     world, _ = group_size_rank(process_group)
     n = lse.shape[0]
     mine = torch.cat([lse, target, lse.new_full((1,), float(n_cols))])
     everyone = mine.new_empty(world * (2 * n + 1))
-    dist.all_gather_into_tensor(everyone, mine, group=process_group)
+    _all_gather_single(everyone, mine, process_group)
     everyone = everyone.view(world, 2 * n + 1)
     check_values(
         (everyone[:, -1] == float(n_cols)).all(),

@@ -5,6 +5,8 @@ Sections (``--sections``, default all):
 ``ce``      logits in (:mod:`steerlm_kernels.bench`): baseline / train / in-place phases.
 ``linear``  hidden states in (:mod:`steerlm_kernels.bench_linear`): the fused linear losses.
 ``group``   SteerLM 2.0's per-prompt ops (:mod:`steerlm_kernels.bench_group`).
+``dist``    vocabulary-parallel cross entropy on tp = 2 and 4 gloo processes: collectives and bytes
+            communicated per call, ours against megatron-core's (:mod:`steerlm_kernels.bench_dist`).
 ``peers``   Liger-Kernel and Cut Cross-Entropy against our values (:mod:`steerlm_kernels.peers`).
             On CPU the peers run only under the Triton interpreter, in a subprocess with
             ``TRITON_INTERPRET=1``: correctness only, never speed. On CUDA they are also timed in
@@ -44,10 +46,10 @@ from typing import Any
 import torch
 
 import steerlm_kernels as sk
-from steerlm_kernels import _dispatch, bench, bench_group, bench_linear
+from steerlm_kernels import _dispatch, bench, bench_dist, bench_group, bench_linear
 from steerlm_kernels.bench import MIB, Row, _fmt, _fmt_err
 
-SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "peers")
+SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers")
 CPU = {
     "n": 2048, "v": 32000, "s": 512, "ns": [1024, 2048, 4096], "vs": [8192, 32000, 65536], "repeats": 5,
     "grid_repeats": 3, "warmup": 1, "grid": "cross",
@@ -570,7 +572,8 @@ def _peers_table(peers_result: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def render(meta: dict[str, Any], rows: list[Row], peers_result: dict[str, Any] | None) -> str:
+def render(meta: dict[str, Any], rows: list[Row], peers_result: dict[str, Any] | None,
+           dist_result: dict[str, Any] | None = None) -> str:
     """Header + one table per section, ready to paste into benchmarks/RESULTS.md."""
     load = meta.get("load_average")
     lines = [
@@ -582,7 +585,7 @@ def render(meta: dict[str, Any], rows: list[Row], peers_result: dict[str, Any] |
         + (f"{meta['memory_method_check_mib_of_256']:.1f} MiB." if meta["memory_method_check_mib_of_256"] else "n/a."),
     ]
     for part in (_ce_tables(rows, meta), _linear_table(rows, meta), _group_table(rows, meta),
-                 _peers_table(peers_result)):
+                 bench_dist.markdown(dist_result) if dist_result is not None else [], _peers_table(peers_result)):
         if part:
             lines += [""] + part
     if meta["skipped"]:
@@ -686,6 +689,14 @@ def benchmark(
         run_linear(ses, grid=False)
     if "group" in cfg.sections:
         run_group(ses)
+    dist_result = None
+    if "dist" in cfg.sections and not ses.out_of_time("dist"):
+        tps, s_, b_ = ((2,), 32, 2) if cfg.quick else ((2, 4), 512, 4)
+        log(f"dist: vocabulary-parallel cross entropy on tp={tps} gloo processes, N={s_ * b_}, V={cfg.v}")
+        try:
+            dist_result = bench_dist.run_dist(tps=tps, s=s_, b=b_, v=cfg.v - cfg.v % 4, repeats=cfg.repeats)
+        except Exception as exc:
+            dist_result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
     peers_result = run_peers(cfg, log) if "peers" in cfg.sections and not ses.out_of_time("peers") else None
     if "ce" in cfg.sections:
         run_ce(ses, grid=True)
@@ -693,8 +704,8 @@ def benchmark(
         run_linear(ses, grid=True)
     meta["load_average_after"] = bench._load_average()
     meta["elapsed_s"] = time.perf_counter() - started
-    return {"meta": meta, "rows": [asdict(r) for r in rows], "peers": peers_result,
-            "table": render(meta, rows, peers_result), "_rows": rows}
+    return {"meta": meta, "rows": [asdict(r) for r in rows], "peers": peers_result, "dist": dist_result,
+            "table": render(meta, rows, peers_result, dist_result), "_rows": rows}
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -722,7 +733,11 @@ def run(ns: argparse.Namespace) -> int:
     loud = [r for r in rows if r.error or r.agrees is False]
     bad = [r for r in loud if r.ours]
     peer_bad = [p for p in ((result.get("peers") or {}).get("rows") or []) if not p.get("agrees")]
-    if loud or peer_bad:
+    dist_res = result.get("dist") or {}
+    dist_bad = ([dist_res["error"]] if dist_res.get("error") else []) + [
+        f"tp={r['tp']} {r['impl']}: loss rel err vs megatron {r['loss_rel_err_vs_megatron']:.1e}"
+        for r in dist_res.get("rows") or [] if (r.get("loss_rel_err_vs_megatron") or 0.0) > 1e-5]
+    if loud or peer_bad or dist_bad:
         print()
         print("!" * 78)
         for r in loud:
@@ -732,10 +747,12 @@ def run(ns: argparse.Namespace) -> int:
             print(f"!! {r.section} / {r.phase} / {r.title}: {what}")
         for p in peer_bad:
             print(f"!! peers / {p.get('peer')} / {p.get('op')}: disagrees with ours ({p.get('error') or ''})")
+        for what in dist_bad:
+            print(f"!! dist: {what}")
         print("!" * 78)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        payload = {"meta": result["meta"], "rows": result["rows"], "peers": result["peers"]}
+        payload = {"meta": result["meta"], "rows": result["rows"], "peers": result["peers"], "dist": result["dist"]}
         (out / "bench.json").write_text(json.dumps(payload, indent=2))
         (out / "bench.md").write_text(result["table"] + "\n")
         plots = write_plots(rows, result["meta"], out) if cfg.plots else []
@@ -743,7 +760,7 @@ def run(ns: argparse.Namespace) -> int:
             partial.unlink()
         print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}"
               + "".join(f", {p}" for p in plots) + f" ({result['meta']['elapsed_s']:.0f} s)")
-    return 1 if (bad or peer_bad) else 0
+    return 1 if (bad or peer_bad or dist_bad) else 0
 
 
 __all__ = ["MIB", "SECTIONS", "add_arguments", "benchmark", "render", "resolve_config", "run", "write_plots"]
