@@ -35,27 +35,16 @@ from torch import Tensor, nn
 
 import steerlm_kernels as sk
 from steerlm_kernels.data import LOG_Q, ByteTokenizer, SteerLM2Dataset, sample_data_path
+from steerlm_kernels.model import avg_num_valid_tokens_in_ub
 
 MAX_LEN = 256
 
 
 def group_normalizer(loss_mask: Tensor, num_responses: Tensor, num_microbatches: int = 1) -> Tensor:
     """NeMo's normalizer ``avg_num_valid_tokens_in_ub`` ``[B]``: per response, the mean number of
-    loss tokens over its prompt group, times ``num_groups / num_microbatches`` (groups are
-    consecutive; ``num_responses[i]`` is the size of item ``i``'s group). Same as
-    :meth:`steerlm_kernels.GPTSteerLMModel.avg_num_valid_tokens_in_ub`."""
-    sizes: list[int] = []
-    i = 0
-    per_item = num_responses.tolist()
-    while i < len(per_item):  # the first item of each group says how many items the group has
-        sizes.append(int(per_item[i]))
-        i += sizes[-1]
-    sizes_t = torch.tensor(sizes, device=loss_mask.device)
-    group_id = torch.repeat_interleave(torch.arange(len(sizes), device=loss_mask.device), sizes_t)
-    tokens = loss_mask.float().sum(dim=-1)
-    mean_tokens = torch.zeros(len(sizes), device=loss_mask.device).index_add_(0, group_id, tokens) / sizes_t
-    mean_tokens = mean_tokens.clamp_min(1.0)  # an all-masked group has NLL 0: any positive value will do
-    return mean_tokens[group_id] * (len(sizes) / num_microbatches)
+    loss tokens over its prompt group, times ``num_groups / num_microbatches``; the package's own
+    (:func:`steerlm_kernels.model.avg_num_valid_tokens_in_ub`, also used by ``GPTSteerLMModel``)."""
+    return avg_num_valid_tokens_in_ub(loss_mask, num_responses, num_microbatches)
 
 
 class SteerLMTrainer(transformers.Trainer):

@@ -198,6 +198,29 @@ def _split(batch: Mapping[str, Any], size: int) -> list[dict[str, Any]]:
     return chunks
 
 
+def avg_num_valid_tokens_in_ub(loss_mask: Tensor, num_responses: Tensor | int, num_microbatches: int = 1,
+                               cp_group: Any = None) -> Tensor:
+    """NeMo's normalizer ``[B]`` float32: per item, the mean number of loss-masked tokens
+    (``loss_mask.sum(-1)``) over its group, divided by ``num_microbatches / num_groups``.
+
+    ``num_responses``: any of :func:`steerlm_kernels.steerlm2_weights`' three forms (NeMo's per-item
+    form included). With ``cp_group`` the token counts of the rank's sequence slices are summed over
+    the group (one all-reduce of ``[B]`` floats), so the normalizer equals the single-process one.
+    Groups whose responses are all fully masked get 1 (their NLL, hence their loss, is 0).
+    Public so that custom trainers (``python/`` examples) use the same normalizer as the wrapper.
+    """
+    b = loss_mask.shape[0]
+    cu, _ = v.group_offsets(num_responses, b, loss_mask.device, "num_responses", per_item=True)
+    sizes = cu.diff()
+    group_id = torch.repeat_interleave(torch.arange(sizes.numel(), device=loss_mask.device), sizes)
+    tokens = loss_mask.float().sum(dim=-1)
+    if cp_group is not None:
+        torch.distributed.all_reduce(tokens, group=cp_group)
+    mean_tokens = torch.zeros(sizes.numel(), device=loss_mask.device).index_add_(0, group_id, tokens) / sizes
+    mean_tokens = torch.where(mean_tokens == 0, torch.ones_like(mean_tokens), mean_tokens)
+    return mean_tokens[group_id] * (sizes.numel() / num_microbatches)
+
+
 class GPTSteerLMModel(nn.Module):
     """SteerLM 2.0 wrapper of a causal LM, with NeMo-Aligner's method names.
 
@@ -466,23 +489,9 @@ class GPTSteerLMModel(nn.Module):
 
     def avg_num_valid_tokens_in_ub(self, loss_mask: Tensor, num_responses: Tensor | int,
                                    num_microbatches: int) -> Tensor:
-        """NeMo's normalizer ``[B]`` float32: per item, the mean number of loss-masked tokens
-        (``loss_mask.sum(-1)``) over its group, divided by ``num_microbatches / num_groups``.
-
-        With ``cp_group`` the token counts of the rank's sequence slices are summed over the group
-        (one all-reduce of ``[B]`` floats), so the normalizer equals the single-process one.
-        Groups whose responses are all fully masked get 1 (their NLL, hence their loss, is 0).
-        """
-        b = loss_mask.shape[0]
-        cu, _ = v.group_offsets(num_responses, b, loss_mask.device, "num_responses", per_item=True)
-        sizes = cu.diff()
-        group_id = torch.repeat_interleave(torch.arange(sizes.numel(), device=loss_mask.device), sizes)
-        tokens = loss_mask.float().sum(dim=-1)
-        if self.cp_group is not None:
-            torch.distributed.all_reduce(tokens, group=self.cp_group)
-        mean_tokens = torch.zeros(sizes.numel(), device=loss_mask.device).index_add_(0, group_id, tokens) / sizes
-        mean_tokens = torch.where(mean_tokens == 0, torch.ones_like(mean_tokens), mean_tokens)
-        return mean_tokens[group_id] * (sizes.numel() / num_microbatches)
+        """NeMo's normalizer ``[B]`` float32: :func:`avg_num_valid_tokens_in_ub` with this
+        wrapper's ``cp_group``."""
+        return avg_num_valid_tokens_in_ub(loss_mask, num_responses, num_microbatches, cp_group=self.cp_group)
 
     def _dp_average(self, values: Tensor) -> Tensor:
         """Average ``values`` over the data-parallel group (one all-reduce), if distributed."""

@@ -120,16 +120,24 @@ def test_plain_loop_step_matches_float64_reference():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
-def test_group_normalizer_matches_the_model_wrapper():
-    batch = sample_batch([5, 1, 2, 9])
+def test_group_normalizer_is_nemos_closed_form():
+    """The examples' normalizer is the package's; check it against NeMo's formula computed by hand,
+    with a group whose mean is below one token and an all-masked group (which gets 1)."""
+    from steerlm_kernels.model import avg_num_valid_tokens_in_ub
+
+    loss_mask = torch.zeros(6, 4)
+    loss_mask[0, :3] = 1  # group 0 = items 0..2: 3, 0, 2 tokens -> mean 5/3
+    loss_mask[2, :2] = 1
+    loss_mask[4, :1] = 1  # group 1 = items 3, 4: 0, 1 tokens -> mean 0.5
+    # group 2 = item 5: no tokens -> 1
+    per_item = torch.tensor([3, 3, 3, 2, 2, 1])
+    expected = torch.tensor([5 / 3] * 3 + [0.5] * 2 + [1.0]) * (3 / 2)  # 3 groups, 2 micro-batches
+    torch.testing.assert_close(avg_num_valid_tokens_in_ub(loss_mask, per_item, 2), expected)
+    got = load_example("example_plain_loop").group_normalizer(loss_mask, per_item, 2)
+    torch.testing.assert_close(got, expected)
     wrapper = sk.GPTSteerLMModel(torch.nn.Linear(1, 1), {"steerlm2": {"forward_micro_batch_size": 1,
                                                                        "micro_batch_size": 1}})
-    expected = wrapper.avg_num_valid_tokens_in_ub(batch["loss_mask"], batch["num_responses"], 1)
-    got = load_example("example_plain_loop").group_normalizer(batch["loss_mask"], batch["num_responses"])
-    torch.testing.assert_close(got, expected)
-    if all(importlib.util.find_spec(m) is not None for m in ("transformers", "accelerate")):
-        got = load_example("example_hf_trainer").group_normalizer(batch["loss_mask"], batch["num_responses"])
-        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(wrapper.avg_num_valid_tokens_in_ub(loss_mask, per_item, 2), expected)
 
 
 # ------------------------------------------------------------------------------------------------
