@@ -8,6 +8,7 @@ all-reduces) and never modifies the logits (Megatron subtracts the max in place 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import Tensor
@@ -18,10 +19,12 @@ _FROM_MEGATRON = object()
 
 
 def tensor_parallel_group() -> Any:
-    """megatron-core's tensor-parallel group when initialised with more than one rank, else None."""
-    try:
-        from megatron.core import parallel_state
-    except ImportError:
+    """megatron-core's tensor-parallel group when initialised with more than one rank, else None.
+
+    megatron-core is never imported here: if the caller has not imported its ``parallel_state``,
+    it cannot have been initialised (and importing megatron-core is slow and noisy)."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is None:
         return None
     if not parallel_state.model_parallel_is_initialized():
         return None
