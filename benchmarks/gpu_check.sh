@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-command GPU validation (`make gpu-check`), meant to finish in under 9 minutes on one H100/H200:
-#   1. `make install` (the venv sees the system's site-packages, so the machine's CUDA torch is kept);
-#      when that fails (e.g. no network for the test extras) it falls back to an editable install
-#      without dependencies and goes on (tests need pytest importable; a warning is printed at the end).
+#   1. install: when the machine's python3 (GPU_CHECK_PYTHON) already has a CUDA torch, an editable
+#      install into it without dependencies (GPU images ship torch, triton, pytest, hypothesis,
+#      transformers; nothing is downloaded); otherwise `make install` (.venv seeing the system's
+#      site-packages), falling back to an editable install without dependencies.
 #      Wheels in .whl/ (`make gpu-wheels` on a machine with network: the peers Liger-Kernel and Cut
 #      Cross-Entropy) are installed from there without an index, for machines that cannot download;
 #   2. the test suite on CUDA tensors (STEERLM_TEST_DEVICE=cuda: Triton compiled, not interpreted);
@@ -27,7 +28,21 @@ install_note=""
 stamp() { echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
 stamp "1/3 install"
-if ! make install 2>&1 | tee "$OUT_DIR/install.log"; then
+SYS_PY="${GPU_CHECK_PYTHON:-python3}"
+if "$SYS_PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    # The machine's python already has a CUDA torch. Use it directly: on images where that python
+    # is itself a virtual environment, a `--system-site-packages` .venv would see the BASE
+    # interpreter's packages, not that torch, and `make install` would try to download one.
+    PY="$SYS_PY"
+    echo "using $("$PY" -c 'import sys, torch; print(sys.executable, "torch", torch.__version__)')" \
+        | tee "$OUT_DIR/install.log"
+    if ! "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee -a "$OUT_DIR/install.log"; then
+        echo "editable install failed; building the extension in place instead" | tee -a "$OUT_DIR/install.log"
+        "$PY" setup.py build_ext --inplace 2>&1 | tee -a "$OUT_DIR/install.log" || echo "WARNING: no extension"
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+        install_note=" (WARNING: editable install failed, used build_ext --inplace; see install.log)"
+    fi
+elif ! make install 2>&1 | tee "$OUT_DIR/install.log"; then
     echo "make install failed; falling back to an editable install without dependencies" | tee -a "$OUT_DIR/install.log"
     test -x "$PY" || python3 -m venv --system-site-packages .venv
     if ! "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee -a "$OUT_DIR/install.log"; then
