@@ -506,7 +506,9 @@ class GPTSteerLMModel(nn.Module):
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
         return values / world
 
-    def get_loss_and_metrics(self, batch: Mapping[str, Any], forward_only: bool) -> tuple[float, dict[str, float]]:
+    def get_loss_and_metrics(
+        self, batch: Mapping[str, Any], forward_only: bool = False
+    ) -> tuple[float, dict[str, float]]:
         """One SteerLM 2.0 step on ``batch``: phase 1 (baseline weights), then phase 2.
 
         Unless ``forward_only``, the gradient of the objective is *accumulated* into the
