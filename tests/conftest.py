@@ -9,6 +9,7 @@ at the top of the first module pytest imports.
 from __future__ import annotations
 
 import os
+import zlib
 
 DEVICE = os.environ.get("STEERLM_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -56,5 +57,8 @@ def dtype(request) -> torch.dtype:
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # A different, reproducible seed per test: fresh inputs for each check.
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    # A different seed per test (fresh inputs for each check), reproducible across runs (crc32, not
+    # Python's per-process randomised hash): a failure seen in CI can be replayed. Set
+    # STEERLM_TEST_SEED to draw another set of inputs for every test.
+    extra = int(os.environ.get("STEERLM_TEST_SEED", "0"))
+    torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) + extra * 1_000_003) % (2**31))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -43,10 +45,20 @@ def tolerances(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 1e-5, "atol": 1e-5}
 
 
-def grad_tolerances(dtype: torch.dtype) -> dict[str, float]:
-    """Gradients are rounded once to the logits' dtype (the interpreter truncates bf16: 1 ulp)."""
+def grad_tolerances(dtype: torch.dtype, logits: torch.Tensor | None = None, coef_max: float = 1.0) -> dict[str, float]:
+    """Gradients are rounded once to the logits' dtype (the interpreter truncates bf16: 1 ulp).
+
+    float32 with ``logits`` given: any float32 implementation forms ``exp(x - lse)`` from a float32
+    log-sum-exp, whose rounding (half an ulp of |lse|) is an ABSOLUTE error of every softmax value;
+    where the label's probability is near 1, ``p - 1`` is tiny and that error exceeds rtol. Allow
+    ``2**-23 * (max|x| + log V) * coef_max`` absolute (``coef_max`` bounds |d loss / d nll| per
+    token), which is what the float64 reference cannot see; measured errors sit 3-6x below it."""
     if dtype == torch.float32:
-        return {"rtol": 1e-5, "atol": 1e-7}
+        atol = 1e-7
+        if logits is not None and logits.numel():
+            m = float(logits.detach().abs().max()) + math.log(max(logits.shape[-1], 1))
+            atol = max(atol, 2.0**-23 * m * coef_max)
+        return {"rtol": 1e-5, "atol": atol}
     if dtype == torch.float16:
         return {"rtol": 2e-3, "atol": 1e-6}
     return {"rtol": 1.6e-2, "atol": 1e-5}

@@ -17,10 +17,15 @@ def _impl(backend: str):
     return _dispatch.get(backend)
 
 
-def _float64_grad(logits: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, vocab_start: int) -> torch.Tensor:
-    """(softmax - onehot) * coef in float64 for a shard; ignored rows 0."""
+def _float64_grad(logits: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, vocab_start: int,
+                  lse: torch.Tensor | None = None) -> torch.Tensor:
+    """(softmax - onehot) * coef in float64 for a shard; ignored rows 0.
+
+    ``lse``: the float32 log-sum-exp handed to the backward kernel, when given: its contract is
+    ``exp(x - lse)``, so the expectation uses that value (its float32 rounding, up to half an ulp
+    of |lse|, is an absolute error of the softmax that is the caller's, not the kernel's)."""
     x = logits.double()
-    p = torch.softmax(x, dim=1)
+    p = torch.softmax(x, dim=1) if lse is None else torch.exp(x - lse.double().cpu()[:, None])
     local = labels.long() - vocab_start
     hit = (local >= 0) & (local < x.shape[1]) & (labels != IGNORE)
     p[hit.nonzero().squeeze(1), local[hit]] -= 1.0
@@ -56,7 +61,7 @@ def test_backward_contract_poisoned(backend, dtype, device, v, inplace):
     coef[5] = 0.0  # a dead row (masked token): written as zeros
     x64 = logits.double().cpu()
     lse = torch.logsumexp(x64, 1).float().to(device)
-    expected = _float64_grad(x64, labels.cpu(), coef.cpu(), 0)
+    expected = _float64_grad(x64, labels.cpu(), coef.cpu(), 0, lse=lse)
     if inplace:
         out = logits.clone()
         logits_in = out
@@ -100,7 +105,7 @@ def test_vocabulary_shards_combine_to_full_row(backend, device, shards):
         out = torch.empty(n, b - a, device=device)
         _impl(backend).ce_backward(logits[:, a:b].contiguous(), labels, lse, coef, a, IGNORE, out)
         grads.append(out)
-    expected = _float64_grad(logits.cpu(), labels.cpu(), coef.cpu(), 0)
+    expected = _float64_grad(logits.cpu(), labels.cpu(), coef.cpu(), 0, lse=lse)
     torch.testing.assert_close(torch.cat(grads, 1).double().cpu(), expected, rtol=1e-5, atol=1e-7)
 
 
