@@ -174,7 +174,7 @@ def group_offsets(
             raise ValueError(f"{name} must be positive, got {sizes}")
         if total % sizes:
             raise ValueError(f"{name}={sizes} does not divide the batch of {total}")
-        group_list = [sizes] * (total // sizes)
+        groups = torch.full((total // sizes,), sizes, dtype=torch.int64)
     else:
         sizes = check_tensor(name, sizes)
         if sizes.dtype.is_floating_point or sizes.dtype.is_complex or sizes.dtype == torch.bool:
@@ -201,12 +201,9 @@ def group_offsets(
             groups = torch.repeat_interleave(run_values, run_lengths // run_values)
         else:
             raise ValueError(f"{name} sums to {int(values.sum())} but the batch has {total} items")
-        cu = torch.zeros(groups.numel() + 1, dtype=torch.int64)
-        torch.cumsum(groups, 0, out=cu[1:])
-        return cu.to(device), max(int(groups.max()) if groups.numel() else 1, 1)
-    cu = torch.zeros(len(group_list) + 1, dtype=torch.int64)
-    cu[1:] = torch.tensor(group_list, dtype=torch.int64).cumsum(0) if group_list else cu[1:]
-    return cu.to(device), max(group_list, default=1)
+    cu = torch.zeros(groups.numel() + 1, dtype=torch.int64)
+    torch.cumsum(groups, 0, out=cu[1:])
+    return cu.to(device), max(int(groups.max()) if groups.numel() else 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------
