@@ -588,7 +588,7 @@ def eager_reference(w: Workload, phase: str) -> dict[str, Tensor]:
     """Eager PyTorch's outputs for ``phase``: ``{"value": ...}`` (+ ``"grad"`` when training)."""
     prepare, call = phase_fns(_eager_impl(), "train" if phase == "inplace" else phase, w)  # type: ignore[misc]
     out = call(prepare())
-    return {"value": out} if phase == "baseline" else {"value": out[0], "grad": out[1]}
+    return {"value": out} if phase == "baseline" else {"value": out[0], "grads": out[1:]}
 
 
 def measure(
@@ -626,6 +626,34 @@ def measure(
     return row
 
 
+def check_outputs(row: Row, first: Any, reference: dict[str, Any], value_tol: float, grad_tol: float) -> None:
+    """Fill ``row``'s errors and verdict from one call's output ``first``: the value (no-grad phases)
+    or ``(value, *grads)``, against ``reference`` (``"value"`` and, when training, ``"grads"`` in
+    the same order; the gradient error is the worst of them)."""
+    if "grads" not in reference:
+        row.value_rel_err = _rel_err(first, reference["value"])
+    else:
+        row.value = first[0].item()
+        row.value_rel_err = _rel_err(first[0], reference["value"])
+        row.grad_rel_err = max(_grad_rel_err(g, r) for g, r in zip(first[1:], reference["grads"], strict=True))
+    errs = [(row.value_rel_err, value_tol)] + ([(row.grad_rel_err, grad_tol)] if row.grad_rel_err is not None else [])
+    row.agrees = all(math.isfinite(e) and e <= t for e, t in errs)
+
+
+def fill_speedups(rows: list[Row], key: Callable[[Row], Any],
+                  refs: tuple[tuple[str, str], ...] = (("eager", "vs_eager"), ("compile", "vs_compile"))) -> None:
+    """``row.<attr> = median of the row with the same key(row) and impl ``name`` / row's median``
+    for each ``(name, attr)`` of ``refs`` (> 1 means faster than that comparator)."""
+    by = {(key(r), r.impl): r for r in rows}
+    for r in rows:
+        if r.median_ms is None:
+            continue
+        for name, attr in refs:
+            ref = by.get((key(r), name))
+            if ref is not None and ref.median_ms:
+                setattr(r, attr, ref.median_ms / r.median_ms)
+
+
 def run_case(
     impl: Impl, phase: str, w: Workload, timer: Timer, repeats: int, warmup: int,
     reference: dict[str, Tensor] | None,
@@ -641,18 +669,8 @@ def run_case(
     prepare, call = fns
 
     def check(first: Any) -> None:
-        if reference is None:
-            return
-        if phase == "baseline":
-            row.value_rel_err = _rel_err(first, reference["value"])
-        else:
-            row.value = first[0].item()
-            row.value_rel_err = _rel_err(first[0], reference["value"])
-            row.grad_rel_err = _grad_rel_err(first[1], reference["grad"])
-        checks = [(row.value_rel_err, VALUE_TOL)]
-        if row.grad_rel_err is not None:
-            checks.append((row.grad_rel_err, GRAD_TOL.get(w.logits.dtype, 1e-2)))
-        row.agrees = all(math.isfinite(e) and e <= tol for e, tol in checks)
+        if reference is not None:
+            check_outputs(row, first, reference, VALUE_TOL, GRAD_TOL.get(w.logits.dtype, 1e-2))
 
     return measure(row, prepare, call, w.logits.device, timer, repeats, warmup, check, impl.warmup_extra)
 
@@ -718,16 +736,12 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def _fill_ratios(rows: list[Row], w: Workload, bw: dict[str, float]) -> None:
-    by = {(r.phase, r.impl): r for r in rows}
+    # the in-place phase is compared with the comparators' train rows (they have no in-place mode)
+    fill_speedups(rows, key=lambda r: "train" if r.phase == "inplace" else r.phase)
     nbytes_elem = w.n * w.v
     for r in rows:
         if r.median_ms is None:
             continue
-        ref_phase = "train" if r.phase == "inplace" else r.phase
-        for key, attr in (("eager", "vs_eager"), ("compile", "vs_compile")):
-            ref = by.get((ref_phase, key))
-            if ref is not None and ref.median_ms:
-                setattr(r, attr, ref.median_ms / r.median_ms)
         r.gbps = nbytes_elem * r.bytes_per_elem / (r.median_ms * 1e-3) / 1e9
         if bw.get("read"):
             r.frac_read = r.gbps / bw["read"]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import steerlm_kernels as sk
 from steerlm_kernels import _dispatch
-from steerlm_kernels.bench import IMPL_TITLES, Row, Timer, _rel_err, measure
+from steerlm_kernels.bench import IMPL_TITLES, Row, Timer, _rel_err, fill_speedups, measure
 
 OPS: tuple[str, ...] = ("steerlm2_weights", "segment_softmax")
 #: float32 values read + written per response.
@@ -166,15 +166,12 @@ def copy_bandwidth(w: GroupWorkload, timer: Timer, repeats: int) -> float:
 
 def fill_group_ratios(rows: list[Row], copy_gbps: dict[tuple[int, int], float]) -> None:
     """GB/s of the bytes model, fraction of the copy bandwidth, ratios to eager and compile."""
-    by = {(r.n, r.v, r.phase, r.impl): r for r in rows if r.section == "group"}
-    for r in rows:
-        if r.section != "group" or r.median_ms is None:
+    grp = [r for r in rows if r.section == "group"]
+    fill_speedups(grp, key=lambda r: (r.n, r.v, r.phase))
+    for r in grp:
+        if r.median_ms is None:
             continue
         r.gbps = r.n * r.bytes_per_elem / (r.median_ms * 1e-3) / 1e9
         bw = copy_gbps.get((r.n, r.v))
         if bw:
             r.frac_copy = r.gbps / bw
-        for name, attr in (("eager", "vs_eager"), ("compile", "vs_compile")):
-            ref = by.get((r.n, r.v, r.phase, name))
-            if ref is not None and ref.median_ms:
-                setattr(r, attr, ref.median_ms / r.median_ms)

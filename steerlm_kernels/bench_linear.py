@@ -40,11 +40,12 @@ from steerlm_kernels.bench import (
     VALUE_TOL,
     Row,
     Timer,
-    _grad_rel_err,
     _random_fill,
-    _rel_err,
+    check_outputs,
+    fill_speedups,
     make_batch,
     measure,
+    naive_sequence_nll,
 )
 
 PHASES: tuple[str, ...] = ("baseline", "train")
@@ -111,10 +112,8 @@ def _weighted(seq: Tensor, w: LinearWorkload) -> Tensor:
 
 
 def eager_sequence_nll(hidden: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
-    """The naive user code: full logits, float32 cross entropy, mask, per-sequence sum."""
-    logits = F.linear(hidden, weight).float()
-    tok = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), reduction="none")
-    return (tok.view(labels.shape) * loss_mask).sum(-1)
+    """The naive user code: full logits, then the logits-in section's naive per-sequence NLL."""
+    return naive_sequence_nll(F.linear(hidden, weight), labels, loss_mask)
 
 
 @dataclass
@@ -244,7 +243,7 @@ def linear_reference(w: LinearWorkload, phase: str) -> dict[str, Tensor] | None:
             impl = build_linear_impl(name, w.hidden.device)
             prepare, call = _phase_fns(impl, w, phase)
             out = call(prepare())
-            return {"value": out} if phase == "baseline" else {"value": out[0], "grad_h": out[1], "grad_w": out[2]}
+            return {"value": out} if phase == "baseline" else {"value": out[0], "grads": out[1:]}
         except (torch.OutOfMemoryError, RuntimeError):
             if w.hidden.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -264,19 +263,10 @@ def run_linear_case(
     def check(first: Any) -> None:
         if reference is None or impl.seq_nll is None:
             return
-        if phase == "baseline":
-            row.value_rel_err = _rel_err(first, reference["value"])
-        else:
-            row.value = first[0].item()
-            row.value_rel_err = _rel_err(first[0], reference["value"])
-            row.grad_rel_err = max(_grad_rel_err(first[1], reference["grad_h"]),
-                                   _grad_rel_err(first[2], reference["grad_w"]))
         tol = GRAD_TOL.get(w.hidden.dtype, 1e-2)
         # The logits are rounded to the input dtype by every implementation that forms them in it:
         # values agree to the dtype's precision, not to VALUE_TOL, for bf16 / fp16 inputs.
-        value_tol = VALUE_TOL if w.hidden.dtype == torch.float32 else tol
-        errs = [(row.value_rel_err, value_tol)] + ([(row.grad_rel_err, tol)] if row.grad_rel_err is not None else [])
-        row.agrees = all(e == e and e <= t for e, t in errs)
+        check_outputs(row, first, reference, VALUE_TOL if w.hidden.dtype == torch.float32 else tol, tol)
 
     return measure(row, prepare, call, w.hidden.device, timer, repeats, warmup, check, impl.warmup_extra)
 
@@ -286,9 +276,11 @@ def fill_linear_ratios(rows: list[Row]) -> None:
     def key(r: Row) -> tuple[int, int, int, str, str]:
         return (r.n, r.v, r.h, r.dtype, r.phase)
 
-    by = {(key(r), r.impl): r for r in rows if r.section == "linear"}
-    for r in rows:
-        if r.section != "linear" or r.median_ms is None or r.flops is None:
+    lin = [r for r in rows if r.section == "linear"]
+    fill_speedups(lin, key, (("eager", "vs_eager"), ("compile", "vs_compile"), ("lce", "vs_lce")))
+    by = {(key(r), r.impl): r for r in lin}
+    for r in lin:
+        if r.median_ms is None or r.flops is None:
             continue
         r.tflops = r.flops / (r.median_ms * 1e-3) / 1e12
         floor = by.get((key(r), "matmuls"))
@@ -296,7 +288,3 @@ def fill_linear_ratios(rows: list[Row]) -> None:
             rate = floor.flops / (floor.median_ms * 1e-3) / 1e12  # type: ignore[operator]
             r.frac_matmul = r.tflops / rate
             r.vs_floor = r.median_ms / floor.median_ms
-        for name, attr in (("eager", "vs_eager"), ("compile", "vs_compile"), ("lce", "vs_lce")):
-            ref = by.get((key(r), name))
-            if ref is not None and ref.median_ms:
-                setattr(r, attr, ref.median_ms / r.median_ms)
