@@ -106,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(bench.DTYPES), help="input dtype (default bf16)")
     parser.add_argument("--linear-dtype", default=None, choices=sorted(bench.DTYPES),
                         help="fused linear's dtype (default: --dtype on CUDA; fp32 on CPU, where this torch's bf16 "
-                             "GEMMs run 5-100x slower than fp32 ones and the bf16 comparators would take minutes)")
+                             "GEMMs run 4.5-160x slower than fp32 ones (benchmarks/cpu_gemm_dtypes.py) and the "
+                             "bf16 comparators would take minutes)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case at the main shape")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs per case before timing")
