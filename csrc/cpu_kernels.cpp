@@ -134,67 +134,6 @@ inline Vec vexp(const Vec& xv) {
 inline Vec vexp(const Vec& x) { return x.exp(); }
 #endif
 
-// log(x) lane-wise, inlined (Sleef's logf costs a call and ~3x the instructions): Cephes' logf,
-// ~1 ulp. x = m * 2^e with m in [sqrt(1/2), sqrt(2)), a degree-8 polynomial in m - 1, and e*ln2
-// added in two parts (exact reduction). Fast path for positive normal finite lanes only: a
-// vector with any other lane (0, denormal, negative, inf, NaN) takes ATen's log instead, whose
-// special values are PyTorch's. AVX2 code; AVX-512 runs it on each 256-bit half.
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-constexpr float kSqrtHalf = 0.707106781186547524f;
-constexpr float kL0 = 7.0376836292e-2f, kL1 = -1.1514610310e-1f, kL2 = 1.1676998740e-1f;
-constexpr float kL3 = -1.2420140846e-1f, kL4 = 1.4249322787e-1f, kL5 = -1.6668057665e-1f;
-constexpr float kL6 = 2.0000714765e-1f, kL7 = -2.4999993993e-1f, kL8 = 3.3333331174e-1f;
-
-// Cephes' logf of 8 positive normal finite floats (other lanes: garbage; see vlog).
-inline __m256 log_normal_avx2(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256i bits = _mm256_castps_si256(x);
-  // x = m * 2^e, m in [0.5, 1): the mantissa under 0.5's exponent, e from the biased exponent
-  __m256 m = _mm256_or_ps(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x007FFFFF))),
-                          _mm256_set1_ps(0.5f));
-  __m256 e = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 23)), _mm256_set1_ps(126.f));
-  // m < sqrt(1/2): use 2m, e - 1 (so m - 1 lies in [-0.29, 0.41])
-  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrtHalf), _CMP_LT_OQ);
-  e = _mm256_sub_ps(e, _mm256_and_ps(one, small));
-  m = _mm256_add_ps(_mm256_sub_ps(m, one), _mm256_and_ps(m, small));
-  const __m256 z = _mm256_mul_ps(m, m);
-  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(kL0), m, _mm256_set1_ps(kL1));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL2));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL3));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL4));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL5));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL6));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL7));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kL8));
-  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Lo), y);
-  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-  return _mm256_fmadd_ps(e, _mm256_set1_ps(kLn2Hi), _mm256_add_ps(m, y));
-}
-
-// All 8 lanes positive, normal and finite (false for NaN).
-inline bool all_normal_avx2(__m256 x) {
-  const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_GE_OQ),
-                                  _mm256_cmp_ps(x, _mm256_set1_ps(-kNegInf), _CMP_LT_OQ));
-  return _mm256_movemask_ps(ok) == 0xFF;
-}
-#endif
-
-inline Vec vlog(const Vec& xv) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = xv;
-  const __m256 lo = _mm512_castps512_ps256(x);
-  const __m256 hi = _mm512_extractf32x8_ps(x, 1);
-  if (!all_normal_avx2(lo) || !all_normal_avx2(hi)) return xv.log();
-  return _mm512_insertf32x8(_mm512_castps256_ps512(log_normal_avx2(lo)), log_normal_avx2(hi), 1);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if (!all_normal_avx2(xv)) return xv.log();
-  return log_normal_avx2(xv);
-#else
-  return xv.log();
-#endif
-}
-
 // Lane-wise max without ATen's NaN bookkeeping (a plain vmaxps): the forward does not need the
 // max to see NaN, because exp(NaN - m) is NaN and poisons the row's sum anyway.
 inline Vec fast_max(const Vec& a, const Vec& b) {
@@ -668,7 +607,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> steerlm2_weights_cpu(
       const Vec p = w + eps;
       b.store(bp + s + i, k);
       (w - b).store(wp + s + i, k);
-      (p * vlog(p / (b + eps))).store(sc.x + i, k);
+      (p * (p / (b + eps)).log()).store(sc.x + i, k);
     });
     // kl[g]: the group's terms summed (an empty group: 0)
     for (int64_t g = ga; g < gb; ++g) {

@@ -4,7 +4,7 @@ Importing this module fails with ``ImportError`` when the extension is not built
 (:mod:`steerlm_kernels._dispatch`) reports that as "cpp: extension not built".
 
 The kernels live in ``csrc/cpu_kernels.cpp`` (OpenMP over rows or groups, ATen
-``Vectorized<float>`` SIMD with inlined exp/log, float32 accumulation, results independent of the
+``Vectorized<float>`` SIMD with an inlined exp, float32 accumulation, results independent of the
 thread count). They validate
 their inputs themselves (``RuntimeError`` on a contract violation); the public API has already
 raised the user-facing ``ValueError``/``TypeError`` before these are reached. The C++ functions
