@@ -564,13 +564,9 @@ def _peers_table(peers_result: dict[str, Any] | None) -> list[str]:
             out.append(f"- `{name}` not checked: {why}")
     if not rows:
         return out + ["No peer installed (`pip install --no-deps liger-kernel cut-cross-entropy`)."]
-    out += ["| peer | op | N | V | H | dtype | value rel err | grad rel err | agrees |", "|" + "---|" * 9]
-    for r in rows:
-        agrees = "yes" if r.get("agrees") else f"**NO** {r.get('error') or ''}"
-        out.append(f"| {r.get('peer')} | {r.get('op')} | {r.get('n')} | {r.get('v')} | {r.get('h') or '–'} "
-                   f"| {r.get('dtype')} | {_fmt_err(r.get('value_rel_err'))} | {_fmt_err(r.get('grad_rel_err'))} "
-                   f"| {agrees} |")
-    return out
+    from steerlm_kernels import peers  # its own table (imports no peer itself)
+
+    return out + [peers.markdown(rows)]
 
 
 def render(meta: dict[str, Any], rows: list[Row], peers_result: dict[str, Any] | None,
