@@ -22,7 +22,7 @@ DEVICE = torch.device(os.environ.get("STEERLM_BENCH_DEVICE", "cuda" if torch.cud
 SHAPES = ([(n, v, h) for n in (4096, 16384) for v in (32000, 128256, 256000) for h in (2304, 4096)]
           if DEVICE.type == "cuda" else [(512, 8192, 128), (1024, 32000, 256)])
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-IMPLS = ("matmuls", "eager", "compile", "lce", "liger", "cce", "torch", "cpp", "triton")
+IMPLS = ("matmuls", "eager", "compile", "lce", "liger", "cce", "torch", "cpp", "triton", "triton-tiles")
 
 _state: dict[str, object] = {}
 

@@ -48,6 +48,9 @@ import torch
 
 BACKENDS: tuple[str, ...] = ("triton", "cpp", "torch")
 ENV_VAR = "STEERLM_KERNELS_BACKEND"
+#: How the fused-linear ops run on the Triton backend: ``chunks`` (default) or ``tiles``.
+LINEAR_ENV_VAR = "STEERLM_KERNELS_LINEAR"
+LINEAR_STRATEGIES: tuple[str, ...] = ("chunks", "tiles")
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,24 @@ def resolve(backend: str, device: torch.device) -> str:
         if _cpp_import_error() is not None:
             raise ValueError(f"{source}='cpp' is unavailable: {_cpp_import_error()}")
     return name
+
+
+def linear_strategy(backend: str) -> str:
+    """How the fused-linear ops (:mod:`steerlm_kernels.ops.linear_cross_entropy`) run on ``backend``.
+
+    ``"chunks"`` (every backend; the default): chunks of rows, ``logits_c = hidden_c @ W.T`` by the
+    library GEMM (cuBLAS on CUDA), then the backend's own cross-entropy kernels on the chunk
+    (in place), then ``grad_hidden_c = g @ W`` and ``grad_W += g.T @ hidden_c`` by GEMM:
+    deterministic, three GEMMs at library speed plus three passes over a ``[chunk, V]`` buffer.
+    ``"tiles"`` (Triton only, ``$STEERLM_KERNELS_LINEAR=tiles``): the Triton tile kernels, which
+    never hold a logits chunk (``O(N)`` extra memory) but multiply with ``tl.dot`` and accumulate
+    the gradients with float32 atomic adds (not bitwise deterministic). Other backends ignore the
+    variable. An unknown value raises ``ValueError``.
+    """
+    value = os.environ.get(LINEAR_ENV_VAR, "").strip() or "chunks"
+    if value not in LINEAR_STRATEGIES:
+        raise ValueError(f"${LINEAR_ENV_VAR} must be one of {LINEAR_STRATEGIES}, got {value!r}")
+    return value if backend == "triton" else "chunks"
 
 
 @functools.cache

@@ -2,28 +2,32 @@
 
 ``linear_sequence_nll(hidden, W, labels, ...)`` equals ``sequence_nll(hidden @ W.T + bias, labels,
 ...)`` and ``linear_weighted_sequence_loss`` equals ``weighted_sequence_loss(hidden @ W.T + bias,
-...)``, but the ``[N, V]`` logits are never held: the Triton kernels keep logits tiles on chip,
-the CPU backends (``cpp``, ``torch``) work on chunks of rows. The math lives in
-:mod:`steerlm_kernels.ops.linear_cross_entropy`; this module validates, dispatches and documents.
+...)``, but the ``[N, V]`` logits are never held: every backend works on chunks of rows (a library
+GEMM for the chunk's logits, the backend's cross-entropy kernels on it in place, two GEMMs for the
+gradients), and the Triton backend can instead keep logits tiles on chip
+(``STEERLM_KERNELS_LINEAR=tiles``, see :func:`steerlm_kernels._dispatch.linear_strategy`). The math
+lives in :mod:`steerlm_kernels.ops.linear_cross_entropy`; this module validates, dispatches and
+documents.
 
 Conventions (beyond those of :mod:`steerlm_kernels.api`):
 
 * ``hidden``: ``[B, S, H]`` or ``[N, H]`` (packed, with ``cu_seqlens``); float32, bfloat16 or
   float16. ``lm_head_weight``: ``[V, H]`` and ``bias``: ``[V]``, of ``hidden``'s dtype and device.
   Inputs are never modified. Inputs whose last dimension is not unit-stride are copied once.
-* Precision: logits are accumulated in float32. On the Triton backend they stay float32; on the
-  CPU backends a bfloat16 input gives bfloat16 logits chunks (bfloat16 GEMM with float32
-  accumulation, as ``hidden @ W.T`` itself) and float16 is computed in float32 (a float32 copy of
-  the weight is made: CPU float16 GEMMs are very slow). The statistics (log-sum-exp, target) and
-  the per-element gradient are float32; ``grad_weight`` is accumulated in float32 across chunks.
+* Precision: logits are accumulated in float32. A bfloat16 / float16 input gives logits chunks of
+  its dtype (a GEMM with float32 accumulation, as ``hidden @ W.T`` itself); on CPU float16 is
+  computed in float32 (a float32 copy of the weight is made: CPU float16 GEMMs are very slow). The
+  Triton tile kernels keep the logits in float32. The statistics (log-sum-exp, target) and the
+  per-element gradient are float32; ``grad_weight`` is accumulated in float32 across chunks.
 * Gradients flow to ``hidden``, ``lm_head_weight`` and ``bias`` (whichever require grad), and to
   float ``loss_mask`` / ``weight`` / ``normalizer`` tensors that require grad.
-* Determinism: forward values are deterministic on every backend; on the Triton backend the
-  gradients are accumulated with float32 atomic adds (run-to-run differences at float32
-  rounding level). The CPU backends are deterministic.
-* ``chunk_size``: rows per logits chunk on the CPU backends (default: ``2**26 // V`` rows, i.e.
-  256 MiB of float32); the peak extra memory is ``O(N + chunk_size * V)`` plus the gradients.
-  Ignored by the Triton backend (its working set is a few tiles per program).
+* Determinism: values and gradients are deterministic on every backend with chunks (as
+  deterministic as the GEMMs). The Triton tile kernels accumulate the gradients with float32
+  atomic adds (run-to-run differences at float32 rounding level).
+* ``chunk_size``: rows per logits chunk (default: ``2**26 // V`` rows, i.e. 256 MiB of float32,
+  and at least 4096 rows on CUDA, where each further chunk costs a float32 pass over
+  ``grad_weight``); the peak extra memory is ``O(N + chunk_size * V)`` plus the gradients.
+  Ignored by the Triton tile kernels (their working set is a few tiles per program).
 
 Parallelism (``torch.distributed`` groups; gloo on CPU, NCCL on GPU; Megatron-core's
 ``parallel_state`` groups work as they are):
@@ -57,6 +61,7 @@ from steerlm_kernels import _validate as v
 from steerlm_kernels._distributed import sum_over_context, vocab_shard
 from steerlm_kernels.api import _check_groups, _check_sequences
 from steerlm_kernels.ops.linear_cross_entropy import (
+    TILES,
     linear_nll_with_grad,
     linear_token_nll,
     linear_weighted_nll,
@@ -95,6 +100,8 @@ def _prepare(
     cu = _check_sequences(labels, cu_seqlens)
     mask = v.check_loss_mask(loss_mask, labels)
     name = _dispatch.resolve(backend, hidden.device)
+    if _dispatch.linear_strategy(name) == "tiles":
+        chunk_rows = TILES
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if hidden2d.stride(1) != 1:
         hidden2d = hidden2d.contiguous()
@@ -143,7 +150,7 @@ def linear_sequence_nll(
         cp_group: context-parallel group over which every sequence is split (``hidden`` /
             ``labels`` / ``loss_mask`` hold this rank's tokens); the result is the full-sequence sum.
         check_labels: raise ``IndexError`` for labels outside ``[0, V)``.
-        chunk_size: rows per logits chunk on the CPU backends (default: 256 MiB of float32).
+        chunk_size: rows per logits chunk (default: 256 MiB of float32, at least 4096 rows on CUDA).
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
 
     Returns:

@@ -24,6 +24,7 @@ import functools
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -161,6 +162,16 @@ def _worker(rank: int, world: int, port: int, s: int, b: int, v: int, repeats: i
     dist.destroy_process_group()
 
 
+def _worker_then_exit(rank: int, *args: Any) -> None:
+    """:func:`_worker`, then leave at once with status 0 (its results are written and its process
+    group destroyed): gloo's teardown at interpreter exit sometimes calls std::terminate (SIGABRT),
+    which would turn a finished measurement into a failed spawn. An exception still fails it."""
+    _worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -181,7 +192,7 @@ def run_dist(tps: tuple[int, ...] = (2, 4), s: int = 512, b: int = 2, v: int = 3
             if v % tp:
                 raise ValueError(f"V={v} is not divisible by tp={tp}")
             with tempfile.TemporaryDirectory() as tmp:
-                mp.start_processes(_worker, args=(tp, _free_port(), s, b, v, repeats, tmp), nprocs=tp,
+                mp.start_processes(_worker_then_exit, args=(tp, _free_port(), s, b, v, repeats, tmp), nprocs=tp,
                                    start_method="spawn", join=True)
                 data = json.loads(Path(tmp, "dist.json").read_text())
             out["rows"] += data["rows"]

@@ -15,7 +15,10 @@ Implementations: ``matmuls`` (the floor: the phase's bare matmuls into prealloca
 matmul rate of this run is measured from it), ``eager`` (``F.linear`` + ``F.cross_entropy`` on float32
 logits), ``compile`` (``torch.compile`` of eager), ``lce`` (``torch.nn.functional.linear_cross_entropy``,
 chunked: ``LinearCrossEntropyOptions()``), the peers ``liger`` / ``cce`` (CUDA only, through
-:mod:`steerlm_kernels.peers`), and our backends.
+:mod:`steerlm_kernels.peers`), and our backends (chunks: the library GEMMs + the backend's CE
+kernels), plus ``triton-tiles`` on CUDA (our Triton tile kernels, ``$STEERLM_KERNELS_LINEAR=tiles``:
+the alternative to chunks that holds no logits chunk; timed so that the default can follow the
+measurement).
 
 Per row: model FLOPs (``2·N·V·H`` per matmul the phase needs: 1 or 3), achieved TFLOP/s, its
 fraction of the matmul rate measured in the same run, and the time over the floor's time (SPEC's
@@ -24,7 +27,9 @@ target: within 1.2×).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +62,12 @@ TITLES: dict[str, str] = {
     "lce": "F.linear_cross_entropy (chunked)",
     "liger": "Liger fused linear CE",
     "cce": "Cut Cross-Entropy",
+    "triton-tiles": "sk backend=triton, tile kernels",
 }
 PEERS: tuple[str, ...] = ("liger", "cce")
 COMPARATORS: tuple[str, ...] = ("matmuls", "eager", "compile", "lce", *PEERS)
+#: Our implementations beyond the backends' defaults.
+VARIANTS: tuple[str, ...] = ("triton-tiles",)
 
 
 @dataclass
@@ -128,14 +136,33 @@ class LinearImpl:
     warmup_extra: int = 0
 
 
-def _ours(backend: str, auto: str) -> LinearImpl:
+@contextlib.contextmanager
+def _linear_strategy(value: str) -> Iterator[None]:
+    """``$STEERLM_KERNELS_LINEAR`` set to ``value`` for the duration (read once per call, in the
+    forward; the backward follows the forward's choice)."""
+    old = os.environ.get(_dispatch.LINEAR_ENV_VAR)
+    os.environ[_dispatch.LINEAR_ENV_VAR] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[_dispatch.LINEAR_ENV_VAR]
+        else:
+            os.environ[_dispatch.LINEAR_ENV_VAR] = old
+
+
+def _ours(backend: str, auto: str, strategy: str = "chunks") -> LinearImpl:
     def seq_nll(w: LinearWorkload, h: Tensor, W: Tensor) -> Tensor:
-        return sk.linear_sequence_nll(h, W, w.labels, w.loss_mask, backend=backend)
+        with _linear_strategy(strategy):
+            return sk.linear_sequence_nll(h, W, w.labels, w.loss_mask, backend=backend)
 
     def loss(w: LinearWorkload, h: Tensor, W: Tensor) -> Tensor:
-        return sk.linear_weighted_sequence_loss(h, W, w.labels, w.loss_mask, w.seq_weight, w.normalizer,
-                                                backend=backend)
+        with _linear_strategy(strategy):
+            return sk.linear_weighted_sequence_loss(h, W, w.labels, w.loss_mask, w.seq_weight, w.normalizer,
+                                                    backend=backend)
 
+    if strategy == "tiles":
+        return LinearImpl("triton-tiles", TITLES["triton-tiles"], seq_nll, loss, ours=True)
     title = IMPL_TITLES[backend] + (" (auto)" if backend == auto else "")
     return LinearImpl(backend, title, seq_nll, loss, ours=True)
 
@@ -179,6 +206,9 @@ def build_linear_impl(name: str, device: torch.device) -> LinearImpl:
     if name in _dispatch.BACKENDS:
         _dispatch.resolve(name, device)
         return _ours(name, _dispatch.resolve("auto", device))
+    if name == "triton-tiles":
+        _dispatch.resolve("triton", device)
+        return _ours("triton", _dispatch.resolve("auto", device), strategy="tiles")
     raise ValueError(f"unknown linear implementation {name!r}")
 
 
@@ -194,6 +224,8 @@ def default_linear_impls(device: torch.device) -> list[str]:
             continue
         if backend != "triton" or device.type == "cuda":
             names.append(backend)
+    if "triton" in names:
+        names.append("triton-tiles")
     return names
 
 

@@ -175,7 +175,7 @@ def _selected(ns: argparse.Namespace) -> list[str] | None:
     """``--impls`` as a list (None: every default implementation), validated against every section."""
     if not ns.impls:
         return None
-    known = bench.COMPARATORS + bench_linear.COMPARATORS + _dispatch.BACKENDS
+    known = bench.COMPARATORS + bench_linear.COMPARATORS + _dispatch.BACKENDS + bench_linear.VARIANTS
     names = list(dict.fromkeys(i.strip() for i in ns.impls.split(",") if i.strip()))
     for name in names:
         if name not in known:

@@ -244,7 +244,7 @@ class GPTSteerLMModel(nn.Module):
             returning it.
         process_group: tensor-parallel group over which the vocabulary is split (module notes).
         cp_group: context-parallel group over which the sequence is split (module notes).
-        chunk_size: rows per logits chunk of the fused path on the CPU backends (default: 256 MiB).
+        chunk_size: rows per logits chunk of the fused path (default: 256 MiB, >= 4096 rows on CUDA).
         backend: kernel backend for every op (``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"``).
         inplace_backward: let the phase-2 backward write the logits' gradient into the logits'
             storage (saves one ``[N, V]`` buffer). Only safe when nothing in the model's autograd

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -141,6 +142,26 @@ def test_linear_check_flags_a_wrong_gradient(device: torch.device) -> None:
                                                                                / w.normalizer).sum())
     row = bench_linear.run_linear_case(wrong, "train", w, bench.Timer(device), 1, 0, ref)
     assert row.error is None and row.agrees is False and row.grad_rel_err > 1e-3
+
+
+def test_linear_tiles_variant_runs_the_tile_kernels(device: torch.device, monkeypatch) -> None:
+    """``triton-tiles`` (a CUDA row of the linear section) times the tile kernels, agrees with the
+    reference, and leaves $STEERLM_KERNELS_LINEAR as it found it."""
+    if "triton" not in _usable_backends(device):
+        pytest.skip("triton cannot run here")
+    from steerlm_kernels.ops import linear_cross_entropy as lce
+
+    monkeypatch.delenv(_dispatch.LINEAR_ENV_VAR, raising=False)
+    calls = []
+    real = lce.triton_linear_ce_backward
+    monkeypatch.setattr(lce, "triton_linear_ce_backward", lambda *a: calls.append(1) or real(*a))
+    w = bench_linear.make_linear_workload(32, 50, 16, 8, torch.float32, device)
+    impl = bench_linear.build_linear_impl("triton-tiles", device)
+    row = bench_linear.run_linear_case(impl, "train", w, bench.Timer(device), 1, 0,
+                                       bench_linear.linear_reference(w, "train"))
+    assert row.error is None and row.agrees is True, row
+    assert calls, "the tile backward did not run"
+    assert _dispatch.LINEAR_ENV_VAR not in os.environ
 
 
 def test_group_workload_has_unequal_groups(device: torch.device) -> None:

@@ -66,3 +66,16 @@ def test_environment_variable_reaches_the_public_api(monkeypatch):
     monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
     sk.token_nll(torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)))
     assert calls == ["torch"]
+
+
+def test_linear_strategy(monkeypatch):
+    monkeypatch.delenv(_dispatch.LINEAR_ENV_VAR, raising=False)
+    assert [_dispatch.linear_strategy(b) for b in _dispatch.BACKENDS] == ["chunks"] * 3
+    monkeypatch.setenv(_dispatch.LINEAR_ENV_VAR, "tiles")
+    assert _dispatch.linear_strategy("triton") == "tiles"
+    assert _dispatch.linear_strategy("cpp") == _dispatch.linear_strategy("torch") == "chunks"
+    monkeypatch.setenv(_dispatch.LINEAR_ENV_VAR, "tile")
+    with pytest.raises(ValueError, match=_dispatch.LINEAR_ENV_VAR):
+        _dispatch.linear_strategy("triton")
+    with pytest.raises(ValueError, match=_dispatch.LINEAR_ENV_VAR):  # reaches the public API
+        sk.linear_sequence_nll(torch.randn(2, 3, 4), torch.randn(5, 4), torch.randint(0, 5, (2, 3)))

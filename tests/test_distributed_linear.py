@@ -100,8 +100,10 @@ def _check_layout(rank: int, world: int, tp_size: int, backends: list[str]) -> N
     per = S // cp_size
     rows = slice(cp_index * per, (cp_index + 1) * per)
     hidden, weight, bias, labels, mask, seq_weight, normalizer, upstream = _inputs(v)
-    for backend in backends:
-        tag = f"{backend} tp={tp_size} cp={cp_size}"
+    for entry in backends:
+        backend, _, strategy = entry.partition("-")  # "triton-tiles": the Triton tile kernels
+        os.environ[sk._dispatch.LINEAR_ENV_VAR] = strategy or "chunks"
+        tag = f"{entry} tp={tp_size} cp={cp_size}"
         ref = _run(hidden, weight, bias, labels, mask, seq_weight, normalizer, upstream, backend)
         got = _run(hidden[:, rows], weight[cols], bias[cols], labels[:, rows], mask[:, rows], seq_weight, normalizer,
                    upstream, backend, tp=tp, cp=cp)
@@ -146,7 +148,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_fused_linear_vocab_and_context_parallel_match_single_process(world):
-    _spawn(_worker, world, _usable_backends())
+    backends = _usable_backends()
+    _spawn(_worker, world, backends + (["triton-tiles"] if "triton" in backends else []))
 
 
 if os.environ.get("STEERLM_TEST_DEVICE", "cpu") != "cpu":  # gloo on CPU tensors only

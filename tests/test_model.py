@@ -295,14 +295,9 @@ def _dp_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_data_parallel_averaging():
-    import socket
+    from tests.test_distributed import _spawn
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_dp_worker, args=(2, port), nprocs=2, start_method="spawn", join=True)
+    _spawn(_dp_worker, 2)
 
 
 # ------------------------------------------------------------------------------------------------

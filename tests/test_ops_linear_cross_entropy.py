@@ -1,9 +1,11 @@
 """Fused linear losses (hidden states + LM head) on every backend against a float64 reference.
 
 The reference applies ``hidden @ W.T + bias`` in float64 and then the formulas of
-tests/reference.py. Backends: ``torch`` and ``cpp`` natively (chunked; every dtype), ``triton``
-through the interpreter on CPU with float32 operands only (the interpreter's bf16 is raw 16-bit
-integers; the bf16/fp16 kernels are checked by the AOT compile test) or compiled on CUDA.
+tests/reference.py. Backends: ``torch``, ``cpp`` and ``triton`` with chunks (every dtype; the
+Triton CE kernels run on each chunk), and ``triton-tiles`` (the Triton tile kernels,
+``$STEERLM_KERNELS_LINEAR=tiles``): through the interpreter on CPU with float32 operands only (the
+interpreter's bf16 is raw 16-bit integers; the bf16/fp16 tile kernels are checked by the AOT
+compile test) or compiled on CUDA.
 """
 
 from __future__ import annotations
@@ -14,15 +16,32 @@ import torch
 from steerlm_kernels import _dispatch, api_linear, nn_linear
 from steerlm_kernels.ops import linear_cross_entropy as lce
 from tests import reference as ref
+from tests.conftest import backend_usable
 
 IGNORE = -100
 linear_sequence_nll = api_linear.linear_sequence_nll
 linear_weighted_sequence_loss = api_linear.linear_weighted_sequence_loss
 
 
+@pytest.fixture(params=["torch", "cpp", "triton", "triton-tiles"])
+def backend(request, device, monkeypatch) -> str:
+    """The backend name to pass; ``triton-tiles`` passes ``"triton"`` with the tile kernels selected
+    (``$STEERLM_KERNELS_LINEAR=tiles``), every other case runs chunks."""
+    name, _, strategy = request.param.partition("-")
+    ok, why = backend_usable(name, device)
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setenv(_dispatch.LINEAR_ENV_VAR, strategy or "chunks")
+    return name
+
+
+def _tiles(backend: str) -> bool:
+    return _dispatch.linear_strategy(backend) == "tiles"
+
+
 def _skip_interpreted_half(backend: str, dtype: torch.dtype, device: torch.device) -> None:
-    if backend == "triton" and dtype != torch.float32 and device.type == "cpu":
-        pytest.skip("the Triton interpreter computes bf16/fp16 wrongly; those kernels are AOT-compiled instead")
+    if _tiles(backend) and dtype != torch.float32 and device.type == "cpu":
+        pytest.skip("the Triton interpreter computes bf16/fp16 tl.dot wrongly; the tile kernels are AOT-compiled")
 
 
 def make_inputs(b: int, s: int, h: int, v: int, dtype: torch.dtype, device: torch.device, *, bias: bool = True,
@@ -49,8 +68,9 @@ def ref_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def value_tol(dtype: torch.dtype, backend: str) -> dict[str, float]:
-    # CPU backends multiply bf16 in bf16 (logits rounded to bf16, as `hidden @ W.T` itself).
-    if dtype == torch.bfloat16 and backend != "triton":
+    # Chunks multiply bf16 in bf16 (logits rounded to bf16, as `hidden @ W.T` itself); the tile
+    # kernels keep float32 logits.
+    if dtype == torch.bfloat16 and not _tiles(backend):
         return {"rtol": 2e-2, "atol": 0.1}
     if dtype == torch.float32:
         return {"rtol": 1e-5, "atol": 2e-5}
@@ -209,6 +229,61 @@ def test_chunk_size_does_not_change_results(backend, device, chunk_size):
     assert_close(loss, exp_val, rtol=1e-5, atol=1e-5)
     for a, e in [(h.grad, gh), (w.grad, gw), (b.grad, gb)]:
         assert_grad_close(a, e, 1e-5)
+
+
+def test_strategy_selects_the_kernels(backend, device, monkeypatch):
+    """Chunks run the chunked driver with the backend's CE kernels; tiles run only the tile kernels."""
+    calls: dict[str, int] = {}
+
+    def spy(name):
+        real = getattr(lce, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(lce, name, wrapper)
+
+    for name in ("chunked_linear_ce", "triton_linear_ce_forward", "triton_linear_ce_backward"):
+        spy(name)
+    hidden, weight, bias, labels, loss_mask = make_inputs(2, 5, 16, 40, torch.float32, device)
+    h, w, b = leaves(hidden, weight, bias)
+    linear_sequence_nll(h, w, labels, loss_mask, bias=b, backend=backend).sum().backward()
+    linear_weighted_sequence_loss(h, w, labels, loss_mask, torch.ones(2, device=device), 1.0, bias=b,
+                                  backend=backend).backward()
+    if _tiles(backend):
+        assert calls == {"triton_linear_ce_forward": 2, "triton_linear_ce_backward": 2}, calls
+    else:
+        assert calls == {"chunked_linear_ce": 3}, calls  # forward, recomputing backward, fused
+
+
+def test_chunks_are_bitwise_deterministic(backend, device):
+    if _tiles(backend):
+        pytest.skip("the tile kernels accumulate gradients with float32 atomics (documented)")
+    hidden, weight, bias, labels, loss_mask = make_inputs(3, 40, 16, 300, torch.bfloat16, device)
+    wt = torch.randn(3, device=device)
+    runs = []
+    for _ in range(2):
+        h, w, b = leaves(hidden, weight, bias)
+        loss = linear_weighted_sequence_loss(h, w, labels, loss_mask, wt, 3.0, bias=b, chunk_size=7, backend=backend)
+        loss.backward()
+        runs.append((loss, h.grad, w.grad, b.grad))
+    for a, e in zip(*runs):
+        assert torch.equal(a, e)
+
+
+def test_default_chunk_rows():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert lce.default_chunk_rows(32000, cpu) == (1 << 26) // 32000
+    assert lce.default_chunk_rows(1 << 30, cpu) == 1
+    assert lce.default_chunk_rows(32000, cuda) == lce.CUDA_MIN_CHUNK_ROWS
+    assert lce.default_chunk_rows(1000, cuda) == (1 << 26) // 1000  # more rows when V is small
+
+
+def test_tile_marker_is_refused_by_cpu_backends():
+    hidden, weight, bias, labels, _ = make_inputs(1, 4, 8, 11, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="tile kernels"):
+        lce.linear_ce_forward(hidden[0], weight, bias, labels[0].clamp_min(0), IGNORE, False, lce.TILES, "torch")
 
 
 def test_flattened_hidden_and_int32_labels(backend, device):

@@ -1,9 +1,23 @@
 """Fused linear cross entropy: token NLL straight from hidden states, never holding ``[N, V]`` logits.
 
-``logits = hidden @ weight.T (+ bias)`` is only ever formed a piece at a time:
+``logits = hidden @ weight.T (+ bias)`` is only ever formed a piece at a time, in one of two ways
+(chosen once per call by :func:`steerlm_kernels._dispatch.linear_strategy`, and carried to the ops
+as ``chunk_rows``: :data:`TILES` selects the tile kernels):
 
-* **triton** (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): tiles of ``BLOCK_N`` rows x
-  ``BLOCK_V`` vocabulary columns live in registers.
+* **chunks** (every backend, the default): chunks of rows. For a chunk,
+  ``logits_c = hidden_c @ W.T (+ bias)`` in one library GEMM (cuBLAS on CUDA; bfloat16 / float32
+  matmuls with float32 accumulation; float16 is computed in float32 on CPU, where float16 matmuls
+  are extremely slow), then the CE primitives of the backend (:mod:`steerlm_kernels._dispatch`
+  ``ce_forward`` / ``ce_backward``, the latter in place in the chunk buffer: the Triton kernels on
+  CUDA, the C++ ones on CPU), then ``grad_hidden_c = g @ W`` and ``grad_W += g.T @ hidden_c``
+  (accumulated in float32 across chunks). On CPU, rows whose label is ignored (the public API
+  turns masked tokens into ignored ones) are dropped before the matmuls. The chunk holds at most
+  ``chunk_rows x V`` logits (:func:`default_chunk_rows`), never ``N x V``. Forward + gradient
+  cost exactly three GEMMs plus three passes over the chunk; the result is deterministic.
+
+* **tiles** (Triton only, opt-in: ``STEERLM_KERNELS_LINEAR=tiles``; CUDA, or CPU tensors under
+  ``TRITON_INTERPRET=1``): tiles of ``BLOCK_N`` rows x ``BLOCK_V`` vocabulary columns live in
+  registers, so not even a chunk of logits is held (``O(N)`` extra memory).
 
   - forward (``_lce_forward_kernel``): a program owns ``BLOCK_N`` rows and one contiguous split of
     the vocabulary; it builds each logits tile with ``tl.dot`` over ``BLOCK_H``-wide slices of the
@@ -18,15 +32,14 @@
     deterministic** (float32 addition order varies between runs; the values agree to float32
     rounding). The forward values are deterministic.
 
-* **cpp / torch** (CPU; torch also anywhere): chunks of rows. For a chunk,
-  ``logits_c = hidden_c @ W.T (+ bias)`` in one matmul (bfloat16 / float32 matmuls with float32
-  accumulation; float16 is computed in float32 because CPU float16 matmuls are extremely slow),
-  then the existing CE primitives of the backend (:mod:`steerlm_kernels._dispatch` ``ce_forward``
-  / ``ce_backward``, the latter in place in the chunk buffer), then ``grad_hidden_c = g @ W`` and
-  ``grad_W += g.T @ hidden_c`` (accumulated in float32 across chunks). Rows whose label is
-  ignored (the public API turns masked tokens into ignored ones) are dropped before the matmuls.
-  The chunk holds at most ``chunk_rows x V`` logits (default: 256 MiB of float32 equivalents),
-  never ``N x V``.
+  Why chunks are the default on CUDA (a byte / FLOP model, not yet a measurement: ``steerlm-kernels
+  bench --sections linear`` on a GPU times both, rows ``triton`` and ``triton-tiles``): the tile
+  backward adds each ``[BLOCK_N, H]`` slice of ``grad_hidden`` once per vocabulary tile and each
+  ``[BLOCK_V, H]`` slice of ``grad_weight`` once per row tile, ``4·N·V·H·(1/BLOCK_V + 1/BLOCK_N)``
+  bytes of float32 atomic adds: ~400 GB at N=8192, V=128256, H=4096 (>= 130 ms even at 3 TB/s),
+  against ~26 TFLOP for the three GEMMs (~40 ms on an H100). The chunked path adds three passes
+  over ``[N, V]`` bf16 (~6 GB, ~2 ms) and one ``[V, H]`` float32 accumulation per chunk beyond the
+  first (:data:`CUDA_MIN_CHUNK_ROWS`).
 
 Three ops, registered with ``torch.library`` (opaque to ``torch.compile``):
 
@@ -37,7 +50,7 @@ Three ops, registered with ``torch.library`` (opaque to ``torch.compile``):
     only known in backward: :func:`~steerlm_kernels.api_linear.linear_sequence_nll`).
 ``linear_ce_fused(hidden, weight, bias, labels, coef, ...) -> (lse, target, grad_hidden, grad_weight, grad_bias)``
     forward and gradient at once, for a coefficient known at forward time
-    (:func:`~steerlm_kernels.api_linear.linear_weighted_sequence_loss`): on CPU each chunk's
+    (:func:`~steerlm_kernels.api_linear.linear_weighted_sequence_loss`): with chunks, each chunk's
     logits are computed once, so forward + backward costs exactly three matmuls.
 
 Gradients are returned in the dtype of their input; a gradient that is not asked for is an empty
@@ -329,16 +342,31 @@ def triton_linear_ce_backward(
 
 
 # --------------------------------------------------------------------------------------------
-# Chunked path (cpp and torch backends)
+# Chunked path (every backend: cuBLAS / CPU BLAS GEMMs + the backend's CE kernels)
 # --------------------------------------------------------------------------------------------
+
+#: ``chunk_rows`` value that selects the Triton tile kernels instead of chunks (see the module notes).
+TILES = -1
 
 #: Default logits chunk budget: 256 MiB of float32 (64 Mi elements), i.e. ``2**26 // V`` rows.
 CHUNK_ELEMENTS = 1 << 26
 
+#: Fewest rows per default chunk on CUDA. Each chunk beyond the first costs one float32
+#: accumulation pass over ``grad_weight`` (``[V, H]``: read bf16 product + read / write float32,
+#: 10 B per element), against the chunk's three GEMMs (``6·rows·V·H`` FLOP): at ~3 TB/s and ~600
+#: TFLOP/s the pass is ~330/rows of the GEMM time, ~8 % at 4096 rows. 4096 rows also keep cuBLAS at
+#: full tile efficiency. The chunk is then 1 GiB of bf16 logits at V=128k (the full logits of
+#: N=32k tokens would be 8 GiB, plus float32 copies in an unfused loss).
+CUDA_MIN_CHUNK_ROWS = 4096
 
-def default_chunk_rows(n_vocab: int) -> int:
-    """Rows per chunk so that one float32 ``[rows, V]`` chunk stays within 256 MiB."""
-    return max(1, CHUNK_ELEMENTS // max(n_vocab, 1))
+
+def default_chunk_rows(n_vocab: int, device: torch.device | None = None) -> int:
+    """Rows per chunk: a float32 ``[rows, V]`` chunk within 256 MiB (``2**26 // V`` rows), and at
+    least :data:`CUDA_MIN_CHUNK_ROWS` rows on CUDA."""
+    rows = max(1, CHUNK_ELEMENTS // max(n_vocab, 1))
+    if device is not None and device.type == "cuda":
+        rows = max(rows, CUDA_MIN_CHUNK_ROWS)
+    return rows
 
 
 def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -391,13 +419,14 @@ def chunked_linear_ce(
     lse: Tensor | None = None,
     need: tuple[bool, bool, bool] = (False, False, False),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The chunked driver of every op (``cpp`` / ``torch`` backends).
+    """The chunked driver of every op (every backend; the default strategy).
 
     Args:
         hidden: ``[N, H]``; weight: ``[V, H]``; bias: ``[V]`` or None (one dtype).
         labels: ``[N]`` int32/int64, ``ignore_index`` for ignored rows.
         chunk_rows: rows per logits chunk (``<= 0``: :func:`default_chunk_rows`).
-        backend: ``"cpp"`` or ``"torch"``: whose ``ce_forward`` / ``ce_backward`` run on the chunks.
+        backend: ``"triton"``, ``"cpp"`` or ``"torch"``: whose ``ce_forward`` / ``ce_backward``
+            run on the chunks (the GEMMs are torch's: cuBLAS on CUDA, the CPU BLAS on CPU).
         coef: ``[N]`` float32 ``d loss / d nll``; with it, the gradient is computed.
         lse: ``[N]`` float32 from a previous forward: skip the forward (backward recompute).
         need: which of ``(grad_hidden, grad_weight, grad_bias)`` to compute.
@@ -424,15 +453,19 @@ def chunked_linear_ce(
     else:
         target = lse.new_empty(0)
     gh = torch.zeros((n_rows, n_hidden) if need_h else (0,), dtype=hidden.dtype, device=dev)
-    gw = torch.zeros((n_vocab, n_hidden) if need_w else (0,), dtype=torch.float32, device=dev)
     gb = torch.zeros((n_vocab,) if need_b else (0,), dtype=torch.float32, device=dev)
+    # grad_weight: the first chunk's product as it comes (one rounding, no float32 buffer when a
+    # single chunk covers every row, as on CUDA up to CUDA_MIN_CHUNK_ROWS rows); from the second
+    # chunk on, a float32 accumulator.
+    gw: Tensor | None = None
+    gw_shape = (n_vocab, n_hidden) if need_w else (0,)
     if n_rows == 0 or (not forward and not grads):
-        return lse, target, gh, gw.to(weight.dtype), gb.to(hidden.dtype)
+        return lse, target, gh, torch.zeros(gw_shape, dtype=weight.dtype, device=dev), gb.to(hidden.dtype)
 
     rows = labels != ignore_index
     if not forward:
         rows &= coef != 0  # backward only: rows without gradient need no logits at all
-    step = max(1, min(chunk_rows if chunk_rows > 0 else default_chunk_rows(n_vocab), n_rows))
+    step = max(1, min(chunk_rows if chunk_rows > 0 else default_chunk_rows(n_vocab, dev), n_rows))
     buf = torch.empty(min(step, n_rows) * n_vocab, dtype=cdt, device=dev)
     gw_tmp = None
     for sel in _chunks(rows, n_rows, step):
@@ -459,14 +492,19 @@ def chunked_linear_ce(
             else:
                 _put(gh, sel, torch.mm(logits, w_c))
         if need_w:
-            if cdt == torch.float32:
-                gw.addmm_(logits.t(), h_c)
-            else:  # bf16 GEMM (fast path), rounded once per chunk, accumulated in float32
+            if gw is None:
+                gw = torch.mm(logits.t(), h_c)
+            elif gw.dtype != torch.float32 or cdt != torch.float32:
+                # bf16 GEMM (the fast path), rounded once per chunk, accumulated in float32
+                gw = gw.float()
                 gw_tmp = torch.mm(logits.t(), h_c, out=gw_tmp) if gw_tmp is not None else torch.mm(logits.t(), h_c)
                 gw.add_(gw_tmp)
+            else:
+                gw.addmm_(logits.t(), h_c)
         if need_b:
             gb.add_(logits.sum(dim=0, dtype=torch.float32))
-    return lse, target, gh, gw.to(weight.dtype), gb.to(hidden.dtype)
+    gw = torch.zeros(gw_shape, dtype=weight.dtype, device=dev) if gw is None else gw.to(weight.dtype)
+    return lse, target, gh, gw, gb.to(hidden.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,6 +518,15 @@ def _grad_shapes(hidden: Tensor, weight: Tensor, bias: Tensor | None, need_h: bo
     gw = weight.new_empty(weight.shape if need_w else (0,))
     gb = (bias if bias is not None else weight).new_empty((weight.shape[0],) if need_b and bias is not None else (0,))
     return gh, gw, gb
+
+
+def _tiles(chunk_rows: int, backend: str) -> bool:
+    """True when an op runs the Triton tile kernels (``chunk_rows == TILES``), else chunks."""
+    if chunk_rows != TILES:
+        return False
+    if backend != "triton":
+        raise ValueError(f"the tile kernels are Triton kernels; backend {backend!r} runs chunks")
+    return True
 
 
 @torch.library.custom_op("steerlm_kernels::linear_ce_forward", mutates_args=())
@@ -497,7 +544,7 @@ def linear_ce_forward(
     against ``V`` first when ``check_labels``."""
     if check_labels:
         check_label_range(labels, weight.shape[0], ignore_index)
-    if backend == "triton":
+    if _tiles(chunk_rows, backend):
         return triton_linear_ce_forward(hidden, weight, bias, labels, ignore_index)
     lse, target, *_ = chunked_linear_ce(hidden, weight, bias, labels, ignore_index, chunk_rows, backend)
     return lse, target
@@ -525,7 +572,7 @@ def linear_ce_backward(
     need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of ``sum(coef * nll)`` w.r.t. ``(hidden, weight, bias)``, recomputing the logits."""
-    if backend == "triton":
+    if _tiles(chunk_rows, backend):
         gh, gw, gb = triton_linear_ce_backward(hidden, weight, bias, labels, lse, coef, ignore_index,
                                                need_h, need_w, need_b)
         return gh.to(hidden.dtype), gw.to(weight.dtype), gb.to(weight.dtype)
@@ -558,7 +605,7 @@ def linear_ce_fused(
     forward time): ``(lse, target, grad_hidden, grad_weight, grad_bias)``."""
     if check_labels:
         check_label_range(labels, weight.shape[0], ignore_index)
-    if backend == "triton":
+    if _tiles(chunk_rows, backend):
         lse, target = triton_linear_ce_forward(hidden, weight, bias, labels, ignore_index)
         gh, gw, gb = triton_linear_ce_backward(hidden, weight, bias, labels, lse, coef, ignore_index,
                                                need_h, need_w, need_b)
