@@ -280,6 +280,18 @@ def test_default_chunk_rows():
     assert lce.default_chunk_rows(1000, cuda) == (1 << 26) // 1000  # more rows when V is small
 
 
+def test_chunks_are_near_equal_and_cover_every_row():
+    for n in range(0, 50):
+        for step in range(1, 12):
+            bounds = lce._even_bounds(n, step)
+            assert len(bounds) == -(-n // step)
+            assert [a for a, _ in bounds[1:]] == [b for _, b in bounds[:-1]]
+            assert not bounds or (bounds[0][0] == 0 and bounds[-1][1] == n)
+            sizes = [b - a for a, b in bounds]
+            assert all(0 < x <= step for x in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+    assert lce._even_bounds(4097, 4096) == [(0, 2048), (2048, 4097)]
+
+
 def test_tile_marker_is_refused_by_cpu_backends():
     hidden, weight, bias, labels, _ = make_inputs(1, 4, 8, 11, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="tile kernels"):

@@ -376,7 +376,9 @@ def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def _chunks(rows: Tensor, n_rows: int, step: int) -> Iterator[Tensor | slice]:
-    """Row selections of at most ``step`` rows covering the rows where ``rows`` is true.
+    """Row selections of at most ``step`` rows covering the rows where ``rows`` is true, in chunks
+    of equal size (give or take one row: 4097 rows at ``step`` 4096 are two chunks of ~2049, not
+    4096 + 1, which would cost a whole ``grad_weight`` accumulation for one row).
 
     On CPU the selected rows are gathered (skipping masked tokens saves their matmuls); all rows
     selected, or another device (no host sync there), gives plain slices over every row.
@@ -384,11 +386,17 @@ def _chunks(rows: Tensor, n_rows: int, step: int) -> Iterator[Tensor | slice]:
     if rows.device.type == "cpu":
         idx = rows.nonzero().squeeze(1)
         if idx.numel() != n_rows:
-            for start in range(0, idx.numel(), step):
-                yield idx[start:start + step]
+            for start, stop in _even_bounds(idx.numel(), step):
+                yield idx[start:stop]
             return
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
+    for start, stop in _even_bounds(n_rows, step):
+        yield slice(start, stop)
+
+
+def _even_bounds(n: int, step: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of ``ceil(n / step)`` near-equal pieces of ``range(n)``."""
+    pieces = -(-n // step)
+    return [(i * n // pieces, (i + 1) * n // pieces) for i in range(pieces)]
 
 
 def _count(sel: Tensor | slice) -> int:
