@@ -268,24 +268,32 @@ def test_backward_row_strided_in_and_out() -> None:
     assert torch.isnan(out_wide[:, :7]).all() and torch.isnan(out_wide[:, 519:]).all()  # untouched
 
 
-@needs_ext
-def test_results_do_not_depend_on_thread_count() -> None:
-    x, labels = make_case(64, 3001, torch.bfloat16, seed=7)
-    coef = torch.randn(64)
+def assert_same_for_thread_counts(run) -> None:
+    """``run()`` (a tuple of tensors) is bit-identical with 1, 2 and 3 OpenMP threads."""
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
-            out = torch.empty_like(x)
-            _C.ce_backward(x, labels, lse, coef, 0, IGNORE, out)
-            seg = _C.segment_sum(lse, torch.tensor([0, 10, 10, 64]))
-            results.append((lse, tgt, out, seg))
+            results.append(run())
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+@needs_ext
+def test_results_do_not_depend_on_thread_count() -> None:
+    x, labels = make_case(64, 3001, torch.bfloat16, seed=7)
+    coef = torch.randn(64)
+
+    def run():
+        lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
+        out = torch.empty_like(x)
+        _C.ce_backward(x, labels, lse, coef, 0, IGNORE, out)
+        return lse, tgt, out, _C.segment_sum(lse, torch.tensor([0, 10, 10, 64]))
+
+    assert_same_for_thread_counts(run)
 
 
 @needs_ext
@@ -417,16 +425,7 @@ def test_group_ops_match_torch_many_groups(max_size: int) -> None:
 @needs_ext
 def test_group_ops_do_not_depend_on_thread_count() -> None:
     nll, log_q, ws, cu = make_groups(9000, 12, seed=12)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append((*_C.steerlm2_weights(nll, log_q, ws, cu), _C.group_softmax(nll, cu)))
-    finally:
-        torch.set_num_threads(before)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    assert_same_for_thread_counts(lambda: (*_C.steerlm2_weights(nll, log_q, ws, cu), _C.group_softmax(nll, cu)))
 
 
 @needs_ext

@@ -45,6 +45,14 @@ def _steerlm2_ref(nll, log_q, ws, sizes):
     return weight, baseline, kl.mean()
 
 
+def _assert_weights_match_float64(out, nll, log_q, ws, sizes) -> None:
+    """``out`` (a SteerLM2Weights) equals :func:`_steerlm2_ref_groups` of the inputs (float32 tolerances)."""
+    weight, baseline, kl = _steerlm2_ref_groups(nll.cpu(), log_q.cpu(), ws.cpu(), sizes)
+    torch.testing.assert_close(out.weight.double().cpu(), weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.baseline.double().cpu(), baseline, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.distance.double().cpu(), kl.mean(), rtol=1e-5, atol=1e-6)
+
+
 def _random_case(sizes, device):
     b = sum(sizes)
     nll = torch.rand(b) * 80 + 5
@@ -149,11 +157,8 @@ VECTOR_EDGE_SIZES = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 1, 2]
                          ids=["vector_edges", "one_1000", "large_and_small"])
 def test_steerlm2_weights_sizes_vs_float64(backend, device, sizes):
     nll, log_q, ws = _random_case(sizes, device)
-    weight, baseline, kl = _steerlm2_ref_groups(nll.cpu(), log_q.cpu(), ws.cpu(), sizes)
     out = sk.steerlm2_weights(nll, log_q, ws, torch.tensor(sizes), backend=backend)
-    torch.testing.assert_close(out.weight.double().cpu(), weight, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.baseline.double().cpu(), baseline, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.distance.double().cpu(), kl.mean(), rtol=1e-5, atol=1e-6)
+    _assert_weights_match_float64(out, nll, log_q, ws, sizes)
     x = (torch.randn(sum(sizes)) * 30).to(device)
     y = sk.segment_softmax(x, torch.tensor(sizes), backend=backend)
     want = torch.cat([torch.softmax(x.cpu().double()[list(g)], 0) for g in _groups_ref(sizes)])
@@ -170,11 +175,8 @@ def test_many_groups_vs_float64(backend_name, device):
     gen = torch.Generator().manual_seed(11)
     sizes = torch.randint(1, 10, (9000,), generator=gen).tolist()
     nll, log_q, ws = _random_case(sizes, device)
-    weight, baseline, kl = _steerlm2_ref_groups(nll.cpu(), log_q.cpu(), ws.cpu(), sizes)
     out = sk.steerlm2_weights(nll, log_q, ws, torch.tensor(sizes), backend=backend_name)
-    torch.testing.assert_close(out.weight.double().cpu(), weight, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.baseline.double().cpu(), baseline, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.distance.double().cpu(), kl.mean(), rtol=1e-5, atol=1e-6)
+    _assert_weights_match_float64(out, nll, log_q, ws, sizes)
     y = sk.segment_softmax(-nll - log_q, torch.tensor(sizes), backend=backend_name)
     torch.testing.assert_close(y, out.baseline, rtol=0, atol=0)  # the same softmax
 
@@ -187,13 +189,10 @@ def test_extreme_values(backend, device):
     nll = torch.tensor([0.0, 1e4, 5e3, 2.5,  -1e30, 1e30, 0.0,  7e3, 7e3 + 1, 7e3 + 2, 9e3, 1e4,  3e4])
     log_q = torch.zeros_like(nll)
     ws = torch.tensor([0.0, 0.5, 0.5, 0.0,  1.0, 0.0, 0.0,  0.2, 0.2, 0.2, 0.2, 0.2,  1.0])
-    weight, baseline, kl = _steerlm2_ref_groups(nll, log_q, ws, sizes)
     out = sk.steerlm2_weights(nll.to(device), log_q.to(device), ws.to(device), torch.tensor(sizes), backend=backend)
     for got in out:
         assert torch.isfinite(got).all()
-    torch.testing.assert_close(out.weight.double().cpu(), weight, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.baseline.double().cpu(), baseline, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.distance.double().cpu(), kl.mean(), rtol=1e-5, atol=1e-6)
+    _assert_weights_match_float64(out, nll, log_q, ws, sizes)
 
 
 def test_nan_and_inf_propagate(backend, device):
