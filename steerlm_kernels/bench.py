@@ -716,23 +716,30 @@ def _fmt_err(x: float | None) -> str:
     return "–" if x is None else ("0" if x == 0 else f"{x:.1e}")
 
 
+def value_err_cell(r: Row) -> str:
+    """The value error of a row, flagged ``**MISMATCH**`` when it is above the tolerance."""
+    return _fmt_err(r.value_rel_err) + ("" if r.agrees is not False else " **MISMATCH**")
+
+
+def table_line(head: list[str], r: Row, cells: Callable[[Row], list[str]], width: int) -> str:
+    """One markdown table line of ``width`` columns: the ``head`` cells, then ``cells(r)``; a row
+    that failed shows its error in their place (the line padded to ``width`` columns)."""
+    if r.error:
+        return "| " + " | ".join([*head, f"**ERROR** {r.error}"]) + " |" + " |" * (width - len(head) - 1)
+    return "| " + " | ".join([*head, *cells(r)]) + " |"
+
+
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     head = ("| phase | implementation | median ms | vs eager | vs compile | extra MiB | model B/elem "
             "| GB/s | % read BW | % copy BW | value rel err | grad rel err |")
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.phase} | {r.title} | **ERROR** {r.error} |" + " |" * 9)
-            continue
-        flag = "" if r.agrees is not False else " **MISMATCH**"
-        lines.append(
-            f"| {r.phase} | {r.title} | {_fmt(r.median_ms, '.1f')} | {_fmt(r.vs_eager, '.2f', '×')} "
-            f"| {_fmt(r.vs_compile, '.2f', '×')} | {_fmt(r.extra_mib, '.1f')} | {r.bytes_per_elem:g} "
-            f"| {_fmt(r.gbps, '.1f')} | {_fmt(r.frac_read, '.0%')} | {_fmt(r.frac_copy, '.0%')} "
-            f"| {_fmt_err(r.value_rel_err)}{flag} | {_fmt_err(r.grad_rel_err)} |"
-        )
-    return "\n".join(lines)
+
+    def cells(r: Row) -> list[str]:
+        return [_fmt(r.median_ms, ".1f"), _fmt(r.vs_eager, ".2f", "×"), _fmt(r.vs_compile, ".2f", "×"),
+                _fmt(r.extra_mib, ".1f"), f"{r.bytes_per_elem:g}", _fmt(r.gbps, ".1f"), _fmt(r.frac_read, ".0%"),
+                _fmt(r.frac_copy, ".0%"), value_err_cell(r), _fmt_err(r.grad_rel_err)]
+
+    return "\n".join([head, "|" + "---|" * 12, *(table_line([r.phase, r.title], r, cells, 12) for r in rows)])
 
 
 def _fill_ratios(rows: list[Row], w: Workload, bw: dict[str, float]) -> None:

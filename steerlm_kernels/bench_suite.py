@@ -47,7 +47,7 @@ import torch
 
 import steerlm_kernels as sk
 from steerlm_kernels import _dispatch, bench, bench_dist, bench_group, bench_linear
-from steerlm_kernels.bench import MIB, Row, _fmt, _fmt_err
+from steerlm_kernels.bench import MIB, Row, _fmt, _fmt_err, table_line, value_err_cell
 
 SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers")
 CPU = {
@@ -513,17 +513,12 @@ def _linear_table(rows: list[Row], meta: dict[str, Any]) -> list[str]:
            "| N | V | H | phase | implementation | median ms | TFLOP/s | % matmul rate | vs floor | vs eager "
            "| vs compile | vs F.lce | extra MiB | value rel err | grad rel err |",
            "|" + "---|" * 15]
-    for r in lin:
-        head = f"| {r.n} | {r.v} | {r.h} | {r.phase} | {r.title} |"
-        if r.error:
-            out.append(f"{head} **ERROR** {r.error} |" + " |" * 9)
-            continue
-        flag = "" if r.agrees is not False else " **MISMATCH**"
-        out.append(f"{head} {_fmt(r.median_ms, '.1f')} | {_fmt(r.tflops, '.3f')} | {_fmt(r.frac_matmul, '.0%')} "
-                   f"| {_fmt(r.vs_floor, '.2f')} | {_fmt(r.vs_eager, '.2f', '×')} | {_fmt(r.vs_compile, '.2f', '×')} "
-                   f"| {_fmt(r.vs_lce, '.2f', '×')} | {_fmt(r.extra_mib, '.1f')} "
-                   f"| {_fmt_err(r.value_rel_err)}{flag} | {_fmt_err(r.grad_rel_err)} |")
-    return out
+    def cells(r: Row) -> list[str]:
+        return [_fmt(r.median_ms, ".1f"), _fmt(r.tflops, ".3f"), _fmt(r.frac_matmul, ".0%"), _fmt(r.vs_floor, ".2f"),
+                _fmt(r.vs_eager, ".2f", "×"), _fmt(r.vs_compile, ".2f", "×"), _fmt(r.vs_lce, ".2f", "×"),
+                _fmt(r.extra_mib, ".1f"), value_err_cell(r), _fmt_err(r.grad_rel_err)]
+
+    return out + [table_line([str(r.n), str(r.v), str(r.h), r.phase, r.title], r, cells, 15) for r in lin]
 
 
 def _group_table(rows: list[Row], meta: dict[str, Any]) -> list[str]:
@@ -537,16 +532,11 @@ def _group_table(rows: list[Row], meta: dict[str, Any]) -> list[str]:
            "launch overhead, not bandwidth, decides these).", "",
            "| op | implementation | median ms | vs eager | vs compile | GB/s | % copy BW | extra MiB | rel err |",
            "|" + "---|" * 9]
-    for r in grp:
-        head = f"| {r.phase} | {r.title} |"
-        if r.error:
-            out.append(f"{head} **ERROR** {r.error} |" + " |" * 6)
-            continue
-        flag = "" if r.agrees is not False else " **MISMATCH**"
-        out.append(f"{head} {_fmt(r.median_ms, '.3f')} | {_fmt(r.vs_eager, '.2f', '×')} "
-                   f"| {_fmt(r.vs_compile, '.2f', '×')} | {_fmt(r.gbps, '.2f')} | {_fmt(r.frac_copy, '.1%')} "
-                   f"| {_fmt(r.extra_mib, '.1f')} | {_fmt_err(r.value_rel_err)}{flag} |")
-    return out
+    def cells(r: Row) -> list[str]:
+        return [_fmt(r.median_ms, ".3f"), _fmt(r.vs_eager, ".2f", "×"), _fmt(r.vs_compile, ".2f", "×"),
+                _fmt(r.gbps, ".2f"), _fmt(r.frac_copy, ".1%"), _fmt(r.extra_mib, ".1f"), value_err_cell(r)]
+
+    return out + [table_line([r.phase, r.title], r, cells, 9) for r in grp]
 
 
 def _peers_table(peers_result: dict[str, Any] | None) -> list[str]:
