@@ -40,14 +40,20 @@ def backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-@pytest.fixture(params=ALL_BACKENDS)
-def backend(request, device) -> str:
-    ok, why = backend_usable(request.param, device)
+def require_backend(name: str, device: torch.device) -> str:
+    """``name`` when it can run on ``device``; else skip the test (fail it for ``cpp`` in CI, where
+    the extension must have been built)."""
+    ok, why = backend_usable(name, device)
     if not ok:
-        if request.param == "cpp" and os.environ.get("CI") and device.type == "cpu":
+        if name == "cpp" and os.environ.get("CI") and device.type == "cpu":
             pytest.fail(f"the cpp extension must be built in CI: {why}")
         pytest.skip(why)
-    return request.param
+    return name
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request, device) -> str:
+    return require_backend(request.param, device)
 
 
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import steerlm_kernels as sk
+from tests.conftest import require_backend
 
 
 def _groups_ref(sizes: list[int]) -> list[range]:
@@ -140,14 +141,6 @@ def test_bad_vectors():
 # sizes around SIMD widths, large and many groups, extreme and special values, dtypes
 # --------------------------------------------------------------------------------------------
 
-def _usable(name, device):
-    try:
-        sk._dispatch.resolve(name, device)
-    except ValueError as exc:
-        return False, str(exc)
-    return True, ""
-
-
 # Around the cpp kernels' vector widths (8 lanes under AVX2, 16 under AVX-512: a group up to one
 # vector is reduced as one masked vector, a larger one as whole vectors plus a masked tail).
 VECTOR_EDGE_SIZES = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 1, 2]
@@ -169,9 +162,7 @@ def test_steerlm2_weights_sizes_vs_float64(backend, device, sizes):
 def test_many_groups_vs_float64(backend_name, device):
     """~40k items in ~9k groups of sizes 1..9 in a shuffled order (several OpenMP threads and
     several blocks per thread in the cpp kernels; the Triton interpreter would take minutes)."""
-    ok, why = _usable(backend_name, device)
-    if not ok:
-        pytest.skip(why)
+    require_backend(backend_name, device)
     gen = torch.Generator().manual_seed(11)
     sizes = torch.randint(1, 10, (9000,), generator=gen).tolist()
     nll, log_q, ws = _random_case(sizes, device)

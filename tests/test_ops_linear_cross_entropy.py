@@ -16,7 +16,7 @@ import torch
 from steerlm_kernels import _dispatch, api_linear, nn_linear
 from steerlm_kernels.ops import linear_cross_entropy as lce
 from tests import reference as ref
-from tests.conftest import backend_usable
+from tests.conftest import backend_usable, require_backend
 
 IGNORE = -100
 linear_sequence_nll = api_linear.linear_sequence_nll
@@ -28,9 +28,7 @@ def backend(request, device, monkeypatch) -> str:
     """The backend name to pass; ``triton-tiles`` passes ``"triton"`` with the tile kernels selected
     (``$STEERLM_KERNELS_LINEAR=tiles``), every other case runs chunks."""
     name, _, strategy = request.param.partition("-")
-    ok, why = backend_usable(name, device)
-    if not ok:
-        pytest.skip(why)
+    require_backend(name, device)
     monkeypatch.setenv(_dispatch.LINEAR_ENV_VAR, strategy or "chunks")
     return name
 
@@ -481,7 +479,7 @@ def test_cpu_peak_memory_bounded_by_chunk_not_n_times_v():
     """cpp backend where built (the chunk driver is shared with torch, which is ~4x slower here)."""
     from steerlm_kernels import bench
 
-    backend_name = "cpp" if _usable("cpp")[0] else "torch"
+    backend_name = "cpp" if backend_usable("cpp", torch.device("cpu"))[0] else "torch"
     if bench.memory_method_check("cpu", 64) is None:
         pytest.skip("cannot measure the RSS high-water mark here")
     n, v, h = 4096, 128000, 64  # full float32 logits: 2000 MiB
@@ -518,14 +516,6 @@ def test_cpu_peak_memory_bounded_by_chunk_not_n_times_v():
     assert small < auto - 60, (small, auto)  # grows with the chunk ...
     assert abs(auto - half_n) < 100, (auto, half_n)  # ... not with N (N x V would double)
     assert trained < 400, trained  # chunk + grad_W (fp32 acc + result) + O(N)
-
-
-def _usable(name: str) -> tuple[bool, str]:
-    try:
-        _dispatch.resolve(name, torch.device("cpu"))
-    except ValueError as exc:
-        return False, str(exc)
-    return True, ""
 
 
 def test_torch_compile_fullgraph(backend, device):
