@@ -334,6 +334,18 @@ class Session:
         self.meta["skipped"][what] = f"--budget {self.cfg.budget:.0f} s spent"
         return True
 
+    def build(self, names: list[str], builder: Callable[[str, torch.device], Any], skip_prefix: str = ""
+              ) -> dict[str, Any]:
+        """``{name: builder(name, device)}`` for each of ``names``, each built once; one that cannot
+        run here is left out and recorded as skipped (under ``skip_prefix + name``)."""
+        impls: dict[str, Any] = {}
+        for name in names:
+            try:
+                impls[name] = builder(name, self.cfg.device)
+            except Exception as exc:
+                self.meta["skipped"][skip_prefix + name] = f"{type(exc).__name__}: {exc}"
+        return impls
+
     def add(self, row: Row) -> None:
         self.rows.append(row)
         self.on_row(self.rows)
@@ -344,11 +356,7 @@ def run_ce(ses: Session, grid: bool) -> None:
     """The logits-in section at its main shape (``grid=False``) or at the other grid points."""
     cfg = ses.cfg
     if not ses.ce_impls:
-        for name in cfg.impls:
-            try:
-                ses.ce_impls[name] = bench.build_impl(name, cfg.device)
-            except Exception as exc:
-                ses.meta["skipped"][name] = f"{type(exc).__name__}: {exc}"
+        ses.ce_impls = ses.build(cfg.impls, bench.build_impl)
     plan = _ce_plan(cfg)
     for (n, v), names in (plan[1:] if grid else plan[:1]):
         if ses.out_of_time(f"ce N={n} V={v}"):
@@ -382,11 +390,7 @@ def run_linear(ses: Session, grid: bool) -> None:
     """The fused-linear section at its main shape (``grid=False``) or at the other grid points."""
     cfg = ses.cfg
     if not ses.linear_impls:
-        for name in cfg.linear_impls:
-            try:
-                ses.linear_impls[name] = bench_linear.build_linear_impl(name, cfg.device)
-            except Exception as exc:
-                ses.meta["skipped"][f"linear/{name}"] = f"{type(exc).__name__}: {exc}"
+        ses.linear_impls = ses.build(cfg.linear_impls, bench_linear.build_linear_impl, "linear/")
     plan = _linear_plan(cfg)
     for (n, v, h), names in (plan[1:] if grid else plan[:1]):
         if ses.out_of_time(f"linear N={n} V={v} H={h}"):
@@ -422,13 +426,9 @@ def run_group(ses: Session) -> None:
     w = bench_group.make_group_workload(b, max_group, cfg.device, cfg.seed)
     bw = bench_group.copy_bandwidth(w, ses.timer, cfg.repeats)
     ses.meta["group_copy_gbps"] = bw
+    impls = ses.build(cfg.group_impls, bench_group.build_group_impl, "group/")
     for op in bench_group.OPS:
-        for name in cfg.group_impls:
-            try:
-                impl = bench_group.build_group_impl(name, cfg.device)
-            except Exception as exc:
-                ses.meta["skipped"][f"group/{name}"] = f"{type(exc).__name__}: {exc}"
-                continue
+        for impl in impls.values():
             ses.add(bench_group.run_group_case(impl, op, w, ses.timer, cfg.repeats, cfg.warmup))
     bench_group.fill_group_ratios(ses.rows, {(w.b, max_group): bw})
 
