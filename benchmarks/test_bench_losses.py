@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 
 import steerlm_kernels as sk
-from steerlm_kernels import _dispatch, bench
+from steerlm_kernels import bench, registry
 
 DEVICE = torch.device(os.environ.get("STEERLM_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 SHAPES = ([(n, v, 1024) for n in (4096, 16384) for v in (32000, 128256, 256000)] if DEVICE.type == "cuda"
           else [(512, 8192, 128), (2048, 32000, 512)])
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-IMPLS = ("eager", "compile", "liger", *_dispatch.BACKENDS)
+IMPLS = ("eager", "compile", "liger", *registry.BACKENDS)
 
 _workloads: dict[tuple[int, int, int, torch.dtype], bench.Workload] = {}
 _references: dict[tuple[int, int, int, torch.dtype, str], dict[str, torch.Tensor]] = {}
@@ -90,7 +90,7 @@ def test_loss(benchmark, phase: str, impl: str, dtype: str, shape: tuple[int, in
 
 @pytest.mark.parametrize("shape", SHAPES[:1], ids=[f"N{n}-V{v}" for n, v, _ in SHAPES[:1]])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("impl", ("eager", *_dispatch.BACKENDS))
+@pytest.mark.parametrize("impl", ("eager", *registry.BACKENDS))
 def test_token_nll(benchmark, impl: str, dtype: str, shape: tuple[int, int, int]) -> None:
     """``token_nll`` forward (per-token NLL, ignore_index) against ``F.cross_entropy(reduction="none")``."""
     if impl != "eager":

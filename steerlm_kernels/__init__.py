@@ -15,7 +15,6 @@ Public API (see SPEC and each docstring)::
 """
 
 from steerlm_kernels import data, megatron, nn
-from steerlm_kernels._dispatch import BACKENDS, BackendStatus, backends
 from steerlm_kernels.api import (
     SteerLM2Weights,
     segment_softmax,
@@ -26,6 +25,7 @@ from steerlm_kernels.api import (
 )
 from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
 from steerlm_kernels.model import GPTSteerLMModel
+from steerlm_kernels.registry import BACKENDS, BackendStatus, backends
 
 __version__ = "0.1.0"
 

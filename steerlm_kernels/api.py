@@ -31,9 +31,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from steerlm_kernels import _dispatch
-from steerlm_kernels import _validate as v
-from steerlm_kernels._distributed import group_size_rank, sum_over_context
+from steerlm_kernels import registry
+from steerlm_kernels import validation as v
+from steerlm_kernels.distributed import group_size_rank, sum_over_context
 from steerlm_kernels.ops import group
 from steerlm_kernels.ops.cross_entropy import token_nll_2d
 from steerlm_kernels.ops.segment import segment_sum
@@ -61,7 +61,7 @@ def _flat_inputs(logits: Any, labels: Any, ignore_index: Any, backend: Any) -> t
     logits = v.check_logits(logits)
     labels = v.check_labels(labels, logits)
     v.check_int("ignore_index", ignore_index)
-    name = _dispatch.resolve(backend, logits.device)
+    name = registry.resolve(backend, logits.device)
     logits2d = logits.reshape(-1, logits.shape[-1])
     if logits2d.stride(1) != 1:
         logits2d = logits2d.contiguous()
@@ -252,7 +252,7 @@ def segment_softmax(x: Tensor, group_sizes: int | Tensor, *, backend: str = "aut
     """
     x = v.check_vector("x", x)
     cu, max_group = v.group_offsets(group_sizes, x.shape[0], x.device, "group_sizes")
-    return group.group_softmax(x, cu, max_group, _dispatch.resolve(backend, x.device))
+    return group.group_softmax(x, cu, max_group, registry.resolve(backend, x.device))
 
 
 def steerlm2_weights(
@@ -282,6 +282,6 @@ def steerlm2_weights(
     cu, max_group = v.group_offsets(num_responses, b, seq_nll.device, "num_responses", per_item=True)
     with torch.no_grad():
         weight, baseline, kl = group.steerlm2_weights(
-            seq_nll.detach(), log_q.detach(), ws.detach(), cu, max_group, _dispatch.resolve(backend, seq_nll.device)
+            seq_nll.detach(), log_q.detach(), ws.detach(), cu, max_group, registry.resolve(backend, seq_nll.device)
         )
     return SteerLM2Weights(weight, baseline, kl.mean())

@@ -5,7 +5,7 @@
 ...)``, but the ``[N, V]`` logits are never held: every backend works on chunks of rows (a library
 GEMM for the chunk's logits, the backend's cross-entropy kernels on it in place, two GEMMs for the
 gradients), and the Triton backend can instead keep logits tiles on chip
-(``STEERLM_KERNELS_LINEAR=tiles``, see :func:`steerlm_kernels._dispatch.linear_strategy`). The math
+(``STEERLM_KERNELS_LINEAR=tiles``, see :func:`steerlm_kernels.registry.linear_strategy`). The math
 lives in :mod:`steerlm_kernels.ops.linear_cross_entropy`; this module validates, dispatches and
 documents.
 
@@ -56,10 +56,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steerlm_kernels import _dispatch
-from steerlm_kernels import _validate as v
-from steerlm_kernels._distributed import sum_over_context, vocab_shard
+from steerlm_kernels import registry
+from steerlm_kernels import validation as v
 from steerlm_kernels.api import _check_groups, _check_sequences
+from steerlm_kernels.distributed import sum_over_context, vocab_shard
 from steerlm_kernels.ops.linear_cross_entropy import (
     TILES,
     linear_nll_with_grad,
@@ -99,8 +99,8 @@ def _prepare(
     chunk_rows = v.check_chunk_size(chunk_size)
     cu = _check_sequences(labels, cu_seqlens)
     mask = v.check_loss_mask(loss_mask, labels)
-    name = _dispatch.resolve(backend, hidden.device)
-    if _dispatch.linear_strategy(name) == "tiles":
+    name = registry.resolve(backend, hidden.device)
+    if registry.linear_strategy(name) == "tiles":
         chunk_rows = TILES
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if hidden2d.stride(1) != 1:

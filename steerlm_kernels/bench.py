@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import steerlm_kernels as sk
-from steerlm_kernels import _dispatch
+from steerlm_kernels import registry
 
 PHASES: tuple[str, ...] = ("baseline", "train", "inplace")
 PHASE_TITLES: dict[str, str] = {
@@ -400,9 +400,9 @@ def _our_impl(backend: str, auto: str) -> Impl:
 def available_backends(device: torch.device) -> dict[str, str]:
     """``{backend: ""}`` for each backend that can run on ``device``, else ``{backend: why not}``."""
     out: dict[str, str] = {}
-    for name in _dispatch.BACKENDS:
+    for name in registry.BACKENDS:
         try:
-            _dispatch.resolve(name, device)
+            registry.resolve(name, device)
             out[name] = ""
         except ValueError as exc:
             out[name] = str(exc)
@@ -442,10 +442,10 @@ def build_impl(name: str, device: torch.device) -> Impl:
         if device.type != "cuda":
             raise ValueError("Liger-Kernel needs CUDA")
         return _liger_impl()
-    if name in _dispatch.BACKENDS:
-        _dispatch.resolve(name, device)  # raises ValueError with the reason
-        return _our_impl(name, _dispatch.resolve("auto", device))
-    raise ValueError(f"unknown implementation {name!r}; choose from {COMPARATORS + _dispatch.BACKENDS}")
+    if name in registry.BACKENDS:
+        registry.resolve(name, device)  # raises ValueError with the reason
+        return _our_impl(name, registry.resolve("auto", device))
+    raise ValueError(f"unknown implementation {name!r}; choose from {COMPARATORS + registry.BACKENDS}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -783,7 +783,7 @@ def demo(n: int = 2048, v: int = 32000, s: int = 512, repeats: int = 3) -> int:
     """Our fused loss beside eager PyTorch on one random batch: values, time and memory ratios."""
     pin_malloc_mmap_threshold()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    auto = _dispatch.resolve("auto", device)
+    auto = registry.resolve("auto", device)
     w = make_workload(n, v, s, torch.bfloat16, device)
     mib = w.logits.numel() * w.logits.element_size() / MIB
     print(f"A random SteerLM-like batch on {device.type.upper()}: {w.b} responses × {w.s} tokens, vocabulary "

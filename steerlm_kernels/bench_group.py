@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 import steerlm_kernels as sk
-from steerlm_kernels import _dispatch
+from steerlm_kernels import registry
 from steerlm_kernels.bench import IMPL_TITLES, Row, Timer, _rel_err, fill_speedups, measure
 
 OPS: tuple[str, ...] = ("steerlm2_weights", "segment_softmax")
@@ -107,15 +107,15 @@ def build_group_impl(name: str, device: torch.device) -> GroupImpl:
             return weights(w.seq_nll, w.log_q, w.ws, w.group_id, g)[0]
 
         return GroupImpl(name, TITLES[name], call_eager, warmup_extra=int(name == "compile"))
-    if name in _dispatch.BACKENDS:
-        _dispatch.resolve(name, device)
+    if name in registry.BACKENDS:
+        registry.resolve(name, device)
 
         def call_ours(op: str, w: GroupWorkload) -> Tensor:
             if op == "segment_softmax":
                 return sk.segment_softmax(w.seq_nll, w.sizes, backend=name)
             return sk.steerlm2_weights(w.seq_nll, w.log_q, w.ws, w.sizes, backend=name).weight
 
-        auto = _dispatch.resolve("auto", device)
+        auto = registry.resolve("auto", device)
         return GroupImpl(name, IMPL_TITLES[name] + (" (auto)" if name == auto else ""), call_ours, ours=True)
     raise ValueError(f"unknown group implementation {name!r}")
 
@@ -123,9 +123,9 @@ def build_group_impl(name: str, device: torch.device) -> GroupImpl:
 def default_group_impls(device: torch.device) -> list[str]:
     """eager, compile and every backend that runs on ``device`` (Triton interpreted too: O(B) work)."""
     names = ["eager", "compile"]
-    for backend in _dispatch.BACKENDS:
+    for backend in registry.BACKENDS:
         try:
-            _dispatch.resolve(backend, device)
+            registry.resolve(backend, device)
         except ValueError:
             continue
         names.append(backend)

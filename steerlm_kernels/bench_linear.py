@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import steerlm_kernels as sk
-from steerlm_kernels import _dispatch
+from steerlm_kernels import registry
 from steerlm_kernels.bench import (
     GRAD_TOL,
     IMPL_TITLES,
@@ -140,15 +140,15 @@ class LinearImpl:
 def _linear_strategy(value: str) -> Iterator[None]:
     """``$STEERLM_KERNELS_LINEAR`` set to ``value`` for the duration (read once per call, in the
     forward; the backward follows the forward's choice)."""
-    old = os.environ.get(_dispatch.LINEAR_ENV_VAR)
-    os.environ[_dispatch.LINEAR_ENV_VAR] = value
+    old = os.environ.get(registry.LINEAR_ENV_VAR)
+    os.environ[registry.LINEAR_ENV_VAR] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ[_dispatch.LINEAR_ENV_VAR]
+            del os.environ[registry.LINEAR_ENV_VAR]
         else:
-            os.environ[_dispatch.LINEAR_ENV_VAR] = old
+            os.environ[registry.LINEAR_ENV_VAR] = old
 
 
 def _ours(backend: str, auto: str, strategy: str = "chunks") -> LinearImpl:
@@ -203,12 +203,12 @@ def build_linear_impl(name: str, device: torch.device) -> LinearImpl:
             raise ValueError(why)
         return _from_seq(name, lambda w, h, W: _per_sequence(
             peers.linear_token_nll(name, h.view(-1, w.h), W, w.labels_ignored.view(-1)), w))
-    if name in _dispatch.BACKENDS:
-        _dispatch.resolve(name, device)
-        return _ours(name, _dispatch.resolve("auto", device))
+    if name in registry.BACKENDS:
+        registry.resolve(name, device)
+        return _ours(name, registry.resolve("auto", device))
     if name == "triton-tiles":
-        _dispatch.resolve("triton", device)
-        return _ours("triton", _dispatch.resolve("auto", device), strategy="tiles")
+        registry.resolve("triton", device)
+        return _ours("triton", registry.resolve("auto", device), strategy="tiles")
     raise ValueError(f"unknown linear implementation {name!r}")
 
 
@@ -217,9 +217,9 @@ def default_linear_impls(device: torch.device) -> list[str]:
     names = ["matmuls", "eager", "compile", "lce"]
     if device.type == "cuda":
         names += list(PEERS)
-    for backend in _dispatch.BACKENDS:
+    for backend in registry.BACKENDS:
         try:
-            _dispatch.resolve(backend, device)
+            registry.resolve(backend, device)
         except ValueError:
             continue
         if backend != "triton" or device.type == "cuda":

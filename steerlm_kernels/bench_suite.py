@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 import steerlm_kernels as sk
-from steerlm_kernels import _dispatch, bench, bench_dist, bench_group, bench_linear
+from steerlm_kernels import bench, bench_dist, bench_group, bench_linear, registry
 from steerlm_kernels.bench import MIB, Row, _fmt, _fmt_err, table_line, value_err_cell
 
 SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers")
@@ -175,7 +175,7 @@ def _selected(ns: argparse.Namespace) -> list[str] | None:
     """``--impls`` as a list (None: every default implementation), validated against every section."""
     if not ns.impls:
         return None
-    known = bench.COMPARATORS + bench_linear.COMPARATORS + _dispatch.BACKENDS + bench_linear.VARIANTS
+    known = bench.COMPARATORS + bench_linear.COMPARATORS + registry.BACKENDS + bench_linear.VARIANTS
     names = list(dict.fromkeys(i.strip() for i in ns.impls.split(",") if i.strip()))
     for name in names:
         if name not in known:
@@ -190,7 +190,7 @@ def _ce_impls(selected: list[str] | None, device: torch.device, quick: bool) -> 
     impls: list[str] = []
     skipped: dict[str, str] = {}
     for name in selected:
-        if name not in bench.COMPARATORS + _dispatch.BACKENDS:
+        if name not in bench.COMPARATORS + registry.BACKENDS:
             continue  # another section's implementation
         interpreted = name == "triton" and not bench.available_backends(device)["triton"]
         if name in default or interpreted:
@@ -285,7 +285,7 @@ def _row_text(r: Row) -> str:
 
 
 def _ce_plan(cfg: Config) -> list[tuple[tuple[int, int], list[str]]]:
-    auto = _dispatch.resolve("auto", cfg.device)
+    auto = registry.resolve("auto", cfg.device)
     plan = []
     for i, shape in enumerate(cfg.ce_shapes):
         names = cfg.impls if (i == 0 or cfg.device.type == "cuda") else [
@@ -295,7 +295,7 @@ def _ce_plan(cfg: Config) -> list[tuple[tuple[int, int], list[str]]]:
 
 
 def _linear_plan(cfg: Config) -> list[tuple[tuple[int, int, int], list[str]]]:
-    auto = _dispatch.resolve("auto", cfg.device)
+    auto = registry.resolve("auto", cfg.device)
     return [(shape, cfg.linear_impls if (i == 0 or cfg.device.type == "cuda") else
              [x for x in cfg.linear_impls if x in ("matmuls", "eager", "lce", auto)])
             for i, shape in enumerate(cfg.linear_shapes)]
@@ -662,7 +662,7 @@ def benchmark(
         "warmup": cfg.warmup, "ce_shapes": cfg.ce_shapes, "linear_shapes": cfg.linear_shapes,
         "linear_main": cfg.linear_shapes[0] if "linear" in cfg.sections else None,
         "linear_dtype": str(cfg.linear_dtype).removeprefix("torch."),
-        "group_shape": cfg.group_shape, "auto_backend": _dispatch.resolve("auto", cfg.device),
+        "group_shape": cfg.group_shape, "auto_backend": registry.resolve("auto", cfg.device),
         "backends": {k: str(v) for k, v in sk.backends().items()}, "memory_method_check_mib_of_256": mem_check,
         "bandwidth_gbps": {}, "skipped": dict(cfg.skipped),
     }

@@ -32,10 +32,10 @@ def info() -> int:
     for status in sk.backends().values():
         print(f"  {status}")
     try:
-        strategy = sk._dispatch.linear_strategy("triton")
+        strategy = sk.registry.linear_strategy("triton")
     except ValueError as exc:
         strategy = f"invalid ({exc})"
-    print(f"fused linear on triton: {strategy} (${sk._dispatch.LINEAR_ENV_VAR}; other backends: chunks)")
+    print(f"fused linear on triton: {strategy} (${sk.registry.LINEAR_ENV_VAR}; other backends: chunks)")
     return 0
 
 

@@ -53,10 +53,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from steerlm_kernels import _validate as v
-from steerlm_kernels._distributed import group_size_rank, sum_over_context
+from steerlm_kernels import validation as v
 from steerlm_kernels.api import SteerLM2Weights, sequence_nll, steerlm2_weights, weighted_sequence_loss
 from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
+from steerlm_kernels.distributed import group_size_rank, sum_over_context
 
 __all__ = ["BATCH_KEYS", "GPTSteerLMModel", "cfg_get"]
 

@@ -346,10 +346,10 @@ def _check_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
 
 
 def _ours_backend(device: torch.device) -> str:
-    from steerlm_kernels import _dispatch
+    from steerlm_kernels import registry
 
     try:
-        return _dispatch.resolve("auto", device)
+        return registry.resolve("auto", device)
     except ValueError as exc:
         return f"? ({exc})"
 

@@ -34,7 +34,7 @@ def device() -> torch.device:
 def backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
     """Can backend ``name`` run on tensors of ``device`` here? (and why not)."""
     try:
-        sk._dispatch.resolve(name, device)
+        sk.registry.resolve(name, device)
     except ValueError as exc:
         return False, str(exc)
     return True, ""

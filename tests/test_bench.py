@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from steerlm_kernels import _dispatch, bench, bench_group, bench_linear, bench_suite
+from steerlm_kernels import bench, bench_group, bench_linear, bench_suite, registry
 
 
 def _usable_backends(device: torch.device) -> list[str]:
@@ -62,7 +62,7 @@ def test_ce_section_lists_every_backend_and_agrees(device: torch.device, tmp_pat
     table = (tmp_path / "bench.md").read_text()
     for name in backends:
         assert bench.IMPL_TITLES[name] in table
-    auto = _dispatch.resolve("auto", device)
+    auto = registry.resolve("auto", device)
     assert f"{bench.IMPL_TITLES[auto]} (auto)" in table
     assert result["meta"]["memory_method_check_mib_of_256"] is None or (
         abs(result["meta"]["memory_method_check_mib_of_256"] - 256) < 0.15 * 256
@@ -151,7 +151,7 @@ def test_linear_tiles_variant_runs_the_tile_kernels(device: torch.device, monkey
         pytest.skip("triton cannot run here")
     from steerlm_kernels.ops import linear_cross_entropy as lce
 
-    monkeypatch.delenv(_dispatch.LINEAR_ENV_VAR, raising=False)
+    monkeypatch.delenv(registry.LINEAR_ENV_VAR, raising=False)
     calls = []
     real = lce.triton_linear_ce_backward
     monkeypatch.setattr(lce, "triton_linear_ce_backward", lambda *a: calls.append(1) or real(*a))
@@ -161,7 +161,7 @@ def test_linear_tiles_variant_runs_the_tile_kernels(device: torch.device, monkey
                                        bench_linear.linear_reference(w, "train"))
     assert row.error is None and row.agrees is True, row
     assert calls, "the tile backward did not run"
-    assert _dispatch.LINEAR_ENV_VAR not in os.environ
+    assert registry.LINEAR_ENV_VAR not in os.environ
 
 
 def test_group_workload_has_unequal_groups(device: torch.device) -> None:

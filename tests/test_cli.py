@@ -10,7 +10,7 @@ import steerlm_kernels as sk
 
 
 def test_info_lists_backends():
-    env = {k: v for k, v in os.environ.items() if k != sk._dispatch.LINEAR_ENV_VAR}
+    env = {k: v for k, v in os.environ.items() if k != sk.registry.LINEAR_ENV_VAR}
     out = subprocess.run([sys.executable, "-m", "steerlm_kernels", "info"], capture_output=True, text=True,
                          check=True, timeout=300, env=env).stdout
     assert "torch " in out and "steerlm_kernels" in out

@@ -102,7 +102,7 @@ def _check_layout(rank: int, world: int, tp_size: int, backends: list[str]) -> N
     hidden, weight, bias, labels, mask, seq_weight, normalizer, upstream = _inputs(v)
     for entry in backends:
         backend, _, strategy = entry.partition("-")  # "triton-tiles": the Triton tile kernels
-        os.environ[sk._dispatch.LINEAR_ENV_VAR] = strategy or "chunks"
+        os.environ[sk.registry.LINEAR_ENV_VAR] = strategy or "chunks"
         tag = f"{entry} tp={tp_size} cp={cp_size}"
         ref = _run(hidden, weight, bias, labels, mask, seq_weight, normalizer, upstream, backend)
         got = _run(hidden[:, rows], weight[cols], bias[cols], labels[:, rows], mask[:, rows], seq_weight, normalizer,

@@ -1,4 +1,4 @@
-"""The backend contract of ``ce_forward`` / ``ce_backward`` (see steerlm_kernels/_dispatch.py),
+"""The backend contract of ``ce_forward`` / ``ce_backward`` (see steerlm_kernels/registry.py),
 checked directly on each backend: poisoned outputs, rows that must not be read, vocabulary
 shards (``vocab_start``), in place, and offsets beyond 2**31."""
 
@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlm_kernels import _dispatch
+from steerlm_kernels import registry
 from tests import reference as ref
 
 IGNORE = -100
 
 
 def _impl(backend: str):
-    return _dispatch.get(backend)
+    return registry.get(backend)
 
 
 def _float64_grad(logits: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, vocab_start: int,

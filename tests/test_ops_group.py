@@ -212,8 +212,8 @@ def test_nan_and_inf_propagate(backend, device):
     assert torch.isfinite(got_b[17:]).all() and torch.isfinite(got_w[17:]).all()
     assert torch.isnan(out.distance)
     # the KL of each group: through the op directly (the API only returns the mean)
-    from steerlm_kernels._validate import group_offsets
     from steerlm_kernels.ops import group
+    from steerlm_kernels.validation import group_offsets
 
     cu, max_group = group_offsets(torch.tensor(sizes), len(nll), torch.device(device), "num_responses")
     _, _, got_kl = group.steerlm2_weights(nll.to(device), log_q.to(device), ws.to(device), cu, max_group, backend)
@@ -250,7 +250,7 @@ def test_input_dtypes_are_read_as_float32(backend, device, in_dtype):
     ([3, 3, 3, 3, 3, 3, 2, 2, 1], [0, 3, 6, 8, 9]),
 ])
 def test_per_item_num_responses_parse_into_groups(per_item: list[int], expected: list[int]) -> None:
-    from steerlm_kernels._validate import group_offsets
+    from steerlm_kernels.validation import group_offsets
 
     cu, max_group = group_offsets(torch.tensor(per_item), len(per_item), torch.device("cpu"), "num_responses",
                                   per_item=True)
@@ -259,7 +259,7 @@ def test_per_item_num_responses_parse_into_groups(per_item: list[int], expected:
 
 @pytest.mark.parametrize("per_item, bad_item", [([2, 2, 2], 2), ([2, 3, 3, 3], 0), ([1, 2, 1], 1), ([3, 3, 3, 3], 3)])
 def test_per_item_num_responses_name_the_breaking_item(per_item: list[int], bad_item: int) -> None:
-    from steerlm_kernels._validate import group_offsets
+    from steerlm_kernels.validation import group_offsets
 
     with pytest.raises(ValueError, match=f"num_responses in per-item form .* item {bad_item} breaks that"):
         group_offsets(torch.tensor(per_item), len(per_item), torch.device("cpu"), "num_responses", per_item=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlm_kernels import _dispatch, api_linear, nn_linear
+from steerlm_kernels import api_linear, nn_linear, registry
 from steerlm_kernels.ops import linear_cross_entropy as lce
 from tests import reference as ref
 from tests.conftest import backend_usable, require_backend
@@ -29,12 +29,12 @@ def backend(request, device, monkeypatch) -> str:
     (``$STEERLM_KERNELS_LINEAR=tiles``), every other case runs chunks."""
     name, _, strategy = request.param.partition("-")
     require_backend(name, device)
-    monkeypatch.setenv(_dispatch.LINEAR_ENV_VAR, strategy or "chunks")
+    monkeypatch.setenv(registry.LINEAR_ENV_VAR, strategy or "chunks")
     return name
 
 
 def _tiles(backend: str) -> bool:
-    return _dispatch.linear_strategy(backend) == "tiles"
+    return registry.linear_strategy(backend) == "tiles"
 
 
 def _skip_interpreted_half(backend: str, dtype: torch.dtype, device: torch.device) -> None:
@@ -393,7 +393,7 @@ def _tripwire(*args, **kwargs):
 def no_kernels(monkeypatch):
     for name in ("chunked_linear_ce", "triton_linear_ce_forward", "triton_linear_ce_backward"):
         monkeypatch.setattr(lce, name, _tripwire)
-    monkeypatch.setattr(_dispatch, "get", _tripwire)
+    monkeypatch.setattr(registry, "get", _tripwire)
 
 
 def _good():

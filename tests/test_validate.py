@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import steerlm_kernels as sk
-from steerlm_kernels import _dispatch
+from steerlm_kernels import registry
 
 
 def _tripwire(*args, **kwargs):
@@ -20,7 +20,7 @@ def _tripwire(*args, **kwargs):
 def no_kernels(monkeypatch):
     """Every backend's kernels raise if called."""
     fake = SimpleNamespace(ce_forward=_tripwire, ce_backward=_tripwire, segment_sum=_tripwire)
-    monkeypatch.setattr(_dispatch, "get", lambda name: fake)
+    monkeypatch.setattr(registry, "get", lambda name: fake)
 
 
 def _good(b: int = 2, s: int = 5, v: int = 11):

@@ -2,7 +2,7 @@
 
 Kernel modules do ``from steerlm_kernels.ops._triton import triton, tl`` so that the package
 still imports (and the ``cpp``/``torch`` backends still work) where Triton is absent, e.g. on
-macOS. ``_dispatch.backends()`` reports Triton as unavailable there.
+macOS. ``registry.backends()`` reports Triton as unavailable there.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The ``cpp`` backend: thin wrappers of the compiled extension ``steerlm_kernels._C``.
 
 Importing this module fails with ``ImportError`` when the extension is not built; the dispatcher
-(:mod:`steerlm_kernels._dispatch`) reports that as "cpp: extension not built".
+(:mod:`steerlm_kernels.registry`) reports that as "cpp: extension not built".
 
 The kernels live in ``csrc/cpu_kernels.cpp`` (OpenMP over rows or groups, ATen
 ``Vectorized<float>`` SIMD with an inlined exp, float32 accumulation, results independent of the
@@ -23,7 +23,7 @@ SIMD: str = getattr(_C, "simd", "unknown")
 
 def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor]:
     """``(lse[N], target[N])`` float32 of CPU ``logits [N, V]`` (unit column stride, any row
-    stride); ignored rows are not read and get 0/0. See :mod:`steerlm_kernels._dispatch`."""
+    stride); ignored rows are not read and get 0/0. See :mod:`steerlm_kernels.registry`."""
     lse, target = _C.ce_forward(logits, labels, int(vocab_start), int(ignore_index))
     return lse, target
 

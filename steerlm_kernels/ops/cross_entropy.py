@@ -21,7 +21,7 @@ rank that holds it, and partial ``(lse, target)`` pairs are combined by one coll
 The ops are registered with ``torch.library.custom_op`` (``steerlm_kernels::ce_forward``,
 ``::ce_backward``, ``::ce_backward_``) so that ``torch.compile(fullgraph=True)`` sees them as
 opaque nodes; the backend (``triton`` / ``cpp`` / ``torch``) is a string argument resolved by
-:mod:`steerlm_kernels._dispatch` before the call.
+:mod:`steerlm_kernels.registry` before the call.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steerlm_kernels import _dispatch
-from steerlm_kernels._distributed import combine_vocab_partials, vocab_shard
-from steerlm_kernels._validate import check_label_range
+from steerlm_kernels import registry
+from steerlm_kernels.distributed import combine_vocab_partials, vocab_shard
 from steerlm_kernels.ops._triton import tl, triton
+from steerlm_kernels.validation import check_label_range
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
@@ -136,7 +136,7 @@ def launch_config(n_cols: int) -> tuple[int, int]:
 
 
 def triton_ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Triton backend of ``ce_forward`` (see :mod:`steerlm_kernels._dispatch`)."""
+    """Triton backend of ``ce_forward`` (see :mod:`steerlm_kernels.registry`)."""
     n_rows, n_cols = logits.shape
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     target = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -183,7 +183,7 @@ def ce_forward(
     full ``vocab_size`` first when ``check_labels``."""
     if check_labels:
         check_label_range(labels, vocab_size, ignore_index)
-    return _dispatch.get(backend).ce_forward(logits, labels, vocab_start, ignore_index)
+    return registry.get(backend).ce_forward(logits, labels, vocab_start, ignore_index)
 
 
 @ce_forward.register_fake
@@ -198,7 +198,7 @@ def ce_backward(
 ) -> Tensor:
     """Gradient of ``sum(coef * nll)`` w.r.t. ``logits``, in a new contiguous tensor."""
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _dispatch.get(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, out)
+    registry.get(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, out)
     return out
 
 
@@ -212,7 +212,7 @@ def ce_backward_(
     logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, backend: str
 ) -> None:
     """In-place form of ``ce_backward``: overwrites ``logits`` with the gradient."""
-    _dispatch.get(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, logits)
+    registry.get(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, logits)
 
 
 @ce_backward_.register_fake
@@ -229,7 +229,7 @@ class TokenNLLFunction(torch.autograd.Function):
     """``nll[N] = lse - target`` (0 where ignored) of ``logits [N, V]``, differentiable.
 
     With ``process_group`` the logits are this rank's vocabulary shard and the partials are
-    combined by one collective (:mod:`steerlm_kernels._distributed`); the backward needs none.
+    combined by one collective (:mod:`steerlm_kernels.distributed`); the backward needs none.
     Saves ``logits`` (no copy), ``labels`` and ``lse`` ([N] float32) for the one-pass backward.
     With ``inplace_backward`` the gradient is written into the logits' storage, which the caller
     must not read afterwards.

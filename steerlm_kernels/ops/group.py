@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from steerlm_kernels import _dispatch
+from steerlm_kernels import registry
 from steerlm_kernels.ops._triton import tl, triton
 
 EPS = 1e-8
@@ -125,7 +125,7 @@ def torch_steerlm2_weights(
 @torch.library.custom_op("steerlm_kernels::group_softmax", mutates_args=())
 def group_softmax(x: Tensor, cu_groups: Tensor, max_group: int, backend: str) -> Tensor:
     """Softmax within consecutive groups; ``x [B]`` -> float32 ``[B]``."""
-    return _dispatch.get(backend).group_softmax(x.contiguous(), cu_groups, max_group)
+    return registry.get(backend).group_softmax(x.contiguous(), cu_groups, max_group)
 
 
 @group_softmax.register_fake
@@ -154,7 +154,7 @@ def steerlm2_weights(
     seq_nll: Tensor, log_q: Tensor, ws: Tensor, cu_groups: Tensor, max_group: int, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(weight [B], baseline [B], kl [G])`` float32; see the module docstring."""
-    return _dispatch.get(backend).steerlm2_weights(
+    return registry.get(backend).steerlm2_weights(
         seq_nll.contiguous(), log_q.contiguous(), ws.contiguous(), cu_groups, max_group
     )
 

@@ -1,13 +1,13 @@
 """Fused linear cross entropy: token NLL straight from hidden states, never holding ``[N, V]`` logits.
 
 ``logits = hidden @ weight.T (+ bias)`` is only ever formed a piece at a time, in one of two ways
-(chosen once per call by :func:`steerlm_kernels._dispatch.linear_strategy`, and carried to the ops
+(chosen once per call by :func:`steerlm_kernels.registry.linear_strategy`, and carried to the ops
 as ``chunk_rows``: :data:`TILES` selects the tile kernels):
 
 * **chunks** (every backend, the default): chunks of rows. For a chunk,
   ``logits_c = hidden_c @ W.T (+ bias)`` in one library GEMM (cuBLAS on CUDA; bfloat16 / float32
   matmuls with float32 accumulation; float16 is computed in float32 on CPU, where float16 matmuls
-  are extremely slow), then the CE primitives of the backend (:mod:`steerlm_kernels._dispatch`
+  are extremely slow), then the CE primitives of the backend (:mod:`steerlm_kernels.registry`
   ``ce_forward`` / ``ce_backward``, the latter in place in the chunk buffer: the Triton kernels on
   CUDA, the C++ ones on CPU), then ``grad_hidden_c = g @ W`` and ``grad_W += g.T @ hidden_c``
   (accumulated in float32 across chunks). On CPU, rows whose label is ignored (the public API
@@ -61,7 +61,7 @@ rank's contiguous shard ``[V/tp, H]`` / ``[V/tp]``, ``hidden`` is replicated. Th
 told about the shard: the caller turns the global labels into shard-local ones
 (:func:`shard_labels`: labels outside the shard become a sentinel that matches no column, so the
 row still contributes its log-sum-exp but no target logit), the ops yield the local
-``(lse_r, target_r)``, and ONE collective (:func:`steerlm_kernels._distributed.combine_vocab_partials`)
+``(lse_r, target_r)``, and ONE collective (:func:`steerlm_kernels.distributed.combine_vocab_partials`)
 gives the global ``(lse, target)``. Backward needs no communication: each rank recomputes its own
 logits columns with the global ``lse``. The gradient w.r.t. ``hidden`` is then this rank's
 *partial* contribution ``g_r @ W_r`` (the full one is the sum over the group, as for Megatron's
@@ -80,10 +80,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steerlm_kernels import _dispatch
-from steerlm_kernels._distributed import combine_vocab_partials
-from steerlm_kernels._validate import check_label_range
+from steerlm_kernels import registry
+from steerlm_kernels.distributed import combine_vocab_partials
 from steerlm_kernels.ops._triton import tl, triton
+from steerlm_kernels.validation import check_label_range
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
@@ -276,7 +276,7 @@ def _precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision of float32 operands: TF32 only where torch itself allows it for
     matmuls (``torch.backends.cuda.matmul.allow_tf32``), else exact IEEE float32. Ignored by
     Triton for bf16/fp16 operands."""
-    if dtype == torch.float32 and not _dispatch.triton_interpreting() and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not registry.triton_interpreting() and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -444,7 +444,7 @@ def chunked_linear_ce(
         passed through when given, ``target`` then empty) and gradients in the inputs' dtypes
         (``[0]`` where not needed).
     """
-    ce = _dispatch.get(backend)
+    ce = registry.get(backend)
     n_rows, n_hidden = hidden.shape
     n_vocab = weight.shape[0]
     dev = hidden.device

@@ -1,6 +1,6 @@
 """The ``torch`` backend: plain PyTorch, chunked over rows.
 
-It implements the backend contract of :mod:`steerlm_kernels._dispatch` on any device. Rows are
+It implements the backend contract of :mod:`steerlm_kernels.registry` on any device. Rows are
 processed in chunks of at most ``CHUNK_ELEMENTS`` logits, so it never holds an ``[N, V]`` float32
 temporary (its peak extra memory is a few chunk-sized float32 buffers plus O(N)). It is the
 ground truth the fast backends are tested against (itself tested against float64 math).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from steerlm_kernels import _dispatch
+from steerlm_kernels import registry
 from steerlm_kernels.ops._triton import tl, triton
 
 
@@ -54,7 +54,7 @@ def triton_segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:
 @torch.library.custom_op("steerlm_kernels::segment_sum", mutates_args=())
 def segment_sum(x: Tensor, cu_seqlens: Tensor, backend: str) -> Tensor:
     """``y[b] = sum(x[cu_seqlens[b]:cu_seqlens[b+1]])``; ``x [T]`` float32, ``y [B]`` float32."""
-    return _dispatch.get(backend).segment_sum(x.contiguous(), cu_seqlens.contiguous())
+    return registry.get(backend).segment_sum(x.contiguous(), cu_seqlens.contiguous())
 
 
 @segment_sum.register_fake

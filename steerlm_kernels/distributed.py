@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from steerlm_kernels._validate import check_values
+from steerlm_kernels.validation import check_values
 
 
 def group_size_rank(group: Any, name: str = "process_group") -> tuple[int, int]:
