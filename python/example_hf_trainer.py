@@ -16,8 +16,8 @@ Run it (CPU, about 15 s on 2 idle cores; no download, no network; needs ``transf
    inplace_backward=True)``, which the Trainer back-propagates (one fused pass over the logits).
 
 The model is a tiny ``LlamaForCausalLM`` built from a config (random init, byte vocabulary); the
-data is the bundled sample (:func:`steerlm_kernels.data.sample_data_path`) read by
-:class:`steerlm_kernels.data.SteerLM2Dataset`, whose items are whole prompt groups (a prompt
+data is the bundled sample (:func:`steerlm_kernels.steerlm2.data.sample_data_path`) read by
+:class:`steerlm_kernels.steerlm2.data.SteerLM2Dataset`, whose items are whole prompt groups (a prompt
 with all its responses) and whose ``collate_fn`` is the data collator.
 """
 
@@ -34,8 +34,8 @@ import transformers
 from torch import Tensor, nn
 
 import steerlm_kernels as sk
-from steerlm_kernels.data import LOG_Q, ByteTokenizer, SteerLM2Dataset, sample_data_path
-from steerlm_kernels.model import avg_num_valid_tokens_in_ub
+from steerlm_kernels.steerlm2.data import LOG_Q, ByteTokenizer, SteerLM2Dataset, sample_data_path
+from steerlm_kernels.steerlm2.model import avg_num_valid_tokens_in_ub
 
 MAX_LEN = 256
 
@@ -43,14 +43,14 @@ MAX_LEN = 256
 def group_normalizer(loss_mask: Tensor, num_responses: Tensor, num_microbatches: int = 1) -> Tensor:
     """NeMo's normalizer ``avg_num_valid_tokens_in_ub`` ``[B]``: per response, the mean number of
     loss tokens over its prompt group, times ``num_groups / num_microbatches``; the package's own
-    (:func:`steerlm_kernels.model.avg_num_valid_tokens_in_ub`, also used by ``GPTSteerLMModel``)."""
+    (:func:`steerlm_kernels.steerlm2.model.avg_num_valid_tokens_in_ub`, also used by ``GPTSteerLMModel``)."""
     return avg_num_valid_tokens_in_ub(loss_mask, num_responses, num_microbatches)
 
 
 class SteerLMTrainer(transformers.Trainer):
     """``Trainer`` whose loss is SteerLM 2.0's (baseline phase + weighted per-sequence NLL).
 
-    Batches are :func:`steerlm_kernels.data.collate_fn` dictionaries holding whole prompt groups.
+    Batches are :func:`steerlm_kernels.steerlm2.data.collate_fn` dictionaries holding whole prompt groups.
     The ``loss`` / ``distance`` of every training batch (every ``compute_loss`` call in training
     mode; several per optimizer step with gradient accumulation) are kept in
     :attr:`steerlm_history`, and the distance is added to the Trainer's logs.

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Generate the bundled SteerLM 2.0 sample, ``steerlm_kernels/_sample/sample_steerlm2.jsonl``.
+"""Generate the bundled SteerLM 2.0 sample, ``steerlm_kernels/steerlm2/sample_data/sample_steerlm2.jsonl``.
 
 Deterministic (seeded): ``python python/make_sample_data.py`` rewrites the bundled file byte for
 byte; ``--check`` only verifies that it is up to date. The file has 40 prompts with 4-8 responses
-each, in the JSONL format read by :mod:`steerlm_kernels.data`.
+each, in the JSONL format read by :mod:`steerlm_kernels.steerlm2.records`.
 
 The generative story (every log-probability in the file is exact under it)
 -------------------------------------------------------------------------
@@ -31,8 +31,9 @@ Hence ``ws = softmax_group(log P(a|x,y) + log P(y|x) - log Q'(y|a,x))`` concentr
 responses whose length and topic-word count agree with the requested attributes. These are simple
 functions of the bytes and of the label written in the prompt, so a tiny byte-level LM trained
 with the SteerLM 2.0 estimator can learn them and its ``distance`` (KL from ``ws`` to the model's
-baseline) falls. Prompts are rendered by :func:`steerlm_kernels.data.render_prompt`; with the
-byte tokenizer every sequence (bos + prompt + response + eos) is at most 160 tokens.
+baseline) falls. Prompts are rendered by
+:func:`steerlm_kernels.steerlm2.tokenization.render_prompt`; with the byte tokenizer every sequence
+(bos + prompt + response + eos) is at most 160 tokens.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def sample_response(rng: random.Random, topic: str) -> list[str]:
 
 
 def _rendered_length(record: dict) -> int:
-    # mirrors steerlm_kernels.data.render_prompt (kept independent so the script runs without the package)
+    # mirrors steerlm_kernels.steerlm2.tokenization.render_prompt (kept independent so that the script
+    # runs without the package)
     text = f"System: {record['system']}\n" if record["system"] else ""
     text += "".join(f"{t['from']}: {t['value']}\n" for t in record["prompt_turns"])
     text += f"Assistant [{record['label']}]: "
@@ -182,7 +184,8 @@ def render_jsonl(records: list[dict]) -> str:
 
 def default_output() -> Path:
     """The bundled file's location in this checkout."""
-    return Path(__file__).resolve().parents[1] / "steerlm_kernels" / "_sample" / "sample_steerlm2.jsonl"
+    package = Path(__file__).resolve().parents[1] / "steerlm_kernels"
+    return package / "steerlm2" / "sample_data" / "sample_steerlm2.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,11 +10,12 @@ Public API (see SPEC and each docstring)::
     sk.backends()                                        # what can run here, and why not
     sk.linear_weighted_sequence_loss(hidden, lm_head_weight, labels, loss_mask, weight, normalizer)
     sk.nn.SequenceNLL(), sk.nn.WeightedSequenceLoss()    # module forms
-    sk.GPTSteerLMModel(model, cfg).get_loss_and_metrics(batch, forward_only=False)
-    sk.data.SteerLM2Dataset(path), sk.megatron.vocab_parallel_cross_entropy(...)
+    sk.megatron.vocab_parallel_cross_entropy(...)
+    sk.GPTSteerLMModel(model, cfg).get_loss_and_metrics(batch, forward_only=False)  # the application,
+    sk.data.SteerLM2Dataset(path)                        # loaded on first access (steerlm_kernels.steerlm2)
 """
 
-from steerlm_kernels import data, megatron, nn
+from steerlm_kernels import megatron, nn
 from steerlm_kernels.api import (
     SteerLM2Weights,
     segment_softmax,
@@ -24,7 +25,6 @@ from steerlm_kernels.api import (
     weighted_sequence_loss,
 )
 from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
-from steerlm_kernels.model import GPTSteerLMModel
 from steerlm_kernels.registry import BACKENDS, BackendStatus, backends
 
 __version__ = "0.1.0"
@@ -47,3 +47,26 @@ __all__ = [
     "token_nll",
     "weighted_sequence_loss",
 ]
+
+#: The SteerLM 2.0 application's names kept here for compatibility, imported on first access so
+#: that ``import steerlm_kernels`` loads the kernel library only: name -> (module, attribute or None).
+_APPLICATION = {
+    "GPTSteerLMModel": ("steerlm_kernels.steerlm2.model", "GPTSteerLMModel"),
+    "data": ("steerlm_kernels.steerlm2.data", None),
+}
+
+
+def __getattr__(name: str):
+    if name not in _APPLICATION:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _APPLICATION[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_APPLICATION))

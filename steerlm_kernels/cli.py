@@ -40,8 +40,9 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from steerlm_kernels import bench, bench_suite, train
+    from steerlm_kernels import bench, bench_suite
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="steerlm-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and backends")
@@ -49,15 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="benchmark tables (logits in, fused linear, group ops, peers) against eager PyTorch, "
         "torch.compile and the peers; JSON, markdown and plots in --output"))
     sub.add_parser("demo", help="info, then the fused loss beside eager PyTorch on a random batch")
-    train.add_arguments(
-        sub.add_parser("train", help="SteerLM 2.0 training (no arguments: bundled sample + tiny model on CPU)")
+    train_parser = sub.add_parser(
+        "train", help="SteerLM 2.0 training (no arguments: bundled sample + tiny model on CPU)"
     )
+    if argv[:1] == ["train"]:  # the SteerLM 2.0 application is imported for its own command only
+        from steerlm_kernels.steerlm2 import train
+
+        train.add_arguments(train_parser)
     ns = parser.parse_args(argv)
     if ns.command == "info":
         return info()
     if ns.command == "bench":
         return bench_suite.run(ns)
     if ns.command == "train":
+        from steerlm_kernels.steerlm2 import train
+
         return train.run(ns)
     info()
     print()

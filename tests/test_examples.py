@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import steerlm_kernels as sk
-from steerlm_kernels.data import SteerLM2Dataset, sample_data_path
+from steerlm_kernels.steerlm2.data import SteerLM2Dataset, sample_data_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "python"
 
@@ -104,7 +104,7 @@ def test_plain_loop_lowers_the_distance(capsys, one_thread):
 
 def test_plain_loop_step_matches_float64_reference():
     ex = load_example("example_plain_loop")
-    from steerlm_kernels.tiny_lm import TinyCausalLM
+    from steerlm_kernels.steerlm2.tiny_lm import TinyCausalLM
 
     batch = sample_batch([3, 0, 7])  # groups of different sizes
     model = TinyCausalLM(259, max_seq_len=256, seed=1)
@@ -123,7 +123,7 @@ def test_plain_loop_step_matches_float64_reference():
 def test_group_normalizer_is_nemos_closed_form():
     """The examples' normalizer is the package's; check it against NeMo's formula computed by hand,
     with a group whose mean is below one token and an all-masked group (which gets 1)."""
-    from steerlm_kernels.model import avg_num_valid_tokens_in_ub
+    from steerlm_kernels.steerlm2.model import avg_num_valid_tokens_in_ub
 
     loss_mask = torch.zeros(6, 4)
     loss_mask[0, :3] = 1  # group 0 = items 0..2: 3, 0, 2 tokens -> mean 5/3

@@ -1,4 +1,5 @@
-"""Tests of steerlm_kernels.data: reader, ws, tokenisation, collation, sampler, policies, errors."""
+"""Tests of steerlm_kernels.steerlm2.data and the records / tokenization modules it re-exports: reader,
+ws, tokenisation, collation, sampler, policies, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlm_kernels import data as skd
+from steerlm_kernels.steerlm2 import data as skd
 
 REPO = Path(__file__).resolve().parents[1]
 

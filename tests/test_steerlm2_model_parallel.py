@@ -3,8 +3,8 @@
 The model is a per-token toy LM (embedding + position embedding + tanh MLP + LM head, no
 attention), so that a rank holding half of every sequence computes exactly the full model's
 logits for its tokens (a real model needs ring attention for that, which is the model's job, not
-the wrapper's). Every worker computes the float64 closed-form objective of tests/test_model.py on
-the full batch and full model itself, then runs the wrapper on its part:
+the wrapper's). Every worker computes the float64 closed-form objective of
+tests/test_steerlm2_model.py on the full batch and full model itself, then runs the wrapper on its part:
 
 * context parallel (``cp_group``): rank r holds the r-th half of every sequence; the loss and
   distance equal the single-process ones on every rank, and the SUM over ranks of every parameter
@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from steerlm_kernels.model import GPTSteerLMModel
+from steerlm_kernels.steerlm2.model import GPTSteerLMModel
 from tests.test_distributed import _init, _spawn, _usable_backends
-from tests.test_model import cfg_of, make_batch, reference
+from tests.test_steerlm2_model import cfg_of, make_batch, reference
 
 V, S, H = 48, 14, 16
 GROUPS = (3, 1, 2)

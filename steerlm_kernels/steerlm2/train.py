@@ -1,10 +1,11 @@
 """``steerlm-kernels train``: SteerLM 2.0 training on a JSONL file and a causal LM.
 
 With no arguments it runs an embedded default - the bundled sample data
-(:func:`steerlm_kernels.data.sample_data_path`) and a :class:`~steerlm_kernels.tiny_lm.TinyCausalLM`
-with the byte tokenizer, on CPU, in about a minute - printing loss, distance and tokens/s per
-step with a progress bar, then a summary. It writes ``metrics.json`` and (when matplotlib is
-installed: ``pip install 'steerlm-kernels[plot]'``) ``metrics.png`` to ``--output``.
+(:func:`~steerlm_kernels.steerlm2.records.sample_data_path`) and a
+:class:`~steerlm_kernels.steerlm2.tiny_lm.TinyCausalLM` with the byte tokenizer, on CPU, in about a
+minute - printing loss, distance and tokens/s per step with a progress bar, then a summary. It
+writes ``metrics.json`` and (when matplotlib is installed: ``pip install 'steerlm-kernels[plot]'``)
+``metrics.png`` to ``--output``.
 
 Each step takes ``--groups-per-step`` whole prompt groups, runs
 :meth:`GPTSteerLMModel.get_loss_and_metrics` (baseline phase, then the weighted loss with
@@ -87,12 +88,12 @@ def _fail(message: str) -> int:
 def load_model(spec: str, device: torch.device, seed: int, max_seq_len: int) -> tuple[nn.Module, Any, str]:
     """Build the model and its tokenizer from ``spec``.
 
-    ``spec``: a built-in name of :data:`steerlm_kernels.tiny_lm.TINY_CONFIGS` (byte tokenizer,
+    ``spec``: a built-in name of :data:`steerlm_kernels.steerlm2.tiny_lm.TINY_CONFIGS` (byte tokenizer,
     deterministic init from ``seed``, ``max_seq_len`` learned positions) or a Hugging Face model
     directory (loaded in float32). Returns ``(model on device, tokenizer, description)``.
     """
-    from steerlm_kernels.data import ByteTokenizer
-    from steerlm_kernels.tiny_lm import TINY_CONFIGS, TinyCausalLM
+    from steerlm_kernels.steerlm2.tiny_lm import TINY_CONFIGS, TinyCausalLM
+    from steerlm_kernels.steerlm2.tokenization import ByteTokenizer
 
     if spec in TINY_CONFIGS:
         tok = ByteTokenizer()
@@ -155,7 +156,7 @@ def _plot(steps: list[dict[str, float]], path: Path, title: str) -> str | None:
 
 
 def _resolve_device(name: str, model_spec: str) -> torch.device:
-    from steerlm_kernels.tiny_lm import TINY_CONFIGS
+    from steerlm_kernels.steerlm2.tiny_lm import TINY_CONFIGS
 
     if name == "auto":
         if model_spec in TINY_CONFIGS or not torch.cuda.is_available():
@@ -166,8 +167,8 @@ def _resolve_device(name: str, model_spec: str) -> torch.device:
 
 def run(ns: argparse.Namespace) -> int:
     """Run the ``train`` sub-command with the parsed options; returns the exit status."""
-    from steerlm_kernels.data import GroupBatchSampler, SteerLM2Dataset, sample_data_path
-    from steerlm_kernels.model import GPTSteerLMModel
+    from steerlm_kernels.steerlm2.data import GroupBatchSampler, SteerLM2Dataset, sample_data_path
+    from steerlm_kernels.steerlm2.model import GPTSteerLMModel
 
     for name in ("steps", "groups_per_step", "micro_batch_size", "forward_micro_batch_size", "max_seq_length"):
         if getattr(ns, name) < 1:
@@ -266,7 +267,7 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m steerlm_kernels.train [options]``."""
+    """Stand-alone entry point: ``python -m steerlm_kernels.steerlm2.train [options]``."""
     parser = add_arguments(argparse.ArgumentParser(prog="steerlm-kernels train"))
     return run(parser.parse_args(argv))
 

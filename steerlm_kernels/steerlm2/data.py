@@ -1,38 +1,10 @@
 """SteerLM 2.0 data pipeline: JSONL reader, importance weights, tokenisation, collation, batching.
 
-File format (one JSON object per line, key names exactly as NeMo-Aligner's ``SteerLM2Dataset``)::
-
-    {"system": "Be brief.",
-     "prompt_turns": [{"from": "User", "value": "Tell me about tea."}],
-     "label": "helpfulness:4,verbosity:1",
-     "responses": [{"from": "Assistant", "value": "tea is warm.",
-                    "log(P(a|x,y))": -1.2, "log(P(y|x))": -20.5, "log(Q(y|a,x))": -19.0},
-                   ...]}
-
-* ``system``: str (may be empty). ``prompt_turns``: non-empty list of ``{"from": str, "value": str}``.
-* ``label``: the attribute string, or ``null``/absent for no label.
-* ``responses``: non-empty list; each has a non-empty ``value`` and three finite log-probabilities.
-  ``from`` is optional (default ``"Assistant"``) and must be the same for every response.
-  Responses may differ in number from prompt to prompt (NeMo requires equal numbers; we do not).
-
-Every defect raises :class:`SteerLMDataError` (a ``ValueError``) naming the file, the line and the
-key, e.g. ``data.jsonl, line 7, key 'responses[1].log(Q(y|a,x))': must be finite, got nan``.
-Blank lines are skipped.
-
-Importance weights (per prompt group, float64 math, stored float32)::
-
-    ws = softmax_group(log P(a|x,y) + log P(y|x) - log Q(y|a,x))
-
-Prompt rendering (our own simple chat template; it does not need to match NeMo's)::
-
-    "System: {system}\\n"                      (only when system is non-empty)
-    "{turn.from}: {turn.value}\\n"             (for every prompt turn)
-    "{response_from} [{label}]: "              (or "{response_from}: " when there is no label)
-
-The sequence of one response is ``[bos] + encode(prompt) + encode(response) + [eos]`` (``bos``
-only when the tokenizer has one and ``add_bos``; ``eos`` only when it has one and ``add_eos``).
-Prompt and response are encoded separately, so the prompt/response boundary is exact whatever the
-tokenizer, and the response tokens are exactly those whose log-probability ``log Q'`` scores.
+This module is the pipeline's one entry point (``sk.data``): it holds the dataset,
+the collate function and the group sampler, and re-exports the record layer
+(:mod:`steerlm_kernels.steerlm2.records`: file format, validation, errors, importance weights, the
+bundled sample) and the text layer (:mod:`steerlm_kernels.steerlm2.tokenization`: prompt template,
+byte tokenizer).
 
 Batches (:func:`collate_fn`) follow NeMo's keys, one row per *response* (B = total responses):
 
@@ -67,8 +39,6 @@ Typical use::
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import warnings
 from collections.abc import Iterator, Mapping, Sequence, Sized
@@ -80,8 +50,25 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from steerlm_kernels.steerlm2.records import (
+    DEFAULT_RESPONSE_ROLE,
+    LOG_P_A,
+    LOG_P_Y,
+    LOG_Q,
+    Response,
+    SteerLM2Record,
+    SteerLMDataError,
+    SteerLMDataWarning,
+    importance_weights,
+    parse_record,
+    read_jsonl,
+    sample_data_path,
+)
+from steerlm_kernels.steerlm2.tokenization import ByteTokenizer, encode_ids, render_prompt, special_token_id
+
 __all__ = [
     "BATCH_KEYS",
+    "DEFAULT_RESPONSE_ROLE",
     "LOG_P_A",
     "LOG_P_Y",
     "LOG_Q",
@@ -102,297 +89,7 @@ __all__ = [
     "sample_data_path",
 ]
 
-LOG_P_A = "log(P(a|x,y))"
-LOG_P_Y = "log(P(y|x))"
-LOG_Q = "log(Q(y|a,x))"
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids", "ws", LOG_Q, "num_responses")
-DEFAULT_RESPONSE_ROLE = "Assistant"
-
-_SAMPLE_FILE = Path(__file__).resolve().parent / "_sample" / "sample_steerlm2.jsonl"
-
-
-def sample_data_path() -> Path:
-    """Path of the bundled sample file (40 prompts, 4-8 responses each; see ``python/make_sample_data.py``)."""
-    return _SAMPLE_FILE
-
-
-# ----------------------------------------------------------------------------------------------
-# errors
-
-
-class SteerLMDataError(ValueError):
-    """A malformed SteerLM 2.0 record or file; names the source, the line and the offending key.
-
-    Attributes: ``source`` (file path, or ``"<records>"`` for in-memory records), ``line``
-    (1-based line of the file, or 1-based index of the in-memory record; 0 for the whole file),
-    ``key`` (dotted path of the offending key, e.g. ``"responses[2].value"``), ``problem``.
-    """
-
-    def __init__(self, source: str, line: int, key: str, problem: str) -> None:
-        self.source = source
-        self.line = line
-        self.key = key
-        self.problem = problem
-        where = "record" if source == "<records>" else "line"
-        super().__init__(f"{source}, {where} {line}, key {key!r}: {problem}")
-
-
-class SteerLMDataWarning(UserWarning):
-    """Warning category of the data pipeline (e.g. prompt groups dropped for length)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# records
-
-
-@dataclass(frozen=True)
-class Response:
-    """One sampled response ``y`` and its three log-probabilities (float64, finite)."""
-
-    value: str
-    log_p_a: float  # log P(a|x,y)
-    log_p_y: float  # log P(y|x)
-    log_q: float  # log Q'(y|a,x)
-
-
-@dataclass(frozen=True)
-class SteerLM2Record:
-    """One validated JSONL record: a prompt and its group of responses."""
-
-    system: str
-    prompt_turns: tuple[tuple[str, str], ...]  # (from, value)
-    label: str | None
-    response_role: str
-    responses: tuple[Response, ...]
-    source: str
-    line: int
-
-    @property
-    def log_w(self) -> list[float]:
-        """Unnormalised log importance weights ``log P(a|x,y) + log P(y|x) - log Q(y|a,x)`` (float64)."""
-        return [r.log_p_a + r.log_p_y - r.log_q for r in self.responses]
-
-    @property
-    def ws(self) -> Tensor:
-        """Normalised importance weights of the group, ``[n]`` float32 (computed in float64)."""
-        return importance_weights(
-            [r.log_p_a for r in self.responses], [r.log_p_y for r in self.responses], [r.log_q for r in self.responses]
-        )
-
-
-def importance_weights(log_p_a: Sequence[float], log_p_y: Sequence[float], log_q: Sequence[float]) -> Tensor:
-    """``softmax(log_p_a + log_p_y - log_q)`` over one group, in float64; returns ``[n]`` float32."""
-    logw = (
-        torch.tensor(log_p_a, dtype=torch.float64)
-        + torch.tensor(log_p_y, dtype=torch.float64)
-        - torch.tensor(log_q, dtype=torch.float64)
-    )
-    return torch.softmax(logw, dim=0).to(torch.float32)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _type_name(x: Any) -> str:
-    return "null" if x is None else type(x).__name__
-
-
-def parse_record(obj: Any, source: str = "<records>", line: int = 1) -> SteerLM2Record:
-    """Validate one decoded JSON object and return it as a :class:`SteerLM2Record`.
-
-    Raises :class:`SteerLMDataError` naming ``source``, ``line`` and the offending key.
-    """
-
-    def fail(key: str, problem: str) -> SteerLMDataError:
-        return SteerLMDataError(source, line, key, problem)
-
-    if not isinstance(obj, Mapping):
-        raise fail("<record>", f"a record must be a JSON object, got {_type_name(obj)}")
-    for key in ("system", "prompt_turns", "responses"):
-        if key not in obj:
-            raise fail(key, "missing key")
-
-    system = obj["system"]
-    if not isinstance(system, str):
-        raise fail("system", f"must be a string, got {_type_name(system)}")
-
-    turns_raw = obj["prompt_turns"]
-    if not isinstance(turns_raw, list):
-        raise fail("prompt_turns", f"must be a list of turns, got {_type_name(turns_raw)}")
-    if not turns_raw:
-        raise fail("prompt_turns", "must not be empty")
-    turns: list[tuple[str, str]] = []
-    for i, turn in enumerate(turns_raw):
-        if not isinstance(turn, Mapping):
-            raise fail(f"prompt_turns[{i}]", f"must be an object with 'from' and 'value', got {_type_name(turn)}")
-        for key in ("from", "value"):
-            if key not in turn:
-                raise fail(f"prompt_turns[{i}].{key}", "missing key")
-            if not isinstance(turn[key], str):
-                raise fail(f"prompt_turns[{i}].{key}", f"must be a string, got {_type_name(turn[key])}")
-        turns.append((turn["from"], turn["value"]))
-
-    label = obj.get("label")
-    if label is not None and not isinstance(label, str):
-        raise fail("label", f"must be a string or null, got {_type_name(label)}")
-
-    resp_raw = obj["responses"]
-    if not isinstance(resp_raw, list):
-        raise fail("responses", f"must be a list of responses, got {_type_name(resp_raw)}")
-    if not resp_raw:
-        raise fail("responses", "must not be empty (a prompt needs at least one response)")
-    responses: list[Response] = []
-    role: str | None = None
-    for i, resp in enumerate(resp_raw):
-        if not isinstance(resp, Mapping):
-            raise fail(f"responses[{i}]", f"must be an object, got {_type_name(resp)}")
-        if "value" not in resp:
-            raise fail(f"responses[{i}].value", "missing key")
-        value = resp["value"]
-        if not isinstance(value, str):
-            raise fail(f"responses[{i}].value", f"must be a string, got {_type_name(value)}")
-        if not value:
-            raise fail(f"responses[{i}].value", "empty response text")
-        r_from = resp.get("from", DEFAULT_RESPONSE_ROLE)
-        if not isinstance(r_from, str):
-            raise fail(f"responses[{i}].from", f"must be a string, got {_type_name(r_from)}")
-        if role is None:
-            role = r_from
-        elif r_from != role:
-            raise fail(f"responses[{i}].from", f"all responses must be from the same role: {role!r} vs {r_from!r}")
-        logs: list[float] = []
-        for key in (LOG_P_A, LOG_P_Y, LOG_Q):
-            if key not in resp:
-                raise fail(f"responses[{i}].{key}", "missing key")
-            x = resp[key]
-            if not _is_number(x):
-                raise fail(f"responses[{i}].{key}", f"must be a number, got {_type_name(x)}")
-            x = float(x)
-            if not math.isfinite(x):
-                raise fail(f"responses[{i}].{key}", f"must be finite, got {x}")
-            logs.append(x)
-        responses.append(Response(value, logs[0], logs[1], logs[2]))
-    return SteerLM2Record(system, tuple(turns), label, role or DEFAULT_RESPONSE_ROLE, tuple(responses), source, line)
-
-
-def read_jsonl(path: str | Path) -> list[SteerLM2Record]:
-    """Read and validate a SteerLM 2.0 JSONL file. Blank lines are skipped.
-
-    Raises :class:`SteerLMDataError` for invalid UTF-8, invalid JSON or a malformed record (naming
-    the file, the 1-based line and the key), and when the file holds no record at all.
-    """
-    src = str(path)
-    records: list[SteerLM2Record] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise SteerLMDataError(
-                    src, lineno, "<line>", f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
-                ) from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise SteerLMDataError(src, lineno, "<json>", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-            records.append(parse_record(obj, src, lineno))
-    if not records:
-        raise SteerLMDataError(src, 0, "<file>", "no records (the file is empty)")
-    return records
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenisation
-
-
-class ByteTokenizer:
-    """Byte-level tokenizer needing no download: ids ``0..255`` are the UTF-8 bytes, then specials.
-
-    ``pad_token_id = 256``, ``bos_token_id = 257``, ``eos_token_id = 258``, ``vocab_size = 259``.
-    """
-
-    pad_token_id: int = 256
-    bos_token_id: int = 257
-    eos_token_id: int = 258
-    vocab_size: int = 259
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """UTF-8 bytes of ``text`` (preceded by ``bos`` when ``add_special_tokens``)."""
-        ids = list(text.encode("utf-8"))
-        return [self.bos_token_id, *ids] if add_special_tokens else ids
-
-    def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = True) -> str:
-        """Inverse of :meth:`encode`; specials are dropped (or shown as ``<pad>``/``<bos>``/``<eos>``)."""
-        if isinstance(ids, Tensor):
-            ids = ids.tolist()
-        names = {self.pad_token_id: "<pad>", self.bos_token_id: "<bos>", self.eos_token_id: "<eos>"}
-        out = bytearray()
-        for i in ids:
-            if 0 <= i < 256:
-                out.append(i)
-            elif not skip_special_tokens:
-                out.extend(names.get(i, f"<{i}>").encode())
-        return out.decode("utf-8", errors="replace")
-
-    def __repr__(self) -> str:
-        return "ByteTokenizer(vocab_size=259, pad=256, bos=257, eos=258)"
-
-
-def _special_id(tokenizer: Any, *names: str) -> int | None:
-    for name in names:
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """``tokenizer.encode(text)`` without special tokens, normalised to a flat ``list[int]``.
-
-    Accepts a list / tuple / tensor / array of ids, a mapping or object with ``input_ids`` (HF
-    ``BatchEncoding``), or an object with ``ids`` (``tokenizers.Encoding``).
-    """
-    try:
-        out = tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:
-        out = tokenizer.encode(text)
-    if isinstance(out, Mapping):
-        if "input_ids" not in out:
-            raise TypeError("tokenizer.encode returned a mapping without 'input_ids'")
-        out = out["input_ids"]
-    elif hasattr(out, "input_ids"):
-        out = out.input_ids
-    elif hasattr(out, "ids"):
-        out = out.ids
-    if hasattr(out, "tolist"):
-        out = out.tolist()
-    out = list(out)
-    if len(out) == 1 and isinstance(out[0], (list, tuple)):  # batch of one
-        out = list(out[0])
-    ids: list[int] = []
-    for t in out:
-        if hasattr(t, "item"):
-            t = t.item()
-        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-            raise TypeError(f"tokenizer.encode must return non-negative integer ids, got element {t!r}")
-        ids.append(t)
-    return ids
-
-
-def render_prompt(record: SteerLM2Record) -> str:
-    """The prompt text of a record under this module's chat template (see the module docstring)."""
-    parts = []
-    if record.system:
-        parts.append(f"System: {record.system}\n")
-    parts.extend(f"{role}: {value}\n" for role, value in record.prompt_turns)
-    if record.label is not None:
-        parts.append(f"{record.response_role} [{record.label}]: ")
-    else:
-        parts.append(f"{record.response_role}: ")
-    return "".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,10 +170,10 @@ class SteerLM2Dataset(Dataset):
         self.max_seq_length = max_seq_length
         self.on_overflow = on_overflow
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.eos_id = _special_id(tokenizer, "eos_token_id", "eos_id") if add_eos else None
-        self.bos_id = _special_id(tokenizer, "bos_token_id", "bos_id") if add_bos else None
-        pad = _special_id(tokenizer, "pad_token_id", "pad_id")
-        eos = _special_id(tokenizer, "eos_token_id", "eos_id")
+        self.eos_id = special_token_id(tokenizer, "eos_token_id", "eos_id") if add_eos else None
+        self.bos_id = special_token_id(tokenizer, "bos_token_id", "bos_id") if add_bos else None
+        pad = special_token_id(tokenizer, "pad_token_id", "pad_id")
+        eos = special_token_id(tokenizer, "eos_token_id", "eos_id")
         self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
         self.label_pad_id: int = self.pad_id if label_pad_id is None else int(label_pad_id)
 
@@ -509,12 +206,12 @@ class SteerLM2Dataset(Dataset):
             )
 
     def _tokenize(self, rec: SteerLM2Record) -> PromptGroup | None:
-        prompt_ids = ([self.bos_id] if self.bos_id is not None else []) + _encode(self.tokenizer, render_prompt(rec))
+        prompt_ids = ([self.bos_id] if self.bos_id is not None else []) + encode_ids(self.tokenizer, render_prompt(rec))
         if not prompt_ids:
             raise SteerLMDataError(rec.source, rec.line, "prompt_turns", "the prompt encodes to no tokens")
         seqs: list[list[int]] = []
         for i, resp in enumerate(rec.responses):
-            resp_ids = _encode(self.tokenizer, resp.value)
+            resp_ids = encode_ids(self.tokenizer, resp.value)
             if self.eos_id is not None:
                 resp_ids.append(self.eos_id)
             if not resp_ids:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from steerlm_kernels import train
-from steerlm_kernels.data import sample_data_path
+from steerlm_kernels.steerlm2 import train
+from steerlm_kernels.steerlm2.data import sample_data_path
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -1,0 +1,254 @@
+"""SteerLM 2.0 records: the JSONL file format, its validation, and the importance weights.
+
+File format (one JSON object per line, key names exactly as NeMo-Aligner's ``SteerLM2Dataset``)::
+
+    {"system": "Be brief.",
+     "prompt_turns": [{"from": "User", "value": "Tell me about tea."}],
+     "label": "helpfulness:4,verbosity:1",
+     "responses": [{"from": "Assistant", "value": "tea is warm.",
+                    "log(P(a|x,y))": -1.2, "log(P(y|x))": -20.5, "log(Q(y|a,x))": -19.0},
+                   ...]}
+
+* ``system``: str (may be empty). ``prompt_turns``: non-empty list of ``{"from": str, "value": str}``.
+* ``label``: the attribute string, or ``null``/absent for no label.
+* ``responses``: non-empty list; each has a non-empty ``value`` and three finite log-probabilities.
+  ``from`` is optional (default ``"Assistant"``) and must be the same for every response.
+  Responses may differ in number from prompt to prompt (NeMo requires equal numbers; we do not).
+
+Every defect raises :class:`SteerLMDataError` (a ``ValueError``) naming the file, the line and the
+key, e.g. ``data.jsonl, line 7, key 'responses[1].log(Q(y|a,x))': must be finite, got nan``.
+Blank lines are skipped.
+
+Importance weights (per prompt group, float64 math, stored float32)::
+
+    ws = softmax_group(log P(a|x,y) + log P(y|x) - log Q(y|a,x))
+
+Tokenisation, collation and batching of the records: :mod:`steerlm_kernels.steerlm2.data`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_RESPONSE_ROLE",
+    "LOG_P_A",
+    "LOG_P_Y",
+    "LOG_Q",
+    "Response",
+    "SteerLM2Record",
+    "SteerLMDataError",
+    "SteerLMDataWarning",
+    "importance_weights",
+    "parse_record",
+    "read_jsonl",
+    "sample_data_path",
+]
+
+LOG_P_A = "log(P(a|x,y))"
+LOG_P_Y = "log(P(y|x))"
+LOG_Q = "log(Q(y|a,x))"
+DEFAULT_RESPONSE_ROLE = "Assistant"
+
+_SAMPLE_FILE = Path(__file__).resolve().parent / "sample_data" / "sample_steerlm2.jsonl"
+
+
+def sample_data_path() -> Path:
+    """Path of the bundled sample file (40 prompts, 4-8 responses each; see ``python/make_sample_data.py``)."""
+    return _SAMPLE_FILE
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+
+
+class SteerLMDataError(ValueError):
+    """A malformed SteerLM 2.0 record or file; names the source, the line and the offending key.
+
+    Attributes: ``source`` (file path, or ``"<records>"`` for in-memory records), ``line``
+    (1-based line of the file, or 1-based index of the in-memory record; 0 for the whole file),
+    ``key`` (dotted path of the offending key, e.g. ``"responses[2].value"``), ``problem``.
+    """
+
+    def __init__(self, source: str, line: int, key: str, problem: str) -> None:
+        self.source = source
+        self.line = line
+        self.key = key
+        self.problem = problem
+        where = "record" if source == "<records>" else "line"
+        super().__init__(f"{source}, {where} {line}, key {key!r}: {problem}")
+
+
+class SteerLMDataWarning(UserWarning):
+    """Warning category of the data pipeline (e.g. prompt groups dropped for length)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True)
+class Response:
+    """One sampled response ``y`` and its three log-probabilities (float64, finite)."""
+
+    value: str
+    log_p_a: float  # log P(a|x,y)
+    log_p_y: float  # log P(y|x)
+    log_q: float  # log Q'(y|a,x)
+
+
+@dataclass(frozen=True)
+class SteerLM2Record:
+    """One validated JSONL record: a prompt and its group of responses."""
+
+    system: str
+    prompt_turns: tuple[tuple[str, str], ...]  # (from, value)
+    label: str | None
+    response_role: str
+    responses: tuple[Response, ...]
+    source: str
+    line: int
+
+    @property
+    def log_w(self) -> list[float]:
+        """Unnormalised log importance weights ``log P(a|x,y) + log P(y|x) - log Q(y|a,x)`` (float64)."""
+        return [r.log_p_a + r.log_p_y - r.log_q for r in self.responses]
+
+    @property
+    def ws(self) -> Tensor:
+        """Normalised importance weights of the group, ``[n]`` float32 (computed in float64)."""
+        return importance_weights(
+            [r.log_p_a for r in self.responses], [r.log_p_y for r in self.responses], [r.log_q for r in self.responses]
+        )
+
+
+def importance_weights(log_p_a: Sequence[float], log_p_y: Sequence[float], log_q: Sequence[float]) -> Tensor:
+    """``softmax(log_p_a + log_p_y - log_q)`` over one group, in float64; returns ``[n]`` float32."""
+    logw = (
+        torch.tensor(log_p_a, dtype=torch.float64)
+        + torch.tensor(log_p_y, dtype=torch.float64)
+        - torch.tensor(log_q, dtype=torch.float64)
+    )
+    return torch.softmax(logw, dim=0).to(torch.float32)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _type_name(x: Any) -> str:
+    return "null" if x is None else type(x).__name__
+
+
+def parse_record(obj: Any, source: str = "<records>", line: int = 1) -> SteerLM2Record:
+    """Validate one decoded JSON object and return it as a :class:`SteerLM2Record`.
+
+    Raises :class:`SteerLMDataError` naming ``source``, ``line`` and the offending key.
+    """
+
+    def fail(key: str, problem: str) -> SteerLMDataError:
+        return SteerLMDataError(source, line, key, problem)
+
+    if not isinstance(obj, Mapping):
+        raise fail("<record>", f"a record must be a JSON object, got {_type_name(obj)}")
+    for key in ("system", "prompt_turns", "responses"):
+        if key not in obj:
+            raise fail(key, "missing key")
+
+    system = obj["system"]
+    if not isinstance(system, str):
+        raise fail("system", f"must be a string, got {_type_name(system)}")
+
+    turns_raw = obj["prompt_turns"]
+    if not isinstance(turns_raw, list):
+        raise fail("prompt_turns", f"must be a list of turns, got {_type_name(turns_raw)}")
+    if not turns_raw:
+        raise fail("prompt_turns", "must not be empty")
+    turns: list[tuple[str, str]] = []
+    for i, turn in enumerate(turns_raw):
+        if not isinstance(turn, Mapping):
+            raise fail(f"prompt_turns[{i}]", f"must be an object with 'from' and 'value', got {_type_name(turn)}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise fail(f"prompt_turns[{i}].{key}", "missing key")
+            if not isinstance(turn[key], str):
+                raise fail(f"prompt_turns[{i}].{key}", f"must be a string, got {_type_name(turn[key])}")
+        turns.append((turn["from"], turn["value"]))
+
+    label = obj.get("label")
+    if label is not None and not isinstance(label, str):
+        raise fail("label", f"must be a string or null, got {_type_name(label)}")
+
+    resp_raw = obj["responses"]
+    if not isinstance(resp_raw, list):
+        raise fail("responses", f"must be a list of responses, got {_type_name(resp_raw)}")
+    if not resp_raw:
+        raise fail("responses", "must not be empty (a prompt needs at least one response)")
+    responses: list[Response] = []
+    role: str | None = None
+    for i, resp in enumerate(resp_raw):
+        if not isinstance(resp, Mapping):
+            raise fail(f"responses[{i}]", f"must be an object, got {_type_name(resp)}")
+        if "value" not in resp:
+            raise fail(f"responses[{i}].value", "missing key")
+        value = resp["value"]
+        if not isinstance(value, str):
+            raise fail(f"responses[{i}].value", f"must be a string, got {_type_name(value)}")
+        if not value:
+            raise fail(f"responses[{i}].value", "empty response text")
+        r_from = resp.get("from", DEFAULT_RESPONSE_ROLE)
+        if not isinstance(r_from, str):
+            raise fail(f"responses[{i}].from", f"must be a string, got {_type_name(r_from)}")
+        if role is None:
+            role = r_from
+        elif r_from != role:
+            raise fail(f"responses[{i}].from", f"all responses must be from the same role: {role!r} vs {r_from!r}")
+        logs: list[float] = []
+        for key in (LOG_P_A, LOG_P_Y, LOG_Q):
+            if key not in resp:
+                raise fail(f"responses[{i}].{key}", "missing key")
+            x = resp[key]
+            if not _is_number(x):
+                raise fail(f"responses[{i}].{key}", f"must be a number, got {_type_name(x)}")
+            x = float(x)
+            if not math.isfinite(x):
+                raise fail(f"responses[{i}].{key}", f"must be finite, got {x}")
+            logs.append(x)
+        responses.append(Response(value, logs[0], logs[1], logs[2]))
+    return SteerLM2Record(system, tuple(turns), label, role or DEFAULT_RESPONSE_ROLE, tuple(responses), source, line)
+
+
+def read_jsonl(path: str | Path) -> list[SteerLM2Record]:
+    """Read and validate a SteerLM 2.0 JSONL file. Blank lines are skipped.
+
+    Raises :class:`SteerLMDataError` for invalid UTF-8, invalid JSON or a malformed record (naming
+    the file, the 1-based line and the key), and when the file holds no record at all.
+    """
+    src = str(path)
+    records: list[SteerLM2Record] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SteerLMDataError(
+                    src, lineno, "<line>", f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
+                ) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise SteerLMDataError(src, lineno, "<json>", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+            records.append(parse_record(obj, src, lineno))
+    if not records:
+        raise SteerLMDataError(src, 0, "<file>", "no records (the file is empty)")
+    return records
