@@ -145,7 +145,7 @@ def main() -> None:
         results[(phase, impl)] = (statistics.median(times[(phase, impl)]), peak_extra_mib(fn))
         state.clear()
 
-    from steerlm_kernels.ops import cpp
+    from steerlm_kernels.kernels import cpp
 
     print(f"N={args.n} (B={B}, S={S}), V={V}, bf16 logits, masked share {args.prompt_frac:.2f}, "
           f"threads={torch.get_num_threads()}, cpp SIMD={cpp.SIMD}")

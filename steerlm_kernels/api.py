@@ -1,7 +1,7 @@
 """Public API: validate, dispatch, document. No math lives here beyond O(N) glue.
 
 All heavy work (anything that touches ``[N, V]`` logits) happens in the custom ops of
-:mod:`steerlm_kernels.ops.cross_entropy`; the per-token masking, the per-sequence sums and the
+:mod:`steerlm_kernels.ops`; the per-token masking, the per-sequence sums and the
 weighting are small PyTorch ops on ``[N]``/``[B]`` tensors whose autograd produces the per-token
 coefficient that the one-pass backward kernel consumes.
 
@@ -33,10 +33,10 @@ from torch import Tensor
 
 from steerlm_kernels import registry
 from steerlm_kernels import validation as v
-from steerlm_kernels.distributed import group_size_rank, sum_over_context
-from steerlm_kernels.ops import group
+from steerlm_kernels.distributed import check_groups, sum_over_context
 from steerlm_kernels.ops.cross_entropy import token_nll_2d
-from steerlm_kernels.ops.segment import segment_sum
+from steerlm_kernels.ops.group import group_softmax_op, steerlm2_weights_op
+from steerlm_kernels.ops.segment import segment_sum_op
 
 __all__ = [
     "SteerLM2Weights",
@@ -46,14 +46,6 @@ __all__ = [
     "token_nll",
     "weighted_sequence_loss",
 ]
-
-
-def _check_groups(process_group: Any, cp_group: Any = None) -> None:
-    """Groups are usable (torch.distributed initialised) - checked before any kernel runs."""
-    if process_group is not None:
-        group_size_rank(process_group, "process_group")
-    if cp_group is not None:
-        group_size_rank(cp_group, "cp_group")
 
 
 def _flat_inputs(logits: Any, labels: Any, ignore_index: Any, backend: Any) -> tuple[Tensor, Tensor, Tensor, str]:
@@ -117,7 +109,7 @@ def token_nll(
         float32 tensor of the labels' shape; 0 at ignored positions. Differentiable w.r.t.
         ``logits``.
     """
-    _check_groups(process_group)
+    check_groups(process_group)
     nll, labels, _ = _masked_token_nll(
         logits, labels, None, ignore_index, check_labels, inplace_backward, backend, process_group
     )
@@ -156,28 +148,13 @@ def sequence_nll(
         float32 ``[B]``, differentiable w.r.t. ``logits`` (and ``loss_mask`` if it is a float
         tensor that requires grad).
     """
-    _check_groups(process_group, cp_group)
-    cu = _check_sequences(labels, cu_seqlens)
+    check_groups(process_group, cp_group)
+    cu = v.check_sequences(labels, cu_seqlens)
     nll, labels, name = _masked_token_nll(
         logits, labels, loss_mask, ignore_index, check_labels, inplace_backward, backend, process_group
     )
-    seq = segment_sum(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
+    seq = segment_sum_op(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
     return sum_over_context(seq, cp_group)
-
-
-def _check_sequences(labels: Any, cu_seqlens: Any) -> Tensor | None:
-    """Sequence structure: dense ``[B, S]`` labels, or packed ``[T]`` labels with ``cu_seqlens``."""
-    labels = v.check_tensor("labels", labels)
-    if cu_seqlens is not None:
-        if labels.dim() != 1:
-            raise ValueError(f"with cu_seqlens, labels must be 1-D [T] (packed), got shape {tuple(labels.shape)}")
-        return v.check_cu_seqlens(cu_seqlens, labels.shape[0], labels.device)
-    if labels.dim() < 2:
-        raise ValueError(
-            f"labels of shape {tuple(labels.shape)} hold no sequence dimension: pass [B, S] labels "
-            "or packed [T] labels with cu_seqlens"
-        )
-    return None
 
 
 def weighted_sequence_loss(
@@ -210,10 +187,7 @@ def weighted_sequence_loss(
     """
     # Validate the O(B) arguments before any kernel runs.
     labels_t = v.check_tensor("labels", labels)
-    n_seq = v.check_tensor("cu_seqlens", cu_seqlens).shape[0] - 1 if cu_seqlens is not None else (
-        labels_t.shape[0] if labels_t.dim() >= 1 else 0
-    )
-    weight = v.check_weight(weight, n_seq, labels_t.device)
+    weight = v.check_weight(weight, v.count_sequences(labels_t, cu_seqlens), labels_t.device)
     normalizer = v.check_normalizer(normalizer, weight)
     seq = sequence_nll(
         logits, labels, loss_mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
@@ -252,7 +226,7 @@ def segment_softmax(x: Tensor, group_sizes: int | Tensor, *, backend: str = "aut
     """
     x = v.check_vector("x", x)
     cu, max_group = v.group_offsets(group_sizes, x.shape[0], x.device, "group_sizes")
-    return group.group_softmax(x, cu, max_group, registry.resolve(backend, x.device))
+    return group_softmax_op(x, cu, max_group, registry.resolve(backend, x.device))
 
 
 def steerlm2_weights(
@@ -281,7 +255,7 @@ def steerlm2_weights(
     ws = v.check_vector("ws", ws, b, seq_nll.device)
     cu, max_group = v.group_offsets(num_responses, b, seq_nll.device, "num_responses", per_item=True)
     with torch.no_grad():
-        weight, baseline, kl = group.steerlm2_weights(
+        weight, baseline, kl = steerlm2_weights_op(
             seq_nll.detach(), log_q.detach(), ws.detach(), cu, max_group, registry.resolve(backend, seq_nll.device)
         )
     return SteerLM2Weights(weight, baseline, kl.mean())

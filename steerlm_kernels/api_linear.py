@@ -58,16 +58,9 @@ from torch import Tensor
 
 from steerlm_kernels import registry
 from steerlm_kernels import validation as v
-from steerlm_kernels.api import _check_groups, _check_sequences
-from steerlm_kernels.distributed import sum_over_context, vocab_shard
-from steerlm_kernels.ops.linear_cross_entropy import (
-    TILES,
-    linear_nll_with_grad,
-    linear_token_nll,
-    linear_weighted_nll,
-    shard_labels,
-)
-from steerlm_kernels.ops.segment import segment_sum
+from steerlm_kernels.distributed import check_groups, sum_over_context, vocab_shard
+from steerlm_kernels.ops.linear_cross_entropy import linear_nll_with_grad, linear_token_nll, shard_labels
+from steerlm_kernels.ops.segment import segment_sum_op
 
 __all__ = ["linear_sequence_nll", "linear_weighted_sequence_loss"]
 
@@ -88,25 +81,24 @@ def _local_labels(labels1d: Tensor, n_local: int, ignore_index: int, check_label
 def _prepare(
     hidden: Any, lm_head_weight: Any, bias: Any, labels: Any, loss_mask: Any, ignore_index: Any, cu_seqlens: Any,
     chunk_size: Any, backend: Any,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor | None, Tensor | None, int, str]:
-    """Validate everything before any kernel; return ``(hidden2d [N, H], weight, bias, labels (orig
-    shape), labels1d [N] with masked tokens set to ignore_index, mask1d [N] float32 or None,
-    cu_seqlens or None, chunk_rows, backend)``."""
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor | None, Tensor | None, tuple[str, int, str]]:
+    """Validate everything before any kernel; return ``(hidden2d [N, H], lm_head_weight, bias,
+    labels (orig shape), labels1d [N] with masked tokens set to ignore_index, mask1d [N] float32 or
+    None, cu_seqlens or None, (strategy, chunk_rows, backend))``."""
     hidden = v.check_hidden(hidden)
-    weight, bias = v.check_lm_head(lm_head_weight, bias, hidden)
+    lm_head_weight, bias = v.check_lm_head(lm_head_weight, bias, hidden)
     labels = v.check_hidden_labels(labels, hidden)
     v.check_int("ignore_index", ignore_index)
     chunk_rows = v.check_chunk_size(chunk_size)
-    cu = _check_sequences(labels, cu_seqlens)
+    cu = v.check_sequences(labels, cu_seqlens)
     mask = v.check_loss_mask(loss_mask, labels)
     name = registry.resolve(backend, hidden.device)
-    if registry.linear_strategy(name) == "tiles":
-        chunk_rows = TILES
+    strategy = registry.linear_strategy(name)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if hidden2d.stride(1) != 1:
         hidden2d = hidden2d.contiguous()
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
+    if lm_head_weight.stride(1) != 1:
+        lm_head_weight = lm_head_weight.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     labels1d = labels.reshape(-1).contiguous()
@@ -115,7 +107,7 @@ def _prepare(
         mask1d = mask.reshape(-1)
         labels1d = labels1d.masked_fill(mask1d == 0, ignore_index)
         mask1d = mask1d.to(torch.float32)
-    return hidden2d, weight, bias, labels, labels1d, mask1d, cu, chunk_rows, name
+    return hidden2d, lm_head_weight, bias, labels, labels1d, mask1d, cu, (strategy, chunk_rows, name)
 
 
 def linear_sequence_nll(
@@ -159,15 +151,17 @@ def linear_sequence_nll(
         the logits (the upstream gradient is only known then), so forward + backward costs four
         matmuls' worth of work. When no gradient is needed nothing is saved.
     """
-    _check_groups(process_group, cp_group)
-    hidden2d, weight, bias, labels, labels1d, mask1d, cu, chunk_rows, name = _prepare(
+    check_groups(process_group, cp_group)
+    hidden2d, lm_head_weight, bias, labels, labels1d, mask1d, cu, run = _prepare(
         hidden, lm_head_weight, bias, labels, loss_mask, ignore_index, cu_seqlens, chunk_size, backend
     )
-    labels_k, check_k = _local_labels(labels1d, weight.shape[0], ignore_index, check_labels, process_group)
-    nll = linear_token_nll(hidden2d, weight, bias, labels_k, ignore_index, check_k, chunk_rows, name, process_group)
+    strategy, chunk_rows, name = run
+    labels_k, check_k = _local_labels(labels1d, lm_head_weight.shape[0], ignore_index, check_labels, process_group)
+    nll = linear_token_nll(hidden2d, lm_head_weight, bias, labels_k, ignore_index, check_k, strategy, chunk_rows,
+                           name, process_group)
     if mask1d is not None:
         nll = nll * mask1d
-    seq = segment_sum(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
+    seq = segment_sum_op(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
     return sum_over_context(seq, cp_group)
 
 
@@ -210,17 +204,14 @@ def linear_weighted_sequence_loss(
         statistics pass, the collective, a gradient pass), i.e. four matmuls instead of three;
         still no collective in backward, and ``grad_hidden`` is this rank's partial (module notes).
     """
-    _check_groups(process_group, cp_group)
+    check_groups(process_group, cp_group)
     labels_t = v.check_tensor("labels", labels)
-    if cu_seqlens is not None:
-        n_seq = v.check_tensor("cu_seqlens", cu_seqlens).shape[0] - 1
-    else:
-        n_seq = labels_t.shape[0] if labels_t.dim() >= 1 else 0
-    weight = v.check_weight(weight, n_seq, labels_t.device)
+    weight = v.check_weight(weight, v.count_sequences(labels_t, cu_seqlens), labels_t.device)
     normalizer = v.check_normalizer(normalizer, weight)
-    hidden2d, lm_w, bias, labels, labels1d, mask1d, cu, chunk_rows, name = _prepare(
+    hidden2d, lm_head_weight, bias, labels, labels1d, mask1d, cu, run = _prepare(
         hidden, lm_head_weight, bias, labels, loss_mask, ignore_index, cu_seqlens, chunk_size, backend
     )
+    n_seq = weight.shape[0]
     if cu is None and labels.shape[:-1] != (n_seq,):
         raise ValueError(
             f"weight must have one entry per sequence {tuple(labels.shape[:-1])}, got {tuple(weight.shape)}"
@@ -235,18 +226,16 @@ def linear_weighted_sequence_loss(
     if mask1d is not None:
         coef = coef * mask1d
     coef = torch.where(labels1d == ignore_index, 0.0, coef)
-    if process_group is None and cp_group is None:
-        return linear_weighted_nll(hidden2d, lm_w, bias, labels1d, coef, ignore_index, check_labels, chunk_rows,
-                                   name)
-    # Parallel: loss = sum_b per_seq[b] * seq[b] with seq the (context-reduced) per-sequence sums of
-    # the detached token NLLs, plus a zero-valued carrier of the eagerly computed hidden / weight /
-    # bias gradients. weight, normalizer and a float loss_mask get their exact gradients through
-    # the O(N) glue (d loss / d weight[b] = full seq[b] / normalizer[b] on every rank).
-    labels_k, check_k = _local_labels(labels1d, lm_w.shape[0], ignore_index, check_labels, process_group)
-    nll, carrier = linear_nll_with_grad(hidden2d, lm_w, bias, labels_k, coef, ignore_index, check_k, chunk_rows,
-                                        name, process_group)
+    # loss = sum_b per_seq[b] * seq[b] with seq the (context-reduced) per-sequence sums of the
+    # non-differentiable token NLLs, plus a zero-valued carrier of the hidden / lm_head_weight /
+    # bias gradients computed in the forward. weight, normalizer and a float loss_mask get their
+    # exact gradients through the O(N) glue (d loss / d weight[b] = full seq[b] / normalizer[b]).
+    strategy, chunk_rows, name = run
+    labels_k, check_k = _local_labels(labels1d, lm_head_weight.shape[0], ignore_index, check_labels, process_group)
+    nll, carrier = linear_nll_with_grad(hidden2d, lm_head_weight, bias, labels_k, coef, ignore_index, check_k,
+                                        strategy, chunk_rows, name, process_group)
     if mask1d is not None:
         nll = nll * mask1d
-    seq = segment_sum(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
+    seq = segment_sum_op(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
     loss = (per_seq * sum_over_context(seq, cp_group)).sum()
     return loss if carrier is None else loss + carrier

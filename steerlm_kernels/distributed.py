@@ -36,6 +36,14 @@ def group_size_rank(group: Any, name: str = "process_group") -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def check_groups(process_group: Any, cp_group: Any = None) -> None:
+    """Groups are usable (torch.distributed initialised): checked before any kernel runs."""
+    if process_group is not None:
+        group_size_rank(process_group, "process_group")
+    if cp_group is not None:
+        group_size_rank(cp_group, "cp_group")
+
+
 def vocab_shard(n_cols: int, process_group: Any) -> tuple[int, int]:
     """``(vocab_start, vocab_size)`` of this rank's contiguous shard of ``n_cols`` columns."""
     if process_group is None:

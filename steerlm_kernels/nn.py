@@ -1,4 +1,9 @@
-"""``nn.Module`` forms of the losses (hold the keyword options; forward takes the tensors)."""
+"""``nn.Module`` forms of the losses (hold the keyword options; forward takes the tensors).
+
+The fused linear modules take the LM head in ``forward`` (``lm_head.weight``, optionally
+``lm_head.bias``) rather than owning it, so that the model keeps its parameters where its
+optimizer and sharding expect them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from steerlm_kernels import api
+from steerlm_kernels import api, api_linear
 
 __all__ = ["LinearSequenceNLL", "LinearWeightedSequenceLoss", "SequenceNLL", "TokenNLL", "WeightedSequenceLoss"]
 
@@ -63,4 +68,44 @@ class WeightedSequenceLoss(SequenceNLL):
         )
 
 
-from steerlm_kernels.nn_linear import LinearSequenceNLL, LinearWeightedSequenceLoss  # noqa: E402
+class LinearSequenceNLL(nn.Module):
+    """``forward(hidden, lm_head_weight, labels, loss_mask=None, cu_seqlens=None, bias=None) -> [B]``;
+    see :func:`steerlm_kernels.linear_sequence_nll`."""
+
+    def __init__(self, ignore_index: int = -100, *, chunk_size: int | None = None, check_labels: bool = True,
+                 process_group: Any = None, cp_group: Any = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+        self.check_labels = check_labels
+        self.process_group = process_group
+        self.cp_group = cp_group
+        self.backend = backend
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "ignore_index": self.ignore_index, "process_group": self.process_group, "cp_group": self.cp_group,
+            "check_labels": self.check_labels, "chunk_size": self.chunk_size, "backend": self.backend,
+        }
+
+    def forward(self, hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, loss_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        return api_linear.linear_sequence_nll(
+            hidden, lm_head_weight, labels, loss_mask, bias=bias, cu_seqlens=cu_seqlens, **self._options()
+        )
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}, backend={self.backend!r}"
+
+
+class LinearWeightedSequenceLoss(LinearSequenceNLL):
+    """``forward(hidden, lm_head_weight, labels, loss_mask, weight, normalizer, cu_seqlens=None,
+    bias=None) -> scalar``; see :func:`steerlm_kernels.linear_weighted_sequence_loss`."""
+
+    def forward(self, hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,  # type: ignore[override]
+                loss_mask: Tensor | None, weight: Tensor, normalizer: Tensor | float,
+                cu_seqlens: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        return api_linear.linear_weighted_sequence_loss(
+            hidden, lm_head_weight, labels, loss_mask, weight, normalizer, bias=bias, cu_seqlens=cu_seqlens,
+            **self._options(),
+        )

@@ -1,20 +1,23 @@
 """Backend selection, in one place.
 
-Every heavy op (the ones that touch the ``[N, V]`` logits) has three implementations with the
-same signature, collected in a :class:`Backend` namespace:
+Every op has three implementations with the same signature, collected in a
+:class:`BackendKernels`:
 
 ========  ==================  ====================================================================
 name      runs on             where it lives
 ========  ==================  ====================================================================
-triton    CUDA tensors        ``steerlm_kernels/ops/*.py`` Triton kernels (also CPU tensors when
+triton    CUDA tensors        ``steerlm_kernels/kernels/*.py`` Triton kernels (also CPU tensors when
                               ``TRITON_INTERPRET=1`` is set before ``triton`` is imported: tests)
-cpp       CPU tensors         ``steerlm_kernels._C`` (``csrc/``), the compiled extension
-torch     anywhere            ``steerlm_kernels/ops/reference.py``: chunked plain PyTorch
+cpp       CPU tensors         ``steerlm_kernels._C`` (``csrc/``), the compiled extension, through
+                              ``steerlm_kernels/kernels/cpp.py``
+torch     anywhere            ``steerlm_kernels/kernels/reference.py``: chunked plain PyTorch
 ========  ==================  ====================================================================
 
 ``resolve(backend, device)`` turns the user's ``backend=`` argument (or the environment variable
 ``STEERLM_KERNELS_BACKEND`` when the argument is ``"auto"``) into one of these names, and
-``get(name)`` returns the namespace. Nothing else in the package chooses a backend.
+``backend_kernels(name)`` returns that backend's :class:`BackendKernels`. Nothing else in the
+package chooses a backend. The registry sits below the custom ops (:mod:`steerlm_kernels.ops`) and
+imports only the backends (:mod:`steerlm_kernels.kernels`).
 
 The backend contract (all tensors on one device; ``logits`` is ``[N, V]`` with unit column stride
 and any row stride; ``labels`` ``[N]`` int32/int64; results float32):
@@ -41,10 +44,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
+from torch import Tensor
+
+from steerlm_kernels.kernels._triton import interpreting
 
 BACKENDS: tuple[str, ...] = ("triton", "cpp", "torch")
 ENV_VAR = "STEERLM_KERNELS_BACKEND"
@@ -70,7 +76,7 @@ class BackendStatus:
 
 def triton_interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return interpreting()
 
 
 # Import probes, memoised in a plain dict (not functools.cache, which torch.compile warns about
@@ -180,39 +186,45 @@ def linear_strategy(backend: str) -> str:
     return value if backend == "triton" else "chunks"
 
 
+@dataclass(frozen=True)
+class BackendKernels:
+    """One backend's implementations of the backend contract (see the module docstring).
+
+    ``linear_tiles_forward`` / ``linear_tiles_backward`` are the Triton tile kernels of the fused
+    linear ops (:mod:`steerlm_kernels.kernels.linear_tiles`); None on backends without them.
+    """
+
+    name: str
+    ce_forward: Callable[..., tuple[Tensor, Tensor]]
+    ce_backward: Callable[..., None]
+    segment_sum: Callable[..., Tensor]
+    group_softmax: Callable[..., Tensor]
+    steerlm2_weights: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    linear_tiles_forward: Callable[..., tuple[Tensor, Tensor]] | None = None
+    linear_tiles_backward: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+
+
 @functools.cache
-def get(name: str) -> SimpleNamespace:
-    """The implementation namespace of backend ``name`` (see the module docstring's contract)."""
-    from steerlm_kernels.ops import group
-
+def backend_kernels(name: str) -> BackendKernels:
+    """The kernels of backend ``name`` (a name :func:`resolve` returned)."""
     if name == "triton":
-        from steerlm_kernels.ops import cross_entropy, segment
+        from steerlm_kernels.kernels import cross_entropy, group, linear_tiles, segment
 
-        return SimpleNamespace(
-            ce_forward=cross_entropy.triton_ce_forward,
-            ce_backward=cross_entropy.triton_ce_backward,
-            segment_sum=segment.triton_segment_sum,
-            group_softmax=group.triton_group_softmax,
-            steerlm2_weights=group.triton_steerlm2_weights,
+        return BackendKernels(
+            name, cross_entropy.ce_forward, cross_entropy.ce_backward, segment.segment_sum,
+            group.group_softmax, group.steerlm2_weights,
+            linear_tiles.linear_ce_forward, linear_tiles.linear_ce_backward,
         )
     if name == "torch":
-        from steerlm_kernels.ops import reference
+        from steerlm_kernels.kernels import reference
 
-        return SimpleNamespace(
-            ce_forward=reference.ce_forward,
-            ce_backward=reference.ce_backward,
-            segment_sum=reference.segment_sum,
-            group_softmax=group.torch_group_softmax,
-            steerlm2_weights=group.torch_steerlm2_weights,
+        return BackendKernels(
+            name, reference.ce_forward, reference.ce_backward, reference.segment_sum,
+            reference.group_softmax, reference.steerlm2_weights,
         )
     if name == "cpp":
-        from steerlm_kernels.ops import cpp
+        from steerlm_kernels.kernels import cpp
 
-        return SimpleNamespace(
-            ce_forward=cpp.ce_forward,
-            ce_backward=cpp.ce_backward,
-            segment_sum=cpp.segment_sum,
-            group_softmax=cpp.group_softmax,
-            steerlm2_weights=cpp.steerlm2_weights,
-        )
+        return BackendKernels(name, cpp.ce_forward, cpp.ce_backward, cpp.segment_sum, cpp.group_softmax,
+                              cpp.steerlm2_weights)
     raise ValueError(f"unknown backend {name!r}")

@@ -8,6 +8,8 @@ exception at once; on CUDA tensors and under ``torch.compile`` they become a dev
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -90,6 +92,28 @@ def check_cu_seqlens(cu_seqlens: object, n_tokens: int, device: torch.device) ->
         ok, ValueError, f"cu_seqlens must start at 0, be non-decreasing and end at the number of tokens ({n_tokens})"
     )
     return cu_seqlens
+
+
+def count_sequences(labels: Tensor, cu_seqlens: Any) -> int:
+    """Number of sequences ``B``: ``len(cu_seqlens) - 1`` when packed, else ``labels.shape[0]``."""
+    if cu_seqlens is not None:
+        return check_tensor("cu_seqlens", cu_seqlens).shape[0] - 1
+    return labels.shape[0] if labels.dim() >= 1 else 0
+
+
+def check_sequences(labels: Any, cu_seqlens: Any) -> Tensor | None:
+    """Sequence structure: dense ``[B, S]`` labels, or packed ``[T]`` labels with ``cu_seqlens``."""
+    labels = check_tensor("labels", labels)
+    if cu_seqlens is not None:
+        if labels.dim() != 1:
+            raise ValueError(f"with cu_seqlens, labels must be 1-D [T] (packed), got shape {tuple(labels.shape)}")
+        return check_cu_seqlens(cu_seqlens, labels.shape[0], labels.device)
+    if labels.dim() < 2:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} hold no sequence dimension: pass [B, S] labels "
+            "or packed [T] labels with cu_seqlens"
+        )
+    return None
 
 
 def check_label_range(labels: Tensor, vocab_size: int, ignore_index: int) -> None:

@@ -14,7 +14,7 @@ IGNORE = -100
 
 
 def _impl(backend: str):
-    return registry.get(backend)
+    return registry.backend_kernels(backend)
 
 
 def _float64_grad(logits: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, vocab_start: int,

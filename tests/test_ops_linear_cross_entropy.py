@@ -10,10 +10,13 @@ compile test) or compiled on CUDA.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from steerlm_kernels import api_linear, nn_linear, registry
+from steerlm_kernels import api_linear, nn, registry
+from steerlm_kernels.ops import linear_chunks
 from steerlm_kernels.ops import linear_cross_entropy as lce
 from tests import reference as ref
 from tests.conftest import backend_usable, require_backend
@@ -230,29 +233,38 @@ def test_chunk_size_does_not_change_results(backend, device, chunk_size):
 
 
 def test_strategy_selects_the_kernels(backend, device, monkeypatch):
-    """Chunks run the chunked driver with the backend's CE kernels; tiles run only the tile kernels."""
+    """Chunks run one chunked function per mode with the backend's CE kernels; tiles run only the
+    tile kernels."""
     calls: dict[str, int] = {}
 
-    def spy(name):
-        real = getattr(lce, name)
-
+    def counted(name, real):
         def wrapper(*args, **kwargs):
             calls[name] = calls.get(name, 0) + 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(lce, name, wrapper)
+        return wrapper
 
-    for name in ("chunked_linear_ce", "triton_linear_ce_forward", "triton_linear_ce_backward"):
-        spy(name)
+    for name in ("linear_stats", "linear_grads", "linear_stats_and_grads"):
+        monkeypatch.setattr(lce, name, counted(name, getattr(lce, name)))
+    real_kernels = registry.backend_kernels
+
+    def spied_kernels(name):
+        k = real_kernels(name)
+        if k.linear_tiles_forward is None:
+            return k
+        return dataclasses.replace(k, linear_tiles_forward=counted("tiles_forward", k.linear_tiles_forward),
+                                   linear_tiles_backward=counted("tiles_backward", k.linear_tiles_backward))
+
+    monkeypatch.setattr(registry, "backend_kernels", spied_kernels)
     hidden, weight, bias, labels, loss_mask = make_inputs(2, 5, 16, 40, torch.float32, device)
     h, w, b = leaves(hidden, weight, bias)
     linear_sequence_nll(h, w, labels, loss_mask, bias=b, backend=backend).sum().backward()
     linear_weighted_sequence_loss(h, w, labels, loss_mask, torch.ones(2, device=device), 1.0, bias=b,
                                   backend=backend).backward()
     if _tiles(backend):
-        assert calls == {"triton_linear_ce_forward": 2, "triton_linear_ce_backward": 2}, calls
-    else:
-        assert calls == {"chunked_linear_ce": 3}, calls  # forward, recomputing backward, fused
+        assert calls == {"tiles_forward": 2, "tiles_backward": 2}, calls
+    else:  # forward, recomputing backward, fused
+        assert calls == {"linear_stats": 1, "linear_grads": 1, "linear_stats_and_grads": 1}, calls
 
 
 def test_chunks_are_bitwise_deterministic(backend, device):
@@ -272,28 +284,28 @@ def test_chunks_are_bitwise_deterministic(backend, device):
 
 def test_default_chunk_rows():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert lce.default_chunk_rows(32000, cpu) == (1 << 26) // 32000
-    assert lce.default_chunk_rows(1 << 30, cpu) == 1
-    assert lce.default_chunk_rows(32000, cuda) == lce.CUDA_MIN_CHUNK_ROWS
-    assert lce.default_chunk_rows(1000, cuda) == (1 << 26) // 1000  # more rows when V is small
+    assert linear_chunks.default_chunk_rows(32000, cpu) == (1 << 26) // 32000
+    assert linear_chunks.default_chunk_rows(1 << 30, cpu) == 1
+    assert linear_chunks.default_chunk_rows(32000, cuda) == linear_chunks.CUDA_MIN_CHUNK_ROWS
+    assert linear_chunks.default_chunk_rows(1000, cuda) == (1 << 26) // 1000  # more rows when V is small
 
 
 def test_chunks_are_near_equal_and_cover_every_row():
     for n in range(0, 50):
         for step in range(1, 12):
-            bounds = lce._even_bounds(n, step)
+            bounds = linear_chunks.even_bounds(n, step)
             assert len(bounds) == -(-n // step)
             assert [a for a, _ in bounds[1:]] == [b for _, b in bounds[:-1]]
             assert not bounds or (bounds[0][0] == 0 and bounds[-1][1] == n)
             sizes = [b - a for a, b in bounds]
             assert all(0 < x <= step for x in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
-    assert lce._even_bounds(4097, 4096) == [(0, 2048), (2048, 4097)]
+    assert linear_chunks.even_bounds(4097, 4096) == [(0, 2048), (2048, 4097)]
 
 
 def test_tile_marker_is_refused_by_cpu_backends():
     hidden, weight, bias, labels, _ = make_inputs(1, 4, 8, 11, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="tile kernels"):
-        lce.linear_ce_forward(hidden[0], weight, bias, labels[0].clamp_min(0), IGNORE, False, lce.TILES, "torch")
+        lce.linear_ce_forward_op(hidden[0], weight, bias, labels[0].clamp_min(0), IGNORE, False, "tiles", 0, "torch")
 
 
 def test_flattened_hidden_and_int32_labels(backend, device):
@@ -370,14 +382,14 @@ def test_non_contiguous_inputs(backend, device):
 
 def test_nn_modules(backend, device):
     hidden, weight, bias, labels, loss_mask = make_inputs(2, 5, 16, 30, torch.float32, device)
-    seq = nn_linear.LinearSequenceNLL(backend=backend, chunk_size=3)(hidden, weight, labels, loss_mask, bias=bias)
+    seq = nn.LinearSequenceNLL(backend=backend, chunk_size=3)(hidden, weight, labels, loss_mask, bias=bias)
     expected = linear_sequence_nll(hidden, weight, labels, loss_mask, bias=bias, backend=backend)
     assert_close(seq, expected, rtol=1e-6, atol=1e-6)
     wt = torch.randn(2, device=device)
-    loss = nn_linear.LinearWeightedSequenceLoss(backend=backend)(hidden, weight, labels, loss_mask, wt, 2.0,
+    loss = nn.LinearWeightedSequenceLoss(backend=backend)(hidden, weight, labels, loss_mask, wt, 2.0,
                                                                 bias=bias)
     assert_close(loss, (wt * expected / 2.0).sum(), rtol=1e-5, atol=1e-5)
-    assert "chunk_size=3" in repr(nn_linear.LinearSequenceNLL(chunk_size=3))
+    assert "chunk_size=3" in repr(nn.LinearSequenceNLL(chunk_size=3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,9 +403,9 @@ def _tripwire(*args, **kwargs):
 
 @pytest.fixture
 def no_kernels(monkeypatch):
-    for name in ("chunked_linear_ce", "triton_linear_ce_forward", "triton_linear_ce_backward"):
+    for name in ("linear_stats", "linear_grads", "linear_stats_and_grads"):
         monkeypatch.setattr(lce, name, _tripwire)
-    monkeypatch.setattr(registry, "get", _tripwire)
+    monkeypatch.setattr(registry, "backend_kernels", _tripwire)
 
 
 def _good():
@@ -477,7 +489,7 @@ def test_out_of_range_labels_raise_index_error(backend, device, bad):
 
 def test_cpu_peak_memory_bounded_by_chunk_not_n_times_v():
     """cpp backend where built (the chunk driver is shared with torch, which is ~4x slower here)."""
-    from steerlm_kernels import bench
+    from steerlm_kernels.bench import harness as bench
 
     backend_name = "cpp" if backend_usable("cpp", torch.device("cpu"))[0] else "torch"
     if bench.memory_method_check("cpu", 64) is None:

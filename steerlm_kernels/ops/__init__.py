@@ -1,7 +1,12 @@
-"""Op families: each module holds its Triton kernels, custom-op registration and autograd.
+"""Custom ops and autograd, one module per op family (above the backend registry).
 
-* :mod:`.cross_entropy` - token NLL forward (online log-sum-exp) and one-pass backward.
+* :mod:`.cross_entropy` - token NLL from the logits: forward and one-pass backward (in place too).
 * :mod:`.segment` - deterministic per-sequence sums of packed token vectors.
-* :mod:`.reference` - the ``torch`` backend (chunked plain PyTorch) of the same primitives.
-* :mod:`.cpp` - the ``cpp`` backend: thin wrappers of the compiled ``steerlm_kernels._C``.
+* :mod:`.group` - SteerLM 2.0's group softmax and baseline / weight / KL.
+* :mod:`.linear_cross_entropy` - fused linear cross entropy (custom ops + autograd), running
+  :mod:`.linear_chunks` (chunks of rows: library GEMMs + the backend's CE kernels) or the Triton
+  tile kernels.
+
+Every op takes the resolved backend name and runs that backend's kernels
+(:func:`steerlm_kernels.registry.backend_kernels`).
 """

@@ -1,27 +1,19 @@
-"""Token-level cross entropy straight from the logits: Triton kernels, custom ops, autograd.
+"""Custom ops and autograd of the token cross entropy straight from the logits.
 
-The whole package reduces to two passes over the ``[N, V]`` logits:
+Three ``torch.library`` custom ops, opaque to ``torch.compile``, run the backend's two passes over
+the ``[N, V]`` logits (:func:`steerlm_kernels.registry.backend_kernels`; the Triton kernels are in
+:mod:`steerlm_kernels.kernels.cross_entropy`):
 
-* **forward** (``_ce_forward_kernel``): one read of each row; an online log-sum-exp in float32
-  registers and one scalar load of the target logit. Output: ``lse[N]``, ``target[N]`` (float32),
-  so ``nll = lse - target``. Nothing of size ``N x V`` is written.
-* **backward** (``_ce_backward_kernel``): one read and one write of each row;
-  ``grad = (exp(x - lse) - onehot) * coef`` in float32, rounded once to the logits' dtype. The
-  per-token coefficient ``coef`` (upstream gradient x mask x weight / normalizer) comes from
-  autograd through the O(N) PyTorch glue in :mod:`steerlm_kernels.api`. ``out`` may be the logits
-  themselves (``inplace_backward=True``), which saves the second ``N x V`` buffer.
+* ``ce_forward_op`` (``steerlm_kernels::ce_forward``): ``(lse[N], target[N])`` float32, after the
+  label range check (kept here, inside the op, so that every caller gets it);
+* ``ce_backward_op`` (``::ce_backward``): ``(exp(x - lse) - onehot) * coef`` in a new buffer;
+* ``ce_backward_inplace_op`` (``::ce_backward_``): the same, written over the logits.
 
-Rows whose label is ``ignore_index`` are neither read nor differentiated: the public API turns
-masked-out tokens into ignored ones, so prompt tokens of a SteerLM batch cost no bandwidth.
-
-Both kernels take ``vocab_start``: under tensor (vocabulary) parallelism a rank holds columns
-``[vocab_start, vocab_start + V)`` of the full vocabulary; the target logit is only loaded by the
-rank that holds it, and partial ``(lse, target)`` pairs are combined by one collective.
-
-The ops are registered with ``torch.library.custom_op`` (``steerlm_kernels::ce_forward``,
-``::ce_backward``, ``::ce_backward_``) so that ``torch.compile(fullgraph=True)`` sees them as
-opaque nodes; the backend (``triton`` / ``cpp`` / ``torch``) is a string argument resolved by
-:mod:`steerlm_kernels.registry` before the call.
+:class:`TokenNLLFunction` wires them into autograd; the per-token coefficient ``coef``
+(upstream gradient x mask x weight / normalizer) comes from the O(N) PyTorch glue of
+:mod:`steerlm_kernels.api`. With ``process_group`` (vocabulary parallelism) the rank's partial
+``(lse, target)`` are combined by one collective (:mod:`steerlm_kernels.distributed`); the
+backward needs none.
 """
 
 from __future__ import annotations
@@ -33,136 +25,7 @@ from torch import Tensor
 
 from steerlm_kernels import registry
 from steerlm_kernels.distributed import combine_vocab_partials, vocab_shard
-from steerlm_kernels.ops._triton import tl, triton
 from steerlm_kernels.validation import check_label_range
-
-# --------------------------------------------------------------------------------------------
-# Triton kernels
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _ce_forward_kernel(
-    logits_ptr,  # *bf16/fp16/fp32 [N, V], unit column stride
-    labels_ptr,  # *i32/i64 [N]
-    lse_ptr,  # *fp32 [N] out
-    target_ptr,  # *fp32 [N] out
-    n_cols,  # V of this shard
-    stride_row,  # elements between rows (i64 when N*V may pass 2**31)
-    vocab_start,  # first global column of this shard
-    ignore_index,
-    BLOCK_V: tl.constexpr,
-):
-    """One program = one row. Stream the row in BLOCK_V-wide tiles, keeping a running max ``m``
-    and a running sum ``s = sum(exp(x - m))`` in float32 registers (one exp per element: the
-    tile max is taken first, then the old sum is rescaled once per tile).
-
-    Why one row per program: training batches have N = B*S in the thousands, enough programs to
-    fill every SM, and a row needs no cross-program communication, so the result is
-    deterministic and the logits are read exactly once. BLOCK_V (up to 8192) is the widest tile
-    that keeps 16 float32 values per thread at 16 warps: wide enough to issue several 16-byte
-    loads per thread per iteration, small enough to never spill.
-    """
-    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride_row may pass 2**31
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    active = label != ignore_index
-    row_ptr = logits_ptr + row * stride_row
-    n_read = tl.where(active, n_cols, 0)  # ignored rows are never read
-
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    for start in range(0, n_read, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
-
-    local = label - vocab_start
-    in_shard = active & (local >= 0) & (local < n_cols)
-    target = tl.load(row_ptr + local, mask=in_shard, other=0.0).to(tl.float32)
-    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
-    tl.store(target_ptr + row, target)
-
-
-@triton.jit
-def _ce_backward_kernel(
-    logits_ptr,  # *bf16/fp16/fp32 [N, V] in
-    grad_ptr,  # same dtype [N, V] out; may equal logits_ptr (in place)
-    labels_ptr,  # *i32/i64 [N]
-    lse_ptr,  # *fp32 [N]
-    coef_ptr,  # *fp32 [N]: d loss / d nll of each token
-    n_cols,
-    stride_row,
-    grad_stride_row,
-    vocab_start,
-    ignore_index,
-    BLOCK_V: tl.constexpr,
-):
-    """One program = one row: ``grad = (exp(x - lse) - onehot(label)) * coef``.
-
-    Each tile is loaded, turned into its gradient in float32 and stored at once, so the in-place
-    variant is safe (a thread overwrites only the elements it has just read). The target
-    column's ``p - 1`` is formed in float32 before the single rounding to the output dtype.
-    Rows with ``coef == 0`` (masked, ignored or zero-weight tokens) skip the load and write
-    zeros. Same tile width as the forward, for the same reason.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    coef = tl.load(coef_ptr + row)
-    coef = tl.where(label == ignore_index, 0.0, coef)
-    lse = tl.load(lse_ptr + row)
-    n_read = tl.where(coef != 0.0, n_cols, 0)  # dead rows: write zeros, read nothing
-    local = label - vocab_start
-    in_ptr = logits_ptr + row * stride_row
-    out_ptr = grad_ptr + row * grad_stride_row
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        live = cols < n_read
-        x = tl.load(in_ptr + cols, mask=live, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - lse)
-        g = (p - tl.where(cols == local, 1.0, 0.0)) * coef
-        g = tl.where(live, g, 0.0)
-        tl.store(out_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
-
-
-def launch_config(n_cols: int) -> tuple[int, int]:
-    """``(BLOCK_V, num_warps)`` for rows of ``n_cols`` logits: tiles of at most 8192 elements,
-    16 float32 values per thread at the widest."""
-    block = min(triton.next_power_of_2(max(n_cols, 1)), 8192)
-    num_warps = max(1, min(16, block // 512))
-    return block, num_warps
-
-
-def triton_ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Triton backend of ``ce_forward`` (see :mod:`steerlm_kernels.registry`)."""
-    n_rows, n_cols = logits.shape
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    target = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    if n_rows == 0:
-        return lse, target
-    block, num_warps = launch_config(n_cols)
-    _ce_forward_kernel[(n_rows,)](
-        logits, labels, lse, target, n_cols, logits.stride(0), vocab_start, ignore_index,
-        BLOCK_V=block, num_warps=num_warps,
-    )
-    return lse, target
-
-
-def triton_ce_backward(
-    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, out: Tensor
-) -> None:
-    """Triton backend of ``ce_backward``; ``out`` may be ``logits`` (in place)."""
-    n_rows, n_cols = logits.shape
-    if n_rows == 0:
-        return
-    block, num_warps = launch_config(n_cols)
-    _ce_backward_kernel[(n_rows,)](
-        logits, out, labels, lse, coef, n_cols, logits.stride(0), out.stride(0), vocab_start, ignore_index,
-        BLOCK_V=block, num_warps=num_warps,
-    )
-
 
 # --------------------------------------------------------------------------------------------
 # torch.library custom ops (opaque to torch.compile), dispatching on the backend name
@@ -170,7 +33,7 @@ def triton_ce_backward(
 
 
 @torch.library.custom_op("steerlm_kernels::ce_forward", mutates_args=())
-def ce_forward(
+def ce_forward_op(
     logits: Tensor,
     labels: Tensor,
     vocab_start: int,
@@ -183,39 +46,39 @@ def ce_forward(
     full ``vocab_size`` first when ``check_labels``."""
     if check_labels:
         check_label_range(labels, vocab_size, ignore_index)
-    return registry.get(backend).ce_forward(logits, labels, vocab_start, ignore_index)
+    return registry.backend_kernels(backend).ce_forward(logits, labels, vocab_start, ignore_index)
 
 
-@ce_forward.register_fake
+@ce_forward_op.register_fake
 def _(logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend):
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
 @torch.library.custom_op("steerlm_kernels::ce_backward", mutates_args=())
-def ce_backward(
+def ce_backward_op(
     logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, backend: str
 ) -> Tensor:
     """Gradient of ``sum(coef * nll)`` w.r.t. ``logits``, in a new contiguous tensor."""
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    registry.get(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, out)
+    registry.backend_kernels(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, out)
     return out
 
 
-@ce_backward.register_fake
+@ce_backward_op.register_fake
 def _(logits, labels, lse, coef, vocab_start, ignore_index, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("steerlm_kernels::ce_backward_", mutates_args=("logits",))
-def ce_backward_(
+def ce_backward_inplace_op(
     logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, backend: str
 ) -> None:
-    """In-place form of ``ce_backward``: overwrites ``logits`` with the gradient."""
-    registry.get(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, logits)
+    """In-place form of :func:`ce_backward_op`: overwrites ``logits`` with the gradient."""
+    registry.backend_kernels(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, logits)
 
 
-@ce_backward_.register_fake
+@ce_backward_inplace_op.register_fake
 def _(logits, labels, lse, coef, vocab_start, ignore_index, backend):
     return None
 
@@ -260,10 +123,10 @@ class TokenNLLFunction(torch.autograd.Function):
         coef = grad_nll.float().contiguous()
         args = (labels, lse, coef, ctx.vocab_start, ctx.ignore_index, ctx.backend)
         if ctx.inplace_backward:
-            torch.ops.steerlm_kernels.ce_backward_(logits, *args)
+            ce_backward_inplace_op(logits, *args)
             grad = logits
         else:
-            grad = torch.ops.steerlm_kernels.ce_backward(logits, *args)
+            grad = ce_backward_op(logits, *args)
         return grad, None, None, None, None, None, None
 
 
@@ -273,7 +136,7 @@ def _token_nll_forward(
     """``(nll [N], lse [N], vocab_start)``: the forward op, plus the vocabulary-parallel combine."""
     n_cols = logits.shape[1]
     vocab_start, vocab_size = vocab_shard(n_cols, process_group)
-    lse, target = torch.ops.steerlm_kernels.ce_forward(
+    lse, target = ce_forward_op(
         logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend
     )
     if process_group is not None:
@@ -301,49 +164,3 @@ def token_nll_2d(
             logits, labels, ignore_index, check_labels, inplace_backward, backend, process_group
         )
     return _token_nll_forward(logits, labels, ignore_index, check_labels, backend, process_group)[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs, checked for sm_80 / sm_90 by steerlm_kernels._aot
-# --------------------------------------------------------------------------------------------
-
-
-def _ce_aot_variants(backward: bool) -> list[dict]:
-    """Compile variants of one CE kernel, as the runtime specialises its launches.
-
-    Types and 16-divisibility mirror what Triton's launcher derives from the arguments: torch
-    allocations are 16-byte aligned, ``vocab_start=0`` divides by 16, ``ignore_index=-100`` does
-    not; V=128256 (divisible) and V=1000 (not) at their ``launch_config``. Ints are i32 unless the
-    value passes 2**31, so one variant takes 64-bit row strides; one takes int32 labels.
-    """
-    cases = [(dt, "i64", n, "i32") for dt in ("bf16", "fp16", "fp32") for n in (128256, 1000)]
-    cases += [("bf16", "i32", 128256, "i32"), ("bf16", "i64", 128256, "i64")]
-    variants = []
-    for dt, label_ty, n_cols, stride_ty in cases:
-        block, num_warps = launch_config(n_cols)
-        strides = {"stride_row": stride_ty} | ({"grad_stride_row": stride_ty} if backward else {})
-        signature = (
-            {"logits_ptr": f"*{dt}"}
-            | ({"grad_ptr": f"*{dt}"} if backward else {})
-            | {"labels_ptr": f"*{label_ty}", "lse_ptr": "*fp32"}
-            | ({"coef_ptr": "*fp32"} if backward else {"target_ptr": "*fp32"})
-            | {"n_cols": "i32"}
-            | strides
-            | {"vocab_start": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr"}
-        )
-        divisible = [k for k in signature if k.endswith("_ptr")] + list(strides) + ["vocab_start"]
-        if n_cols % 16 == 0:
-            divisible.append("n_cols")
-        else:
-            divisible = [k for k in divisible if k not in strides]  # contiguous rows: stride == V
-        variants.append({
-            "signature": signature, "constexprs": {"BLOCK_V": block}, "num_warps": num_warps,
-            "divisible_by_16": divisible, "note": f"V={n_cols} labels={label_ty} stride={stride_ty}",
-        })
-    return variants
-
-
-AOT_SPECS: dict[str, list[dict]] = {
-    "_ce_forward_kernel": _ce_aot_variants(backward=False),
-    "_ce_backward_kernel": _ce_aot_variants(backward=True),
-}

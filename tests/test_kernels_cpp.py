@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlm_kernels.ops import reference
+from steerlm_kernels.kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc").glob("*.cu"))
@@ -407,18 +407,16 @@ def make_groups(n_groups: int, max_size: int, seed: int) -> tuple[torch.Tensor, 
 def test_group_ops_match_torch_many_groups(max_size: int) -> None:
     """Enough items for every thread and many blocks per thread (groups of 1, of up to a vector,
     of several vectors); kernel vs the torch implementations, to float32 rounding."""
-    from steerlm_kernels.ops import group
-
     nll, log_q, ws, cu = make_groups(60000 // (max_size // 2 + 1), max_size, seed=10)
     weight, baseline, kl = _C.steerlm2_weights(nll, log_q, ws, cu)
-    ref = group.torch_steerlm2_weights(nll, log_q, ws, cu, max_size)
+    ref = reference.steerlm2_weights(nll, log_q, ws, cu, max_size)
     assert weight.dtype == baseline.dtype == kl.dtype == torch.float32
     assert kl.shape == (cu.numel() - 1,) and weight.shape == baseline.shape == nll.shape
     torch.testing.assert_close(weight, ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(baseline, ref[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kl, ref[2], rtol=1e-5, atol=1e-5)
     x = torch.randn(nll.numel()) * 50
-    torch.testing.assert_close(_C.group_softmax(x, cu), group.torch_group_softmax(x, cu, max_size),
+    torch.testing.assert_close(_C.group_softmax(x, cu), reference.group_softmax(x, cu, max_size),
                                rtol=1e-5, atol=1e-7)
 
 

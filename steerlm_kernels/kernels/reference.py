@@ -1,9 +1,10 @@
-"""The ``torch`` backend: plain PyTorch, chunked over rows.
+"""The ``torch`` backend: plain PyTorch, the one torch reference of every op family.
 
-It implements the backend contract of :mod:`steerlm_kernels.registry` on any device. Rows are
-processed in chunks of at most ``CHUNK_ELEMENTS`` logits, so it never holds an ``[N, V]`` float32
-temporary (its peak extra memory is a few chunk-sized float32 buffers plus O(N)). It is the
-ground truth the fast backends are tested against (itself tested against float64 math).
+It implements the whole backend contract of :mod:`steerlm_kernels.registry` on any device: the
+cross-entropy primitives (``ce_forward`` / ``ce_backward``, processed in chunks of at most
+``CHUNK_ELEMENTS`` logits, so it never holds an ``[N, V]`` float32 temporary), the segment sum
+and the group ops. It is a reference, not a fast path; the tests check it, like every backend,
+against float64 math.
 """
 
 from __future__ import annotations
@@ -74,3 +75,40 @@ def ce_backward(
 def segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:
     """``y[b] = x[cu_seqlens[b]:cu_seqlens[b+1]].sum()`` (float32, deterministic)."""
     return torch.segment_reduce(x.float(), "sum", offsets=cu_seqlens.long(), axis=0, unsafe=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# group ops (SteerLM 2.0): softmax within consecutive groups, baseline / weight / KL
+# ------------------------------------------------------------------------------------------------
+
+#: NeMo's epsilon in the KL of the baseline phase.
+EPS = 1e-8
+
+
+def segment_ids(cu_groups: Tensor, n: int) -> Tensor:
+    """``[n]`` int64: the group of each item (groups are non-empty and cover ``[0, n)``)."""
+    lengths = cu_groups.diff()
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_groups.device), lengths,
+                                   output_size=n)
+
+
+def group_softmax(x: Tensor, cu_groups: Tensor, max_group: int) -> Tensor:
+    """Softmax within each group ``x[cu_groups[g]:cu_groups[g+1]]``, float32 ``[B]``."""
+    lengths = cu_groups.diff()
+    xf = x.float()
+    seg = segment_ids(cu_groups, x.shape[0])
+    m = torch.segment_reduce(xf, "max", lengths=lengths, unsafe=True)
+    e = torch.exp(xf - m[seg])
+    return e / torch.segment_reduce(e, "sum", lengths=lengths, unsafe=True)[seg]
+
+
+def steerlm2_weights(
+    seq_nll: Tensor, log_q: Tensor, ws: Tensor, cu_groups: Tensor, max_group: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weight [B], baseline [B], kl [G])`` float32: ``baseline = group_softmax(-seq_nll - log_q)``,
+    ``weight = ws - baseline``, ``kl[g] = sum (ws + EPS) log((ws + EPS) / (baseline + EPS))``."""
+    baseline = group_softmax(-seq_nll.float() - log_q.float(), cu_groups, max_group)
+    ws = ws.float()
+    p = ws + EPS
+    kl = torch.segment_reduce(p * torch.log(p / (baseline + EPS)), "sum", lengths=cu_groups.diff(), unsafe=True)
+    return ws - baseline, baseline, kl

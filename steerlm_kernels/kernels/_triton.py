@@ -1,11 +1,13 @@
 """Import shim: ``triton`` and ``tl`` when Triton is installed, stand-ins otherwise.
 
-Kernel modules do ``from steerlm_kernels.ops._triton import triton, tl`` so that the package
+Kernel modules do ``from steerlm_kernels.kernels._triton import triton, tl`` so that the package
 still imports (and the ``cpp``/``torch`` backends still work) where Triton is absent, e.g. on
 macOS. ``registry.backends()`` reports Triton as unavailable there.
 """
 
 from __future__ import annotations
+
+import os
 
 try:
     import triton
@@ -23,4 +25,11 @@ except ImportError:  # pragma: no cover - Linux x86_64 always has it (a dependen
     triton = SimpleNamespace(jit=_jit, next_power_of_2=lambda n: 1 << max(0, (n - 1).bit_length()))
     tl = SimpleNamespace(constexpr=int)
 
-__all__ = ["HAS_TRITON", "tl", "triton"]
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+__all__ = ["HAS_TRITON", "interpreting", "tl", "triton"]

@@ -1,8 +1,8 @@
-"""Ahead-of-time compile check of every Triton kernel of :mod:`steerlm_kernels.ops`.
+"""Ahead-of-time compile check of every Triton kernel of :mod:`steerlm_kernels.kernels`.
 
 A kernel the interpreter runs may still fail to compile for a GPU (layout or type rules that only
 the real compiler enforces), and one that compiles may spill. This module compiles every
-``@triton.jit`` kernel of the ops modules for sm_80 and sm_90 with no GPU and no driver, at the
+``@triton.jit`` kernel of the kernel modules for sm_80 and sm_90 with no GPU and no driver, at the
 variants each module declares next to its kernels in a module-level ``AOT_SPECS`` dict::
 
     AOT_SPECS = {"kernel_name": [{"signature": {"x_ptr": "*bf16", "n": "i32", "BLOCK": "constexpr"},
@@ -18,7 +18,7 @@ error: no kernel escapes the check.
 
 It reads registers, stack, local and shared memory of each cubin with the ``cuobjdump`` bundled
 in the Triton wheel and counts 128-bit global loads/stores in the SASS. Run it as
-``python -m steerlm_kernels._aot`` (not under ``TRITON_INTERPRET=1``, where ``@triton.jit``
+``python -m steerlm_kernels.kernels.aot`` (not under ``TRITON_INTERPRET=1``, where ``@triton.jit``
 yields interpreter objects that cannot be compiled).
 """
 
@@ -43,13 +43,14 @@ from typing import Any
 
 ARCHS: tuple[int, ...] = (80, 90)
 DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
-PACKAGE = "steerlm_kernels.ops"
-#: Ops modules not searched: ``cpp`` needs the compiled extension and holds no Triton code.
-SKIP_MODULES = frozenset({"cpp"})
+PACKAGE = "steerlm_kernels.kernels"
+#: Modules not searched: ``cpp`` needs the compiled extension; neither it, ``reference`` nor this
+#: module holds Triton code.
+SKIP_MODULES = frozenset({"aot", "cpp", "reference"})
 
 _INTERPRETER_MESSAGE = (
     "TRITON_INTERPRET is set: @triton.jit returns interpreter objects, which cannot be compiled "
-    "for a GPU. Run the AOT check without it, e.g. `env -u TRITON_INTERPRET python -m steerlm_kernels._aot`."
+    "for a GPU. Run the AOT check without it, e.g. `env -u TRITON_INTERPRET python -m steerlm_kernels.kernels.aot`."
 )
 _LDG128 = re.compile(r"\bLDG\.E(?:\.[A-Z0-9_]+)*\.128\b")
 _STG128 = re.compile(r"\bSTG\.E(?:\.[A-Z0-9_]+)*\.128\b")
@@ -301,7 +302,7 @@ def format_table(results: Sequence[Result]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: print the resource table; exit 1 on compile errors or spills, 2 on spec errors."""
-    p = argparse.ArgumentParser(prog="python -m steerlm_kernels._aot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m steerlm_kernels.kernels.aot", description=__doc__.splitlines()[0])
     p.add_argument("--package", default=PACKAGE, help="package whose modules are searched (%(default)s)")
     p.add_argument("--arch", type=int, action="append", help="compute capability, repeatable (80 and 90)")
     p.add_argument("--lean", action="store_true", help="sm_80: bf16 variants only (all dtypes on the others)")

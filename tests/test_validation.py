@@ -20,7 +20,7 @@ def _tripwire(*args, **kwargs):
 def no_kernels(monkeypatch):
     """Every backend's kernels raise if called."""
     fake = SimpleNamespace(ce_forward=_tripwire, ce_backward=_tripwire, segment_sum=_tripwire)
-    monkeypatch.setattr(registry, "get", lambda name: fake)
+    monkeypatch.setattr(registry, "backend_kernels", lambda name: fake)
 
 
 def _good(b: int = 2, s: int = 5, v: int = 11):

@@ -1,7 +1,7 @@
 """Ahead-of-time GPU compilation of every Triton kernel (sm_80, sm_90), with no GPU needed.
 
 The interpreter (switched on for this session by ``conftest.py``) runs kernels that a GPU
-compiler may reject, and says nothing of registers or spills. ``python -m steerlm_kernels._aot``
+compiler may reject, and says nothing of registers or spills. ``python -m steerlm_kernels.kernels.aot``
 compiles each kernel's declared ``AOT_SPECS`` variants for real; it runs here in a subprocess
 with ``TRITON_INTERPRET`` removed, because under the interpreter ``@triton.jit`` yields objects
 that cannot be compiled.
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlm_kernels.ops import cross_entropy, segment
-from steerlm_kernels.ops._triton import HAS_TRITON
+from steerlm_kernels.kernels import cross_entropy, segment
+from steerlm_kernels.kernels._triton import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 
@@ -29,12 +29,12 @@ KNOWN = {"_ce_forward_kernel", "_ce_backward_kernel", "_segment_sum_kernel"}
 
 
 def _aot(*args: str, interpret: bool = False, pythonpath: str = "", timeout: int = 300):
-    """Run ``python -m steerlm_kernels._aot ARGS`` in a fresh process, without the interpreter."""
+    """Run ``python -m steerlm_kernels.kernels.aot ARGS`` in a fresh process, without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return subprocess.run([sys.executable, "-m", "steerlm_kernels._aot", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "steerlm_kernels.kernels.aot", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -56,13 +56,13 @@ def test_forced_backend_on_the_wrong_device(monkeypatch):
 
 def test_environment_variable_reaches_the_public_api(monkeypatch):
     calls = []
-    real = registry.get
+    real = registry.backend_kernels
 
     def spy(name):
         calls.append(name)
         return real(name)
 
-    monkeypatch.setattr(registry, "get", spy)
+    monkeypatch.setattr(registry, "backend_kernels", spy)
     monkeypatch.setenv(registry.ENV_VAR, "torch")
     sk.token_nll(torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)))
     assert calls == ["torch"]
