@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from steerlm_kernels import bench, bench_group
+from steerlm_kernels.bench import group, harness
 
 DEVICE = torch.device(os.environ.get("STEERLM_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 SIZES = (4096, 1 << 20) if DEVICE.type == "cuda" else (512, 65536)
@@ -21,13 +21,13 @@ IMPLS = ("eager", "compile", "torch", "cpp", "triton")
 
 @pytest.mark.parametrize("b", SIZES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("op", bench_group.OPS)
+@pytest.mark.parametrize("op", group.OPS)
 def test_group(benchmark, op: str, impl: str, b: int) -> None:
-    if impl not in bench_group.default_group_impls(DEVICE) or (impl == "triton" and DEVICE.type != "cuda"):
+    if impl not in group.default_group_impls(DEVICE) or (impl == "triton" and DEVICE.type != "cuda"):
         pytest.skip(f"{impl} is not timed on {DEVICE.type} here")
-    implementation = bench_group.build_group_impl(impl, DEVICE)
-    w = bench_group.make_group_workload(b, 8, DEVICE)
-    row = bench_group.run_group_case(implementation, op, w, bench.Timer(DEVICE), 1, 1)
+    implementation = group.build_group_impl(impl, DEVICE)
+    w = group.make_group_workload(b, 8, DEVICE)
+    row = group.run_group_case(implementation, op, w, harness.Timer(DEVICE), 1, 1)
     assert row.error is None and row.agrees, (row.error, row.value_rel_err)
 
     def timed() -> None:

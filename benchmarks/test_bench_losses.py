@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import steerlm_kernels as sk
-from steerlm_kernels import bench, registry
+from steerlm_kernels import registry
+from steerlm_kernels.bench import ce, harness
 
 DEVICE = torch.device(os.environ.get("STEERLM_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 SHAPES = ([(n, v, 1024) for n in (4096, 16384) for v in (32000, 128256, 256000)] if DEVICE.type == "cuda"
@@ -27,28 +28,28 @@ SHAPES = ([(n, v, 1024) for n in (4096, 16384) for v in (32000, 128256, 256000)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("eager", "compile", "liger", *registry.BACKENDS)
 
-_workloads: dict[tuple[int, int, int, torch.dtype], bench.Workload] = {}
+_workloads: dict[tuple[int, int, int, torch.dtype], ce.Workload] = {}
 _references: dict[tuple[int, int, int, torch.dtype, str], dict[str, torch.Tensor]] = {}
-_impls: dict[str, bench.Impl] = {}
+_impls: dict[str, ce.Impl] = {}
 
 
-def _workload(shape: tuple[int, int, int], dtype: torch.dtype) -> bench.Workload:
+def _workload(shape: tuple[int, int, int], dtype: torch.dtype) -> ce.Workload:
     key = (*shape, dtype)
     if key not in _workloads:
         _workloads.clear()  # one shape at a time in memory
         _references.clear()
-        _workloads[key] = bench.make_workload(*shape, dtype, DEVICE)
+        _workloads[key] = ce.make_workload(*shape, dtype, DEVICE)
     return _workloads[key]
 
 
-def _impl(name: str) -> bench.Impl:
+def _impl(name: str) -> ce.Impl:
     if name == "triton" and DEVICE.type != "cuda":
         pytest.skip("the Triton interpreter on CPU is not worth timing")
-    default, why_not = bench.default_impls(DEVICE, quick=False)
+    default, why_not = ce.default_impls(DEVICE, quick=False)
     if name not in default:
         pytest.skip(why_not.get(name, "not available"))
     if name not in _impls:
-        _impls[name] = bench.build_impl(name, DEVICE)
+        _impls[name] = ce.build_impl(name, DEVICE)
     return _impls[name]
 
 
@@ -60,18 +61,18 @@ def _sync() -> None:
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-V{v}" for n, v, _ in SHAPES])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("phase", bench.PHASES)
+@pytest.mark.parametrize("phase", ce.PHASES)
 def test_loss(benchmark, phase: str, impl: str, dtype: str, shape: tuple[int, int, int]) -> None:
     implementation = _impl(impl)
     w = _workload(shape, DTYPES[dtype])
-    fns = bench.phase_fns(implementation, phase, w)
+    fns = ce.phase_fns(implementation, phase, w)
     if fns is None:
         pytest.skip(f"{impl} has no in-place mode")
     prepare, call = fns
     key = (*shape, w.logits.dtype, phase)
     if key not in _references:
-        _references[key] = bench.eager_reference(w, phase)
-    check = bench.run_case(implementation, phase, w, bench.Timer(DEVICE), repeats=1, warmup=1,
+        _references[key] = ce.eager_reference(w, phase)
+    check = ce.run_case(implementation, phase, w, harness.Timer(DEVICE), repeats=1, warmup=1,
                            reference=_references[key])  # warms up (compiles) and checks values
     assert check.error is None, check.error
     assert check.agrees, f"value rel err {check.value_rel_err}, grad rel err {check.grad_rel_err}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from steerlm_kernels import bench_dist
+from steerlm_kernels.bench import dist as bench_dist
 
 
 def test_counter_wraps_and_restores_and_models_ring_bytes() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from steerlm_kernels import bench_suite
+from steerlm_kernels.bench import suite
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
@@ -34,7 +34,7 @@ def test_bench_invocation_uses_existing_options() -> None:
     cmd = cmd.replace('"$OUT_DIR"', "out")
     argv = shlex.split(cmd)
     parser = argparse.ArgumentParser(exit_on_error=False)
-    bench_suite.add_arguments(parser)
+    suite.add_arguments(parser)
     ns = parser.parse_args(argv)  # raises on an unknown option
     assert ns.device == "cuda" and ns.budget is not None and ns.output == "out"
     assert ns.budget < int(re.search(r'BENCH_TIMEOUT="\$\{GPU_CHECK_BENCH_TIMEOUT:-(\d+)\}"', text).group(1))

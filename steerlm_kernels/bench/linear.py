@@ -2,7 +2,7 @@
 
 One workload per shape ``(N, V, H)``: hidden ``[B, S, H]`` and LM head ``[V, H]`` in the benchmark
 dtype (random, scaled so the logits have unit variance), and the labels / loss mask / SteerLM weights
-of :func:`steerlm_kernels.bench.make_batch`.
+of :func:`.harness.make_batch`.
 
 Phases:
 
@@ -15,7 +15,7 @@ Implementations: ``matmuls`` (the floor: the phase's bare matmuls into prealloca
 matmul rate of this run is measured from it), ``eager`` (``F.linear`` + ``F.cross_entropy`` on float32
 logits), ``compile`` (``torch.compile`` of eager), ``lce`` (``torch.nn.functional.linear_cross_entropy``,
 chunked: ``LinearCrossEntropyOptions()``), the peers ``liger`` / ``cce`` (CUDA only, through
-:mod:`steerlm_kernels.peers`), and our backends (chunks: the library GEMMs + the backend's CE
+:mod:`.peers`), and our backends (chunks: the library GEMMs + the backend's CE
 kernels), plus ``triton-tiles`` on CUDA (our Triton tile kernels, ``$STEERLM_KERNELS_LINEAR=tiles``:
 the alternative to chunks that holds no logits chunk; timed so that the default can follow the
 measurement).
@@ -39,18 +39,19 @@ from torch import Tensor
 
 import steerlm_kernels as sk
 from steerlm_kernels import registry
-from steerlm_kernels.bench import (
+from steerlm_kernels.bench import peers
+from steerlm_kernels.bench.harness import (
     GRAD_TOL,
     IMPL_TITLES,
     VALUE_TOL,
     Row,
     Timer,
-    _random_fill,
     check_outputs,
     fill_speedups,
     make_batch,
     measure,
     naive_sequence_nll,
+    random_fill,
 )
 
 PHASES: tuple[str, ...] = ("baseline", "train")
@@ -105,8 +106,8 @@ def make_linear_workload(
     """Random ``hidden [n/s, s, h]`` and ``weight [v, h]`` (unit-variance logits) plus the batch."""
     batch = make_batch(n, v, s, device, seed)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
-    hidden = _random_fill(torch.empty(n, h, dtype=dtype, device=device), gen, 1.0).view(n // s, s, h)
-    weight = _random_fill(torch.empty(v, h, dtype=dtype, device=device), gen, h**-0.5)
+    hidden = random_fill(torch.empty(n, h, dtype=dtype, device=device), gen, 1.0).view(n // s, s, h)
+    weight = random_fill(torch.empty(v, h, dtype=dtype, device=device), gen, h**-0.5)
     return LinearWorkload(hidden, weight, batch.labels, batch.labels_ignored, batch.loss_mask, batch.weight,
                           batch.normalizer)
 
@@ -196,13 +197,12 @@ def build_linear_impl(name: str, device: torch.device) -> LinearImpl:
     if name in PEERS:
         if device.type != "cuda":
             raise ValueError(f"{TITLES[name]} needs CUDA for timing (its CPU agreement check: the peers section)")
-        from steerlm_kernels import peers
-
         why = peers.available().get(name, "unknown peer")
         if why:
             raise ValueError(why)
+        adapter = peers.linear_token_nll_adapter(name)
         return _from_seq(name, lambda w, h, W: _per_sequence(
-            peers.linear_token_nll(name, h.view(-1, w.h), W, w.labels_ignored.view(-1)), w))
+            adapter(h.view(-1, w.h), W, w.labels_ignored.view(-1)), w))
     if name in registry.BACKENDS:
         registry.resolve(name, device)
         return _ours(name, registry.resolve("auto", device))
@@ -246,7 +246,7 @@ def _floor_fns(w: LinearWorkload, phase: str) -> tuple[Callable[[], Any], Callab
     return lambda: None, call
 
 
-def _phase_fns(impl: LinearImpl, w: LinearWorkload, phase: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+def phase_fns(impl: LinearImpl, phase: str, w: LinearWorkload) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
     if impl.seq_nll is None:
         return _floor_fns(w, phase)
     if phase == "baseline":
@@ -273,7 +273,7 @@ def linear_reference(w: LinearWorkload, phase: str) -> dict[str, Tensor] | None:
     for name in ("eager", "torch"):
         try:
             impl = build_linear_impl(name, w.hidden.device)
-            prepare, call = _phase_fns(impl, w, phase)
+            prepare, call = phase_fns(impl, phase, w)
             out = call(prepare())
             return {"value": out} if phase == "baseline" else {"value": out[0], "grads": out[1:]}
         except (torch.OutOfMemoryError, RuntimeError):
@@ -290,7 +290,7 @@ def run_linear_case(
     row = Row(phase=phase, impl=impl.name, title=impl.title, ours=impl.ours, section="linear", n=w.n, v=w.v,
               h=w.h, dtype=str(w.hidden.dtype).removeprefix("torch."))
     row.flops = MATMULS[phase] * w.flops_per_matmul
-    prepare, call = _phase_fns(impl, w, phase)
+    prepare, call = phase_fns(impl, phase, w)
 
     def check(first: Any) -> None:
         if reference is None or impl.seq_nll is None:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import steerlm_kernels as sk
 from steerlm_kernels import registry
-from steerlm_kernels.bench import IMPL_TITLES, Row, Timer, _rel_err, fill_speedups, measure
+from steerlm_kernels.bench.harness import IMPL_TITLES, Row, Timer, fill_speedups, measure, rel_err
 
 OPS: tuple[str, ...] = ("steerlm2_weights", "segment_softmax")
 #: float32 values read + written per response.
@@ -145,7 +145,7 @@ def run_group_case(impl: GroupImpl, op: str, w: GroupWorkload, timer: Timer, rep
         ref = eager_steerlm2_weights(d["seq_nll"], d["log_q"], d["ws"], w.group_id, g)[0]
 
     def check(first: Tensor) -> None:
-        row.value_rel_err = _rel_err(first, ref)
+        row.value_rel_err = rel_err(first, ref)
         row.agrees = math.isfinite(row.value_rel_err) and row.value_rel_err <= 1e-5
 
     def call(_: Any) -> Tensor:

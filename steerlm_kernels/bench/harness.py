@@ -1,37 +1,6 @@
-"""Benchmarks: ``steerlm-kernels bench`` (the results table) and ``steerlm-kernels demo``.
+"""The benchmark harness: timing, memory measurement, the result rows and their formatting.
 
-Everything here is measured side by side in ONE process, on one random SteerLM-like batch:
-
-* logits ``[N, V]`` (bfloat16 by default), ``N = B * S`` tokens in ``B`` sequences of length ``S``;
-  labels uniform in ``[0, V)``; a loss mask that hides a prompt-like prefix of each sequence
-  (15-35 % of it, ~25 % overall); SteerLM weights ``ws - baseline`` (signed) per group of up to 4
-  responses; the normalizer is the group's mean number of loss tokens (NeMo's
-  ``avg_num_valid_tokens_in_ub`` with M = G).
-
-Phases (rows of the table):
-
-``baseline``  per-sequence NLL under ``torch.no_grad()`` (SteerLM 2.0's phase 1).
-``train``     ``weighted_sequence_loss`` forward + backward (``torch.autograd.grad`` w.r.t. the
-              logits, so the gradient buffer is returned and counted, never accumulated).
-``inplace``   the same with ``inplace_backward=True``: each iteration gets a fresh copy of the logits,
-              made outside the timed (and memory-measured) region. Only our backends have an
-              in-place mode; this phase's ratios are against the ``train`` phase's eager /
-              ``torch.compile`` rows.
-
-Implementations:
-
-``eager``     the naive user code: ``F.cross_entropy(logits.float().view(-1, V), labels.view(-1),
-              reduction="none")``, times the mask, per-sequence sum, weighted sum.
-``compile``   ``torch.compile`` of that same function (compiled during warm-up, outside timing).
-``liger``     (CUDA only, when ``liger_kernel`` is importable) Liger-Kernel's cross entropy with
-              ``reduction="none"`` and masked labels set to ``ignore_index``. Liger writes its
-              gradient into the logits during the forward, so it gets a fresh copy per iteration.
-``torch`` / ``cpp`` / ``triton``  our public functions with ``backend=`` each backend that
-              :func:`steerlm_kernels.backends` reports available for the device. (Triton on CPU
-              tensors runs in the interpreter: far too slow to time, so it is only included with
-              ``--quick`` or when named in ``--impls``.)
-
-Measurements per row:
+Every section (:mod:`.ce`, :mod:`.linear`, :mod:`.group`) measures through :func:`measure`:
 
 * time: median of ``--repeats`` runs after warm-up. CUDA: CUDA events around the call, the L2
   cache flushed before each run (as ``triton.testing.do_bench``). CPU: ``time.perf_counter``.
@@ -47,19 +16,14 @@ Measurements per row:
   trim 64 MiB), so chunked implementations recycle their mid-sized buffers as they would in a
   training loop instead of paying fresh page faults for each; ``[N, V]`` buffers (> 32 MiB) are
   ``mmap``-ed either way.
-* the byte model: bytes that must move per logit element (``baseline`` 1 read = 2 B/elem for
-  bf16; ``train`` 2 reads + 1 write = 6 B/elem; ``inplace`` 1 read + 1 write = 4 B/elem when the
-  row stays in cache), achieved GB/s = model bytes / time, and that as a fraction of two
-  bandwidths measured in the same run on a buffer the size of the logits: READ = ``torch.sum``
-  of the logits (a streaming multi-threaded read of every byte; ``2·N·V`` bytes / time) and
-  COPY = ``dst.copy_(logits)`` (device-to-device on CUDA; bytes read + written / time).
-  The model counts all ``N`` rows; our kernels never read the ~25 % masked rows in the forward,
-  so they can exceed 100 % of it.
-* agreement with eager (float32 math on both sides): ``value rel err`` = max |a - b| / max |b| of
-  the per-sequence NLL (baseline) or the loss (train); ``grad rel err`` = ||g - g_eager|| /
-  ||g_eager|| (Frobenius, float32). Above the tolerance the row is marked ``MISMATCH`` and a
-  banner is printed; ``run`` then returns 1 (for our backends; a comparator's failure is loud but
-  does not fail the run).
+* agreement with the section's reference (:func:`check_outputs`): ``value rel err`` = max |a - b| /
+  max |b|; ``grad rel err`` = ||g - g_ref|| / ||g_ref|| (Frobenius, float32). Above the tolerance
+  the row is marked ``MISMATCH``.
+
+Also here: the random SteerLM-like batch the ``ce`` and ``linear`` sections share
+(:func:`make_batch`) and their eager comparator's formula (:func:`naive_sequence_nll`), the
+implementation titles, and the table cells (:func:`fmt`,
+:func:`fmt_err`, :func:`table_line`).
 """
 
 from __future__ import annotations
@@ -82,17 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import steerlm_kernels as sk
-from steerlm_kernels import registry
 
-PHASES: tuple[str, ...] = ("baseline", "train", "inplace")
-PHASE_TITLES: dict[str, str] = {
-    "baseline": "baseline: per-sequence NLL, no grad",
-    "train": "train: weighted loss forward + backward",
-    "inplace": "train, inplace_backward=True",
-}
-#: Logit element reads + writes the phase must do, in units of one element's size.
-ACCESSES_PER_ELEM: dict[str, int] = {"baseline": 1, "train": 3, "inplace": 2}
-COMPARATORS: tuple[str, ...] = ("eager", "compile", "liger")
+#: Table titles: the logits-in comparators and our backends (the other sections add their own).
 IMPL_TITLES: dict[str, str] = {
     "eager": "eager PyTorch",
     "compile": "torch.compile",
@@ -106,9 +61,6 @@ DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
-CPU_DEFAULT = {"n": 2048, "v": 32000, "s": 512, "repeats": 5, "warmup": 1}
-GPU_DEFAULT = {"n": 16384, "v": 128256, "s": 4096, "repeats": 20, "warmup": 3}
-QUICK_DEFAULT = {"n": 128, "v": 1000, "s": 32, "repeats": 2, "warmup": 1}
 #: Separate calls whose peak extra memory is measured; the median is reported (the CPU's RSS
 #: reading is occasionally inflated by the allocator's state: one outlier must not decide a row).
 MEMORY_SAMPLES = 3
@@ -189,7 +141,7 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     """Wait for the device (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -229,38 +181,9 @@ def memory_method_check(device: torch.device | str = "cpu", mib: int = 256) -> f
     del out
     return extra
 
-
 # ------------------------------------------------------------------------------------------------
-# Workload and implementations
+# The random batch
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Workload:
-    """One random SteerLM-like micro-batch."""
-
-    logits: Tensor  # [N, V]
-    labels: Tensor  # [B, S] int64
-    loss_mask: Tensor  # [B, S] float32, 0 on the prompt-like prefix
-    weight: Tensor  # [B] float32 (ws - baseline)
-    normalizer: Tensor  # [B] float32 (group mean of loss tokens)
-    labels_ignored: Tensor  # [B, S] labels with masked positions set to -100 (for Liger)
-
-    @property
-    def n(self) -> int:
-        return self.logits.shape[0]
-
-    @property
-    def v(self) -> int:
-        return self.logits.shape[1]
-
-    @property
-    def b(self) -> int:
-        return self.labels.shape[0]
-
-    @property
-    def s(self) -> int:
-        return self.labels.shape[1]
 
 
 @dataclass
@@ -296,24 +219,13 @@ def make_batch(n: int, v: int, s: int, device: torch.device, seed: int = 0) -> B
                  labels_ignored.to(device))
 
 
-def _random_fill(x: Tensor, gen: torch.Generator, scale: float) -> Tensor:
+def random_fill(x: Tensor, gen: torch.Generator, scale: float) -> Tensor:
     """Fill ``x`` (2-D) with ``scale * randn`` in row chunks (no full-size float32 temporary)."""
     rows = max(1, (1 << 26) // max(x.shape[1], 1))
     for start in range(0, x.shape[0], rows):
         chunk = x[start:start + rows]
         chunk.copy_(torch.randn(chunk.shape, generator=gen, device=x.device, dtype=torch.float32).mul_(scale))
     return x
-
-
-def make_workload(
-    n: int, v: int, s: int, dtype: torch.dtype, device: torch.device, seed: int = 0
-) -> Workload:
-    """Random logits ``[n, v]`` in ``dtype`` and the matching labels / mask / weights."""
-    batch = make_batch(n, v, s, device, seed)
-    logits = torch.empty(n, v, dtype=dtype, device=device)
-    _random_fill(logits, torch.Generator(device=device).manual_seed(seed), 2.0)
-    return Workload(logits=logits, labels=batch.labels, loss_mask=batch.loss_mask, weight=batch.weight,
-                    normalizer=batch.normalizer, labels_ignored=batch.labels_ignored)
 
 
 def naive_sequence_nll(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
@@ -323,133 +235,8 @@ def naive_sequence_nll(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Ten
     return (tok.view(labels.shape) * loss_mask).sum(-1)
 
 
-def naive_weighted_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor, weight: Tensor,
-                        normalizer: Tensor) -> Tensor:
-    """The naive SteerLM 2.0 micro-batch loss ``sum_b weight_b * nll_b / normalizer_b``."""
-    return (weight * naive_sequence_nll(logits, labels, loss_mask) / normalizer).sum()
-
-
-@dataclass
-class Impl:
-    """One implementation: the baseline-phase and loss functions of ``(workload, logits)``."""
-
-    name: str
-    title: str
-    seq_nll: Callable[[Workload, Tensor], Tensor]
-    loss: Callable[[Workload, Tensor], Tensor] | None
-    ours: bool = False
-    fresh_copy: bool = False  # needs a private copy of the logits each call (writes into them)
-    inplace: Callable[[Workload, Tensor], Tensor] | None = None
-    warmup_extra: int = 0
-
-
-def _eager_impl() -> Impl:
-    """The naive user code, run eagerly."""
-    return Impl(
-        "eager", IMPL_TITLES["eager"],
-        seq_nll=lambda w, x: naive_sequence_nll(x, w.labels, w.loss_mask),
-        loss=lambda w, x: naive_weighted_loss(x, w.labels, w.loss_mask, w.weight, w.normalizer),
-    )
-
-
-def _compile_impl() -> Impl:
-    """``torch.compile`` of the naive code (one compiled function per phase; compiles on first call)."""
-    seq_c = torch.compile(naive_sequence_nll)
-    loss_c = torch.compile(naive_weighted_loss)
-    return Impl(
-        "compile", IMPL_TITLES["compile"],
-        seq_nll=lambda w, x: seq_c(x, w.labels, w.loss_mask),
-        loss=lambda w, x: loss_c(x, w.labels, w.loss_mask, w.weight, w.normalizer),
-        warmup_extra=1,
-    )
-
-
-def _liger_impl() -> Impl:
-    """Liger-Kernel's cross entropy (``reduction="none"``), masked tokens as ``ignore_index``."""
-    from liger_kernel.transformers import LigerCrossEntropyLoss
-
-    ce = LigerCrossEntropyLoss(reduction="none", ignore_index=-100)
-
-    def seq_nll(w: Workload, x: Tensor) -> Tensor:
-        tok = ce(x.view(-1, w.v), w.labels_ignored.view(-1))
-        tok = tok[0] if isinstance(tok, tuple) else tok
-        return (tok.float().view(w.b, w.s) * w.loss_mask).sum(-1)
-
-    def loss(w: Workload, x: Tensor) -> Tensor:
-        return (w.weight * seq_nll(w, x) / w.normalizer).sum()
-
-    return Impl("liger", IMPL_TITLES["liger"], seq_nll=seq_nll, loss=loss, fresh_copy=True)
-
-
-def _our_impl(backend: str, auto: str) -> Impl:
-    """Our public functions forced to ``backend`` (titled "(auto)" when ``auto`` picks it)."""
-    def seq_nll(w: Workload, x: Tensor) -> Tensor:
-        return sk.sequence_nll(x.view(w.b, w.s, w.v), w.labels, w.loss_mask, backend=backend)
-
-    def loss(w: Workload, x: Tensor, inplace: bool = False) -> Tensor:
-        return sk.weighted_sequence_loss(
-            x.view(w.b, w.s, w.v), w.labels, w.loss_mask, w.weight, w.normalizer,
-            inplace_backward=inplace, backend=backend,
-        )
-
-    title = IMPL_TITLES[backend] + (" (auto)" if backend == auto else "")
-    return Impl(backend, title, seq_nll=seq_nll, loss=loss, ours=True,
-                inplace=lambda w, x: loss(w, x, inplace=True))
-
-
-def available_backends(device: torch.device) -> dict[str, str]:
-    """``{backend: ""}`` for each backend that can run on ``device``, else ``{backend: why not}``."""
-    out: dict[str, str] = {}
-    for name in registry.BACKENDS:
-        try:
-            registry.resolve(name, device)
-            out[name] = ""
-        except ValueError as exc:
-            out[name] = str(exc)
-    return out
-
-
-def default_impls(device: torch.device, quick: bool) -> tuple[list[str], dict[str, str]]:
-    """The implementations run by default on ``device`` and ``{name: why not}`` for the others."""
-    names = ["eager", "compile"]
-    skipped: dict[str, str] = {}
-    if device.type == "cuda":
-        try:
-            import liger_kernel  # noqa: F401
-
-            names.append("liger")
-        except Exception as exc:
-            skipped["liger"] = f"liger_kernel not importable ({type(exc).__name__})"
-    else:
-        skipped["liger"] = "Liger-Kernel needs CUDA"
-    for name, why in available_backends(device).items():
-        if why:
-            skipped[name] = why
-        elif name == "triton" and device.type != "cuda" and not quick:
-            skipped[name] = "Triton interpreter on CPU tensors: correct, far too slow to time (use --quick)"
-        else:
-            names.append(name)
-    return names, skipped
-
-
-def build_impl(name: str, device: torch.device) -> Impl:
-    """Instantiate implementation ``name`` (raises when it cannot run here)."""
-    if name == "eager":
-        return _eager_impl()
-    if name == "compile":
-        return _compile_impl()
-    if name == "liger":
-        if device.type != "cuda":
-            raise ValueError("Liger-Kernel needs CUDA")
-        return _liger_impl()
-    if name in registry.BACKENDS:
-        registry.resolve(name, device)  # raises ValueError with the reason
-        return _our_impl(name, registry.resolve("auto", device))
-    raise ValueError(f"unknown implementation {name!r}; choose from {COMPARATORS + registry.BACKENDS}")
-
-
 # ------------------------------------------------------------------------------------------------
-# Timing
+# Rows, timing, checks
 # ------------------------------------------------------------------------------------------------
 
 
@@ -541,12 +328,12 @@ def measure_bandwidth(x: Tensor, timer: Timer, repeats: int) -> dict[str, float]
     return out
 
 
-def _rel_err(a: Tensor, b: Tensor) -> float:
+def rel_err(a: Tensor, b: Tensor) -> float:
     a, b = a.detach().float().reshape(-1), b.detach().float().reshape(-1)
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def _grad_rel_err(g: Tensor, ref: Tensor) -> float:
+def grad_rel_err(g: Tensor, ref: Tensor) -> float:
     g, ref = g.reshape(ref.shape[0], -1), ref.reshape(ref.shape[0], -1)
     num = den = 0.0
     rows = max(1, (1 << 24) // max(ref.shape[1], 1))
@@ -555,40 +342,6 @@ def _grad_rel_err(g: Tensor, ref: Tensor) -> float:
         num += (g[start:start + rows].float() - r).pow(2).sum().item()
         den += r.pow(2).sum().item()
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
-
-
-def phase_fns(impl: Impl, phase: str, w: Workload) -> tuple[Callable[[], Any], Callable[[Any], Any]] | None:
-    """``(prepare, call)`` for ``impl`` in ``phase``, or None when it has no such phase."""
-    fresh = impl.fresh_copy or phase == "inplace"
-    if phase == "baseline":
-        def prepare() -> Tensor:
-            return w.logits.clone() if fresh else w.logits
-
-        def call(x: Tensor) -> Any:
-            with torch.no_grad():
-                return impl.seq_nll(w, x)
-
-        return prepare, call
-    fn = impl.inplace if phase == "inplace" else impl.loss
-    if fn is None:
-        return None
-
-    def prepare_leaf() -> Tensor:
-        return (w.logits.clone() if fresh else w.logits.detach()).requires_grad_(True)
-
-    def call_train(x: Tensor) -> Any:
-        loss = fn(w, x)
-        (grad,) = torch.autograd.grad(loss, x)
-        return loss.detach(), grad
-
-    return prepare_leaf, call_train
-
-
-def eager_reference(w: Workload, phase: str) -> dict[str, Tensor]:
-    """Eager PyTorch's outputs for ``phase``: ``{"value": ...}`` (+ ``"grad"`` when training)."""
-    prepare, call = phase_fns(_eager_impl(), "train" if phase == "inplace" else phase, w)  # type: ignore[misc]
-    out = call(prepare())
-    return {"value": out} if phase == "baseline" else {"value": out[0], "grads": out[1:]}
 
 
 def measure(
@@ -603,14 +356,14 @@ def measure(
     try:
         t0 = time.perf_counter()
         first = call(prepare())
-        _sync(device)
+        sync(device)
         row.first_call_s = time.perf_counter() - t0
         if check is not None:
             check(first)
         del first
         for _ in range(max(0, warmup - 1) + warmup_extra):
             call(prepare())
-        _sync(device)
+        sync(device)
         for _ in range(MEMORY_SAMPLES):
             args = prepare()
             row.extra_mib_samples.append(measure_extra_memory(functools.partial(call, args), device)[0])
@@ -631,11 +384,11 @@ def check_outputs(row: Row, first: Any, reference: dict[str, Any], value_tol: fl
     or ``(value, *grads)``, against ``reference`` (``"value"`` and, when training, ``"grads"`` in
     the same order; the gradient error is the worst of them)."""
     if "grads" not in reference:
-        row.value_rel_err = _rel_err(first, reference["value"])
+        row.value_rel_err = rel_err(first, reference["value"])
     else:
         row.value = first[0].item()
-        row.value_rel_err = _rel_err(first[0], reference["value"])
-        row.grad_rel_err = max(_grad_rel_err(g, r) for g, r in zip(first[1:], reference["grads"], strict=True))
+        row.value_rel_err = rel_err(first[0], reference["value"])
+        row.grad_rel_err = max(grad_rel_err(g, r) for g, r in zip(first[1:], reference["grads"], strict=True))
     errs = [(row.value_rel_err, value_tol)] + ([(row.grad_rel_err, grad_tol)] if row.grad_rel_err is not None else [])
     row.agrees = all(math.isfinite(e) and e <= t for e, t in errs)
 
@@ -653,26 +406,6 @@ def fill_speedups(rows: list[Row], key: Callable[[Row], Any],
             if ref is not None and ref.median_ms:
                 setattr(r, attr, ref.median_ms / r.median_ms)
 
-
-def run_case(
-    impl: Impl, phase: str, w: Workload, timer: Timer, repeats: int, warmup: int,
-    reference: dict[str, Tensor] | None,
-) -> Row:
-    """Warm up, check values against ``reference``, measure extra memory, then time one case."""
-    row = Row(phase=phase, impl=impl.name, title=impl.title, ours=impl.ours, n=w.n, v=w.v,
-              dtype=str(w.logits.dtype).removeprefix("torch."))
-    row.bytes_per_elem = ACCESSES_PER_ELEM[phase] * w.logits.element_size()
-    fns = phase_fns(impl, phase, w)
-    if fns is None:
-        row.error = "no such phase"
-        return row
-    prepare, call = fns
-
-    def check(first: Any) -> None:
-        if reference is not None:
-            check_outputs(row, first, reference, VALUE_TOL, GRAD_TOL.get(w.logits.dtype, 1e-2))
-
-    return measure(row, prepare, call, w.logits.device, timer, repeats, warmup, check, impl.warmup_extra)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -708,17 +441,17 @@ def versions() -> str:
     return f"torch {torch.__version__}, triton {tv}, steerlm_kernels {sk.__version__}"
 
 
-def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
+def fmt(x: float | None, spec: str, suffix: str = "") -> str:
     return "–" if x is None else f"{x:{spec}}{suffix}"
 
 
-def _fmt_err(x: float | None) -> str:
+def fmt_err(x: float | None) -> str:
     return "–" if x is None else ("0" if x == 0 else f"{x:.1e}")
 
 
 def value_err_cell(r: Row) -> str:
     """The value error of a row, flagged ``**MISMATCH**`` when it is above the tolerance."""
-    return _fmt_err(r.value_rel_err) + ("" if r.agrees is not False else " **MISMATCH**")
+    return fmt_err(r.value_rel_err) + ("" if r.agrees is not False else " **MISMATCH**")
 
 
 def table_line(head: list[str], r: Row, cells: Callable[[Row], list[str]], width: int) -> str:
@@ -729,34 +462,7 @@ def table_line(head: list[str], r: Row, cells: Callable[[Row], list[str]], width
     return "| " + " | ".join([*head, *cells(r)]) + " |"
 
 
-def markdown_table(rows: list[Row]) -> str:
-    """The rows as a markdown table."""
-    head = ("| phase | implementation | median ms | vs eager | vs compile | extra MiB | model B/elem "
-            "| GB/s | % read BW | % copy BW | value rel err | grad rel err |")
-
-    def cells(r: Row) -> list[str]:
-        return [_fmt(r.median_ms, ".1f"), _fmt(r.vs_eager, ".2f", "×"), _fmt(r.vs_compile, ".2f", "×"),
-                _fmt(r.extra_mib, ".1f"), f"{r.bytes_per_elem:g}", _fmt(r.gbps, ".1f"), _fmt(r.frac_read, ".0%"),
-                _fmt(r.frac_copy, ".0%"), value_err_cell(r), _fmt_err(r.grad_rel_err)]
-
-    return "\n".join([head, "|" + "---|" * 12, *(table_line([r.phase, r.title], r, cells, 12) for r in rows)])
-
-
-def _fill_ratios(rows: list[Row], w: Workload, bw: dict[str, float]) -> None:
-    # the in-place phase is compared with the comparators' train rows (they have no in-place mode)
-    fill_speedups(rows, key=lambda r: "train" if r.phase == "inplace" else r.phase)
-    nbytes_elem = w.n * w.v
-    for r in rows:
-        if r.median_ms is None:
-            continue
-        r.gbps = nbytes_elem * r.bytes_per_elem / (r.median_ms * 1e-3) / 1e9
-        if bw.get("read"):
-            r.frac_read = r.gbps / bw["read"]
-        if bw.get("copy"):
-            r.frac_copy = r.gbps / bw["copy"]
-
-
-def _load_average() -> list[float] | None:
+def load_average() -> list[float] | None:
     """1/5/15-minute load averages (other processes skew CPU timings), None where unknown."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -773,57 +479,3 @@ def command_line() -> str:
         argv[0] = os.path.basename(argv[0])
     return " ".join(argv)
 
-
-# ------------------------------------------------------------------------------------------------
-# make demo
-# ------------------------------------------------------------------------------------------------
-
-
-def demo(n: int = 2048, v: int = 32000, s: int = 512, repeats: int = 3) -> int:
-    """Our fused loss beside eager PyTorch on one random batch: values, time and memory ratios."""
-    pin_malloc_mmap_threshold()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    auto = registry.resolve("auto", device)
-    w = make_workload(n, v, s, torch.bfloat16, device)
-    mib = w.logits.numel() * w.logits.element_size() / MIB
-    print(f"A random SteerLM-like batch on {device.type.upper()}: {w.b} responses × {w.s} tokens, vocabulary "
-          f"{w.v}, bfloat16 logits ({mib:.0f} MiB), {(w.loss_mask == 0).float().mean().item():.0%} "
-          "prompt tokens masked.")
-    print(f"Fused loss: steerlm_kernels, backend auto -> {auto!r}.  Reference: eager PyTorch "
-          "(F.cross_entropy on logits.float(), mask, per-sequence sum).")
-    timer = Timer(device)
-    eager, ours = _eager_impl(), _our_impl(auto, auto)
-    ok = True
-    for phase, title in (("baseline", "Phase 1, baseline (no grad): per-sequence NLL"),
-                         ("train", "Phase 2, training: weighted loss forward + backward")):
-        ref = eager_reference(w, phase)
-        e_row = run_case(eager, phase, w, timer, repeats, 1, ref)
-        o_row = run_case(ours, phase, w, timer, repeats, 1, ref)
-        print(f"\n{title}")
-        for r in (e_row, o_row):
-            if r.error:
-                print(f"  {r.title:22s} ERROR {r.error}")
-                continue
-            print(f"  {r.title:22s} {r.median_ms:8.1f} ms   +{_fmt(r.extra_mib, '.0f')} MiB extra memory")
-        if e_row.error or o_row.error:
-            ok = False
-            continue
-        assert e_row.median_ms and o_row.median_ms
-        speed = e_row.median_ms / o_row.median_ms
-        mem = ""
-        if e_row.extra_mib is not None and o_row.extra_mib is not None:
-            mem = (f", {e_row.extra_mib / max(o_row.extra_mib, 1.0):.0f}× less extra memory"
-                   if o_row.extra_mib >= 1.0 else f", extra memory {o_row.extra_mib:.1f} MiB vs "
-                   f"{e_row.extra_mib:.0f} MiB")
-        print(f"  -> {speed:.1f}× faster{mem}")
-        if phase == "baseline":
-            vals = ", ".join(f"{x:.2f}" for x in ref["value"][:4].tolist())
-            print(f"  per-sequence NLL (first {min(4, w.b)}): {vals}")
-        else:
-            print(f"  loss: eager {ref['value'].item():.6f}, fused {_fmt(o_row.value, '.6f')}; "
-                  f"gradient rel err {_fmt_err(o_row.grad_rel_err)}")
-        agree = "agree" if o_row.agrees else "DISAGREE"
-        print(f"  values {agree} with eager (rel err {_fmt_err(o_row.value_rel_err)})")
-        ok = ok and bool(o_row.agrees)
-    print("\nFull table (torch.compile, every backend, in-place backward, bandwidth): steerlm-kernels bench")
-    return 0 if ok else 1
