@@ -1,0 +1,550 @@
+"""``steerlm-kernels score``: fill ``log(P(y|x))`` and ``log(Q(y|a,x))`` of a SteerLM 2.0 file.
+
+For every response ``y`` of every record (prompt ``x``: ``system`` + ``prompt_turns``; attribute
+string ``a``: ``label``)::
+
+    log(P(y|x))    = sum over the scored span of log p_SFT(token | prefix)      prompt WITHOUT the label
+    log(Q(y|a,x))  = sum over the scored span of log p_SteerLM(token | prefix)  prompt WITH the label
+
+rendered exactly as ``train`` renders it with the same ``--template``
+(:func:`~steerlm_kernels.steerlm2.templates.encode_example`; the scored span is the response plus
+the template's end of turn). The sums run through the package's fused baseline path
+(:mod:`~steerlm_kernels.steerlm2.logprobs`: final hidden states and the LM head through
+``sk.linear_sequence_nll``, else the logits through ``sk.sequence_nll``): no ``[tokens, V]``
+float32 tensor, responses batched by length up to ``--max-tokens-per-batch`` tokens.
+
+``log(P(a|x,y))`` present in the input is kept; ``--attribute-scorer module:function`` fills the
+missing ones: ``function(records) -> log-probabilities``, called on a batch of records (the output
+dicts, with the two sums above already filled) and returning, per record, one float per response
+(finite, <= 0). See :mod:`~steerlm_kernels.steerlm2.example_scorers` for a template. Records that
+end without it are reported (``train`` needs it).
+
+Streaming and resuming: the input is read line by line and the output written line by line (one
+line per well-formed input record, in input order), flushed and fsync-ed after every window of
+records (a few batches' worth, :data:`WINDOW_BATCHES`). Rerunning the same command continues an
+interrupted run: the complete lines of ``--output`` are kept, a partial last line is cut, and the
+input records they hold are skipped (``--overwrite`` starts afresh). A kill loses at most the
+window in flight, never a written line.
+
+Reported on stderr, by input line, and never fatal: malformed lines (invalid JSON, a record that
+is not SteerLM 2.0: skipped, no output line), records that do not fit ``--max-seq-length`` (written
+unchanged, plus ``"unscored": "<reason>"``; never truncated), records without ``log(P(a|x,y))``.
+Failures (unreadable files, bad options, a model that does not load, a failing attribute scorer)
+end the command with one line naming the file, line or option, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from steerlm_kernels.steerlm2.jsonl_stream import (
+    CommandError,
+    LineError,
+    Progress,
+    ResumableWriter,
+    count_nonblank_lines,
+    iter_objects,
+)
+from steerlm_kernels.steerlm2.logprobs import PATHS, SpanScorer, choose_path, score_sequences
+from steerlm_kernels.steerlm2.records import LOG_P_A, LOG_P_Y, LOG_Q, SteerLM2Record, SteerLMDataError, parse_record
+from steerlm_kernels.steerlm2.templates import TEMPLATES, encode_example
+
+__all__ = ["DEFAULTS", "WINDOW_BATCHES", "ScoreSummary", "Side", "add_arguments", "load_attribute_scorer",
+           "load_side_models", "resolve_device", "resolve_dtype", "run", "score_file"]
+
+DEFAULTS: dict[str, Any] = {
+    "template": "nemo",
+    "device": "auto",
+    "precision": "auto",
+    "max_tokens_per_batch": 8192,
+    "max_seq_length": 4096,
+    "path": "auto",
+    "backend": "auto",
+}
+#: A window of records holds about this many batches' worth of tokens: sorted by length within it,
+#: scored, then written (the unit a kill can lose).
+WINDOW_BATCHES = 4
+#: At most this many line numbers are listed per kind of report in the summary.
+LIST_LINES = 20
+
+AttributeScorer = Callable[[list[dict[str, Any]]], Sequence[Sequence[float]]]
+
+
+@dataclass
+class Side:
+    """One of the two sums: which model, which tokenizer, with or without the label, which key."""
+
+    name: str  # "sft" / "steerlm" (for messages)
+    key: str  # LOG_P_Y / LOG_Q
+    with_label: bool
+    scorer: SpanScorer
+    tokenizer: Any
+    path_request: str = "auto"  # resolved on the first batch (the probe of choose_path)
+
+
+@dataclass
+class ScoreSummary:
+    """What :func:`score_file` did (also printed on stderr)."""
+
+    written: int = 0  # output lines written by this run
+    resumed: int = 0  # records already in the output from an earlier run
+    scored_responses: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    malformed: list[tuple[int, str]] = field(default_factory=list)  # (line, message)
+    unscored: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+    missing_attribute: list[int] = field(default_factory=list)  # lines
+    paths: dict[str, str] = field(default_factory=dict)  # side name -> "fused" / "logits" (+ why)
+
+
+@dataclass
+class _Item:
+    lineno: int
+    obj: dict[str, Any]
+    record: SteerLM2Record
+    seqs: dict[str, list[tuple[list[int], int]]]  # side key -> per response (ids, start)
+    reason: str | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``score`` options to ``parser``; returns it."""
+    d = DEFAULTS
+    parser.description = "Fill log(P(y|x)) and log(Q(y|a,x)) of a SteerLM 2.0 JSONL file with our fused kernels."
+    parser.add_argument("--data", required=True, help="input SteerLM 2.0 JSONL (responses need no scores)")
+    parser.add_argument("--output", required=True, help="output JSONL; an existing one is resumed")
+    parser.add_argument("--sft-model", required=True,
+                        help="model of log(P(y|x)) (prompt without the label): a Hugging Face directory or tiny/small")
+    parser.add_argument("--steerlm-model", required=True,
+                        help="model of log(Q(y|a,x)) (prompt with the label); the same path loads one model")
+    parser.add_argument("--template", default=d["template"], choices=TEMPLATES,
+                        help="prompt template, as for train (default: %(default)s)")
+    parser.add_argument("--device", default=d["device"],
+                        help="torch device; auto = cuda when available (cpu for the built-in models)")
+    parser.add_argument("--precision", default=d["precision"], choices=("auto", "fp32", "bf16", "fp16"),
+                        help="model weights' dtype; auto = fp32 on CPU, bf16 on CUDA (default: %(default)s)")
+    parser.add_argument("--max-tokens-per-batch", type=int, default=d["max_tokens_per_batch"],
+                        help="token budget of one padded batch (default: %(default)s)")
+    parser.add_argument("--max-seq-length", type=int, default=d["max_seq_length"],
+                        help="longest prompt + response; longer records are left unscored (default: %(default)s)")
+    parser.add_argument("--attribute-scorer", default=None, metavar="MODULE:FUNCTION",
+                        help="fills missing log(P(a|x,y)): a module (or file.py) and a function of a list of "
+                             "records returning one list of log-probabilities per record")
+    parser.add_argument("--path", default=d["path"], choices=PATHS,
+                        help="fused = hidden states + LM head (no logits), logits = the model's logits; "
+                             "auto = fused where the model allows it (default: %(default)s)")
+    parser.add_argument("--backend", default=d["backend"], choices=("auto", "triton", "cpp", "torch"),
+                        help="kernel backend (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in models' weights")
+    parser.add_argument("--overwrite", action="store_true", help="start a fresh --output instead of resuming")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# pieces
+
+
+def load_attribute_scorer(spec: str) -> AttributeScorer:
+    """The callable named by ``module:function`` (``module`` dotted, or a path to a ``.py`` file)."""
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise CommandError(f"--attribute-scorer {spec!r}: expected MODULE:FUNCTION")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise CommandError(f"--attribute-scorer {spec!r}: no file {module_name}")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise CommandError(f"--attribute-scorer {spec!r}: cannot load {module_name}")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except CommandError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user module can fail in any way; report one line
+        raise CommandError(f"--attribute-scorer {spec!r}: import failed: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise CommandError(f"--attribute-scorer {spec!r}: {module_name} has no callable {func_name!r}")
+    return fn
+
+
+def _check_log_prob(x: Any) -> str | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return f"must be a number, got {type(x).__name__}"
+    if not math.isfinite(x) or x > 0:
+        return f"must be a finite log-probability <= 0, got {x}"
+    return None
+
+
+def _parse(obj: Any, source: str, lineno: int) -> SteerLM2Record:
+    """Validate a record whose responses may lack scores (they are filled here)."""
+    if isinstance(obj, dict) and isinstance(obj.get("responses"), list):
+        filled = dict(obj)
+        filled["responses"] = []
+        for i, r in enumerate(obj["responses"]):
+            if isinstance(r, dict):
+                r = {**r, LOG_P_Y: 0.0, LOG_Q: 0.0}
+                if LOG_P_A in r:
+                    problem = _check_log_prob(r[LOG_P_A])
+                    if problem:
+                        raise SteerLMDataError(source, lineno, f"responses[{i}].{LOG_P_A}", problem)
+                else:
+                    r[LOG_P_A] = 0.0
+            filled["responses"].append(r)
+        obj = filled
+    return parse_record(obj, source, lineno)
+
+
+def _encode(item: _Item, sides: list[Side], template: str, max_seq_length: int) -> None:
+    """Fill ``item.seqs`` (or ``item.reason``)."""
+    rec = item.record
+    for side in sides:
+        if side.key in item.seqs:
+            continue
+        seqs = []
+        for i, resp in enumerate(rec.responses):
+            try:
+                ids, start = encode_example(side.tokenizer, template, rec.system, rec.prompt_turns,
+                                            rec.label if side.with_label else None, resp.value,
+                                            response_role=rec.response_role)
+            except ValueError as exc:
+                item.reason = f"response {i}: {exc}"
+                return
+            if len(ids) > max_seq_length:
+                item.reason = (f"response {i} is {len(ids)} tokens with its prompt ({side.name} model's rendering"
+                               f"{' with' if side.with_label else ' without'} the label), over --max-seq-length "
+                               f"{max_seq_length}")
+                return
+            seqs.append((ids, start))
+        item.seqs[side.key] = seqs
+
+
+def _same_record(out_obj: Any, in_obj: dict[str, Any]) -> bool:
+    """Whether an output line of an earlier run holds this input record (prompt and responses)."""
+    if not isinstance(out_obj, dict):
+        return False
+    keys = ("system", "prompt_turns", "label")
+    if any(out_obj.get(k) != in_obj.get(k) for k in keys):
+        return False
+    out_r, in_r = out_obj.get("responses"), in_obj.get("responses")
+    if not isinstance(out_r, list) or len(out_r) != len(in_r):
+        return False
+    return all(isinstance(a, dict) and a.get("value") == b.get("value") for a, b in zip(out_r, in_r))
+
+
+def _call_attribute_scorer(fn: AttributeScorer, objs: list[dict[str, Any]], items: list[_Item],
+                           source: str) -> None:
+    """Fill the missing ``log(P(a|x,y))`` of ``objs`` (the output dicts of ``items``)."""
+    lines = ", ".join(str(it.lineno) for it in items[:5]) + ("..." if len(items) > 5 else "")
+    try:
+        result = fn(copy.deepcopy(objs))
+    except Exception as exc:  # noqa: BLE001 - user code; one line naming the records
+        raise CommandError(f"{source}, lines {lines}: --attribute-scorer raised {type(exc).__name__}: {exc}") from None
+    try:
+        result = [list(r) for r in result]
+    except TypeError:
+        raise CommandError(f"--attribute-scorer returned {type(result).__name__}, expected a list of lists") from None
+    if len(result) != len(objs):
+        raise CommandError(f"{source}, lines {lines}: --attribute-scorer returned {len(result)} lists for "
+                           f"{len(objs)} records")
+    for obj, item, values in zip(objs, items, result):
+        if len(values) != len(obj["responses"]):
+            raise CommandError(f"{source}, line {item.lineno}: --attribute-scorer returned {len(values)} values for "
+                               f"{len(obj['responses'])} responses")
+        for i, (resp, x) in enumerate(zip(obj["responses"], values)):
+            problem = _check_log_prob(x)
+            if problem:
+                raise CommandError(f"{source}, line {item.lineno}: --attribute-scorer, responses[{i}]: {problem}")
+            resp.setdefault(LOG_P_A, float(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# the file loop
+
+
+def _score_window(items: list[_Item], sides: list[Side], max_tokens: int, attribute_scorer: AttributeScorer | None,
+                  source: str, summary: ScoreSummary, log: TextIO) -> list[dict[str, Any]]:
+    """Score the records of one window; returns their output objects, in input order."""
+    todo = [it for it in items if it.reason is None]
+    results: dict[str, list[list[float]]] = {}
+    for side in sides:
+        flat = [s for it in todo for s in it.seqs[side.key]]
+        if not flat:
+            continue
+        if side.path_request == "auto":
+            path, why = choose_path(side.scorer.model, "auto", probe=flat[0], pad_id=side.scorer.pad_id,
+                                    backend=side.scorer.backend)
+            side.scorer.path, side.path_request = path, path
+            summary.paths[side.name] = f"{path} ({why})"
+            print(f"score: {side.name} model: {path} path ({why})", file=log)
+        values = score_sequences(side.scorer, flat, max_tokens)
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is not None:
+            raise CommandError(f"--{side.name}-model: the model gave a non-finite log-probability ({bad}) "
+                               f"in the records of lines {todo[0].lineno}..{todo[-1].lineno}")
+        summary.tokens += sum(len(ids) for ids, _ in flat)
+        summary.scored_responses += len(flat)
+        per_item, k = [], 0
+        for it in todo:
+            n = len(it.seqs[side.key])
+            per_item.append(values[k : k + n])
+            k += n
+        results[side.key] = per_item
+    outs: list[dict[str, Any]] = []
+    need_attr: list[tuple[dict[str, Any], _Item]] = []
+    j = 0
+    for it in items:
+        obj = copy.deepcopy(it.obj)
+        if it.reason is not None:
+            obj["unscored"] = it.reason
+        else:
+            for side in sides:
+                for resp, value in zip(obj["responses"], results[side.key][j]):
+                    resp[side.key] = min(value, 0.0)  # a sum of log-probabilities (float32 rounding aside)
+            j += 1
+            if any(LOG_P_A not in r for r in obj["responses"]):
+                need_attr.append((obj, it))
+        outs.append(obj)
+    if need_attr and attribute_scorer is not None:
+        _call_attribute_scorer(attribute_scorer, [o for o, _ in need_attr], [it for _, it in need_attr], source)
+    summary.missing_attribute += [it.lineno for o, it in need_attr if any(LOG_P_A not in r for r in o["responses"])]
+    return outs
+
+
+def score_file(
+    data: str | Path,
+    output: str | Path,
+    sides: list[Side],
+    *,
+    template: str = DEFAULTS["template"],
+    max_seq_length: int = DEFAULTS["max_seq_length"],
+    max_tokens_per_batch: int = DEFAULTS["max_tokens_per_batch"],
+    attribute_scorer: AttributeScorer | None = None,
+    resume: bool = True,
+    quiet: bool = False,
+    log: TextIO | None = None,
+) -> ScoreSummary:
+    """Stream ``data`` to ``output``, filling each side's key for every response (module docstring).
+
+    Args:
+        sides: the sums to fill (:class:`Side`; ``score`` passes the SFT and SteerLM sides).
+        template: one of :data:`~steerlm_kernels.steerlm2.templates.TEMPLATES`.
+        max_seq_length: longest prompt + response in tokens (longer: unscored, reported).
+        max_tokens_per_batch: token budget of one padded batch.
+        attribute_scorer: fills missing ``log(P(a|x,y))`` (see the module docstring).
+        resume: continue an existing ``output`` (else overwrite it).
+        quiet: no progress line. ``log``: where reports go (default stderr).
+
+    Raises:
+        CommandError: one-line failures (files, the attribute scorer, a non-finite model output).
+    """
+    log = sys.stderr if log is None else log
+    source = str(data)
+    if template not in TEMPLATES:
+        raise CommandError(f"--template must be one of {TEMPLATES}, got {template!r}")
+    if max_tokens_per_batch < 1:
+        raise CommandError(f"--max-tokens-per-batch must be positive, got {max_tokens_per_batch}")
+    if max_seq_length < 2:
+        raise CommandError(f"--max-seq-length must be at least 2, got {max_seq_length}")
+    if Path(output).resolve() == Path(data).resolve():
+        raise CommandError(f"--output {output}: is the input file")
+    try:
+        total = count_nonblank_lines(data)
+    except OSError as exc:
+        raise CommandError(f"--data {data}: cannot read ({exc.strerror or exc})") from None
+    summary = ScoreSummary()
+    t0 = time.perf_counter()
+    with ResumableWriter(output, resume=resume) as writer:
+        to_skip = writer.done
+        summary.resumed = writer.done
+        if to_skip:
+            print(f"score: resuming {output}: {to_skip} records already written", file=log)
+        progress = Progress("score", total, quiet=quiet, stream=log)
+        window: list[_Item] = []
+        window_tokens = 0
+        seen = 0  # non-blank input lines handled (progress)
+
+        def flush() -> None:
+            nonlocal window, window_tokens
+            if window:
+                writer.write(_score_window(window, sides, max_tokens_per_batch, attribute_scorer, source,
+                                           summary, log))
+                summary.written += len(window)
+                window, window_tokens = [], 0
+                elapsed = time.perf_counter() - t0
+                progress.update(seen, f"{summary.scored_responses} responses, "
+                                      f"{summary.tokens / max(elapsed, 1e-9):,.0f} tok/s")
+
+        for lineno, obj in iter_objects(data):
+            seen += 1
+            if isinstance(obj, LineError):
+                summary.malformed.append((lineno, str(obj)))
+                print(f"score: skipped {obj}", file=log)
+                continue
+            try:
+                record = _parse(obj, source, lineno)
+            except SteerLMDataError as exc:
+                summary.malformed.append((lineno, str(exc)))
+                print(f"score: skipped {exc}", file=log)
+                continue
+            if to_skip:
+                to_skip -= 1
+                if to_skip == 0 and not _same_record(writer.last, obj):
+                    raise CommandError(f"--output {output}, line {writer.done}: does not hold the record of "
+                                       f"{source}, line {lineno}: not an earlier run on this input (--overwrite "
+                                       "starts afresh)")
+                continue
+            item = _Item(lineno, obj, record, {})
+            _encode(item, sides, template, max_seq_length)
+            if item.reason is not None:
+                summary.unscored.append((lineno, item.reason))
+                print(f"score: {source}, line {lineno}: left unscored: {item.reason}", file=log)
+            else:
+                window_tokens += sum(len(ids) for seqs in item.seqs.values() for ids, _ in seqs)
+            window.append(item)
+            if window_tokens >= WINDOW_BATCHES * max_tokens_per_batch * len(sides):
+                flush()
+        flush()
+        if to_skip:
+            raise CommandError(f"--output {output}: holds {writer.done} records, more than the "
+                               f"{writer.done - to_skip} well-formed records of {source} (--overwrite starts afresh)")
+        progress.close()
+    summary.seconds = time.perf_counter() - t0
+    _report(summary, source, output, log)
+    return summary
+
+
+def _lines(lines: list[int]) -> str:
+    shown = ", ".join(str(n) for n in lines[:LIST_LINES])
+    return shown + (f", ... ({len(lines)} in all)" if len(lines) > LIST_LINES else "")
+
+
+def _report(s: ScoreSummary, source: str, output: str | Path, log: TextIO) -> None:
+    rate = s.tokens / s.seconds if s.seconds > 0 else 0.0
+    print(f"score: wrote {s.written} records to {output} ({s.resumed} from an earlier run), {s.scored_responses} "
+          f"sums over {s.tokens:,} tokens in {s.seconds:.1f}s ({rate:,.0f} tokens/s)", file=log)
+    if s.malformed:
+        print(f"score: {len(s.malformed)} malformed lines of {source} skipped (lines "
+              f"{_lines([n for n, _ in s.malformed])})", file=log)
+    if s.unscored:
+        print(f"score: {len(s.unscored)} records left unscored, with \"unscored\": reason (lines "
+              f"{_lines([n for n, _ in s.unscored])})", file=log)
+    if s.missing_attribute:
+        print(f"score: {len(s.missing_attribute)} records have responses without {LOG_P_A} (lines "
+              f"{_lines(s.missing_attribute)}); give --attribute-scorer MODULE:FUNCTION", file=log)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+def resolve_device(device: str, specs: Sequence[str]) -> torch.device:
+    """``auto``: cpu when every model is a built-in one, else cuda when available, else cpu."""
+    from steerlm_kernels.steerlm2.hf_models import TINY_MODELS
+
+    if device == "auto":
+        if all(s in TINY_MODELS for s in specs) or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise CommandError(f"--device {device}: {str(exc).splitlines()[0]}") from None
+    return dev
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``--precision`` as a dtype (``auto``: float32 on CPU, bfloat16 on CUDA where supported)."""
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision in table:
+        return table[precision]
+    if precision != "auto":
+        raise CommandError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_side_models(specs: dict[str, str], device: torch.device, dtype: torch.dtype, seed: int
+                     ) -> dict[str, tuple[Any, Any]]:
+    """``{option name: (model, tokenizer)}``; the same spec is loaded once."""
+    from steerlm_kernels.steerlm2.hf_models import load_model_and_tokenizer
+
+    loaded: dict[str, tuple[Any, Any]] = {}
+    out = {}
+    for option, spec in specs.items():
+        if spec not in loaded:
+            try:
+                loaded[spec] = load_model_and_tokenizer(spec, device=device, dtype=dtype, seed=seed)
+            except (ValueError, ImportError, OSError) as exc:
+                raise CommandError(f"--{option}: {exc}") from None
+        out[option] = loaded[spec]
+    return out
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int) and value >= 0:
+            return value
+    return 0
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Run ``score`` from parsed options; returns the exit status."""
+    try:
+        if ns.attribute_scorer is not None:
+            scorer_fn = load_attribute_scorer(ns.attribute_scorer)
+        else:
+            scorer_fn = None
+        if not Path(ns.data).is_file():
+            raise CommandError(f"--data {ns.data}: no such file")
+        device = resolve_device(ns.device, [ns.sft_model, ns.steerlm_model])
+        dtype = resolve_dtype(ns.precision, device)
+        models = load_side_models({"sft-model": ns.sft_model, "steerlm-model": ns.steerlm_model}, device, dtype,
+                                  ns.seed)
+        sides = []
+        for option, name, key, with_label in (("sft-model", "sft", LOG_P_Y, False),
+                                              ("steerlm-model", "steerlm", LOG_Q, True)):
+            model, tok = models[option]
+            try:
+                path, _ = choose_path(model, ns.path) if ns.path != "auto" else ("auto", "")
+            except ValueError as exc:
+                raise CommandError(f"--path {ns.path}: --{option}: {exc}") from None
+            sides.append(Side(name, key, with_label, SpanScorer(model, _pad_id(tok), path, ns.backend), tok, path))
+        print(f"score: {ns.data} -> {ns.output}, template {ns.template}, {device}, {dtype}", file=sys.stderr)
+        score_file(ns.data, ns.output, sides, template=ns.template, max_seq_length=ns.max_seq_length,
+                   max_tokens_per_batch=ns.max_tokens_per_batch, attribute_scorer=scorer_fn,
+                   resume=not ns.overwrite, quiet=ns.quiet)
+    except CommandError as exc:
+        print(f"steerlm-kernels score: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("steerlm-kernels score: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m steerlm_kernels.steerlm2.score [options]``."""
+    return run(add_arguments(argparse.ArgumentParser(prog="steerlm-kernels score")).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
