@@ -1,10 +1,12 @@
 """SteerLM 2.0 data pipeline: JSONL reader, importance weights, tokenisation, collation, batching.
 
-This module is the pipeline's one entry point (``sk.data``): it holds the dataset,
-the collate function and the group sampler, and re-exports the record layer
+This module is the pipeline's one entry point (``sk.data``): it holds the dataset and re-exports
+the batching layer (:mod:`steerlm_kernels.steerlm2.collate`: prompt group, collate function, group
+sampler), the record layer
 (:mod:`steerlm_kernels.steerlm2.records`: file format, validation, errors, importance weights, the
-bundled sample) and the text layer (:mod:`steerlm_kernels.steerlm2.tokenization`: prompt template,
-byte tokenizer).
+bundled sample), the template layer (:mod:`steerlm_kernels.steerlm2.templates`: ``nemo``,
+``chat``, ``plain``; which tokens are the prompt and which the scored span) and the text layer
+(:mod:`steerlm_kernels.steerlm2.tokenization`: byte tokenizer, ``encode`` normalisation).
 
 Batches (:func:`collate_fn`) follow NeMo's keys, one row per *response* (B = total responses):
 
@@ -14,7 +16,7 @@ key                  shape        dtype     meaning
 ``tokens``           ``[B, S]``   int64     ``seq[:-1]``, right-padded with ``pad_id``
 ``labels``           ``[B, S]``   int64     ``seq[1:]`` (``labels[t] = tokens[t+1]``), padded
                                             with ``label_pad_id`` (default ``pad_id``: a valid id)
-``loss_mask``        ``[B, S]``   float32   1 where ``labels[t]`` is a response token (incl. eos)
+``loss_mask``        ``[B, S]``   float32   1 where ``labels[t]`` is in the template's scored span
 ``attention_mask``   ``[B, S]``   int64     1 on real tokens, 0 on padding (Hugging Face style;
                                             causality is the model's; see
                                             :func:`causal_attention_mask` for ``[B,1,S,S]``)
@@ -27,29 +29,30 @@ key                  shape        dtype     meaning
 
 Long sequences are never truncated (truncation would make the model's NLL disagree with
 ``log Q'`` of the full response): a group in which any response's row is longer than
-``max_seq_length`` is dropped (counted, with one warning per load), or, with
-``on_overflow="error"``, raises.
+``max_seq_length`` is dropped (counted, with one warning per load that says how many, which lines
+and the longest row), or, with ``on_overflow="error"``, raises. A group of one response (weight and
+loss 0: it teaches nothing, but counts as a group in NeMo's normaliser) is kept with one counted
+warning by default (``on_single="warn"``), or dropped (``"drop"``), or refused (``"error"``).
 
 Typical use::
 
-    ds = SteerLM2Dataset(sample_data_path(), max_seq_length=256)
+    ds = SteerLM2Dataset(sample_data_path(), max_seq_length=256, template="plain")
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=GroupBatchSampler(ds, groups_per_step=4, seed=0), collate_fn=ds.collate_fn)
 """
 
 from __future__ import annotations
 
-import random
 import warnings
-from collections.abc import Iterator, Mapping, Sequence, Sized
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from steerlm_kernels.steerlm2.collate import GroupBatchSampler, PromptGroup, causal_attention_mask, collate_fn
 from steerlm_kernels.steerlm2.records import (
     DEFAULT_RESPONSE_ROLE,
     LOG_P_A,
@@ -64,7 +67,8 @@ from steerlm_kernels.steerlm2.records import (
     read_jsonl,
     sample_data_path,
 )
-from steerlm_kernels.steerlm2.tokenization import ByteTokenizer, encode_ids, render_prompt, special_token_id
+from steerlm_kernels.steerlm2.templates import TEMPLATES, NemoTokens, encode_example, render_prompt
+from steerlm_kernels.steerlm2.tokenization import ByteTokenizer, special_token_id
 
 __all__ = [
     "BATCH_KEYS",
@@ -80,6 +84,8 @@ __all__ = [
     "SteerLM2Record",
     "SteerLMDataError",
     "SteerLMDataWarning",
+    "TEMPLATES",
+    "NemoTokens",
     "causal_attention_mask",
     "collate_fn",
     "importance_weights",
@@ -96,33 +102,6 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids",
 # dataset
 
 
-@dataclass
-class PromptGroup:
-    """One prompt with its tokenised responses (one dataset item).
-
-    ``input_ids[i]``: the full sequence of response ``i`` (``prompt_ids + response_ids [+ eos]``),
-    whose first ``prompt_length`` ids are the (shared) prompt. ``ws``/``log_q``: ``[n]`` float32.
-    """
-
-    input_ids: list[list[int]]
-    prompt_length: int
-    ws: Tensor
-    log_q: Tensor
-    pad_id: int
-    source: str = "<records>"
-    line: int = 0
-
-    @property
-    def num_responses(self) -> int:
-        """Number of responses ``n`` in the group."""
-        return len(self.input_ids)
-
-    @property
-    def row_lengths(self) -> list[int]:
-        """Length of each response's row in a batch: ``len(input_ids[i]) - 1`` (after the shift)."""
-        return [len(s) - 1 for s in self.input_ids]
-
-
 class SteerLM2Dataset(Dataset):
     """SteerLM 2.0 prompt groups: item ``i`` is a :class:`PromptGroup` with a variable number of responses.
 
@@ -137,7 +116,12 @@ class SteerLM2Dataset(Dataset):
         on_overflow: ``"drop"`` (default): drop every group with a too-long response, count them in
             ``num_dropped``/``dropped_lines`` and warn once (:class:`SteerLMDataWarning`);
             ``"error"``: raise :class:`SteerLMDataError`. Never truncates.
-        add_bos / add_eos: prepend bos / append eos when the tokenizer has one.
+        template: ``"plain"`` (default), ``"nemo"`` or ``"chat"``
+            (:mod:`~steerlm_kernels.steerlm2.templates`); ``nemo_tokens``: ``nemo``'s special tokens.
+        on_single: a group of one response: ``"warn"`` (default: kept, counted in
+            ``single_lines``, one warning), ``"drop"`` (dropped, counted, one warning) or ``"error"``.
+        add_bos / add_eos: ``plain`` only: prepend bos / append eos when the tokenizer has one
+            (``nemo`` has neither; ``chat`` writes what the tokenizer's chat template writes).
         pad_to_multiple_of: :meth:`collate_fn` rounds the padded length up to a multiple of this
             (capped at ``max_seq_length``).
         label_pad_id: value of ``labels`` on padding (default: the pad id, a valid vocabulary id;
@@ -151,6 +135,9 @@ class SteerLM2Dataset(Dataset):
         max_seq_length: int | None = 4096,
         on_overflow: Literal["drop", "error"] = "drop",
         *,
+        template: str = "plain",
+        nemo_tokens: NemoTokens | None = None,
+        on_single: Literal["warn", "drop", "error"] = "warn",
         add_bos: bool = True,
         add_eos: bool = True,
         pad_to_multiple_of: int | None = None,
@@ -158,6 +145,12 @@ class SteerLM2Dataset(Dataset):
     ) -> None:
         if on_overflow not in ("drop", "error"):
             raise ValueError(f"on_overflow must be 'drop' or 'error', got {on_overflow!r}")
+        if on_single not in ("warn", "drop", "error"):
+            raise ValueError(f"on_single must be 'warn', 'drop' or 'error', got {on_single!r}")
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        if nemo_tokens is not None and not isinstance(nemo_tokens, NemoTokens):
+            raise TypeError(f"nemo_tokens must be a NemoTokens, got {type(nemo_tokens).__name__}")
         if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length < 1):
             raise ValueError(f"max_seq_length must be a positive int or None, got {max_seq_length!r}")
         if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
@@ -169,9 +162,12 @@ class SteerLM2Dataset(Dataset):
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.on_overflow = on_overflow
+        self.on_single = on_single
+        self.template = template
+        self.nemo_tokens = nemo_tokens
+        self.add_bos = add_bos
+        self.add_eos = add_eos
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.eos_id = special_token_id(tokenizer, "eos_token_id", "eos_id") if add_eos else None
-        self.bos_id = special_token_id(tokenizer, "bos_token_id", "bos_id") if add_bos else None
         pad = special_token_id(tokenizer, "pad_token_id", "pad_id")
         eos = special_token_id(tokenizer, "eos_token_id", "eos_id")
         self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
@@ -188,55 +184,66 @@ class SteerLM2Dataset(Dataset):
 
         self.groups: list[PromptGroup] = []
         self.dropped_lines: list[int] = []
+        self.single_lines: list[int] = []
+        self.longest_dropped_row = 0
         for rec in self.records:
             group = self._tokenize(rec)
+            if group is not None and group.num_responses == 1:
+                if self.on_single == "error":
+                    raise SteerLMDataError(rec.source, rec.line, "responses", "a group of one response teaches "
+                                           "nothing (its weight is 0); on_single='warn' keeps it, 'drop' drops it")
+                self.single_lines.append(rec.line)
+                if self.on_single == "drop":
+                    group = None
             if group is not None:
                 self.groups.append(group)
-        if self.dropped_lines:
-            warnings.warn(
-                f"{self.source}: dropped {self.num_dropped} of {self.num_records} prompt groups with a response "
-                f"longer than max_seq_length={self.max_seq_length} tokens (lines {_short_list(self.dropped_lines)}); "
-                "they are not truncated because log(Q(y|a,x)) scores the full response",
-                SteerLMDataWarning,
-                stacklevel=2,
-            )
+        for message in (self.length_report, self.single_report):
+            if message is not None:
+                warnings.warn(message, SteerLMDataWarning, stacklevel=2)
         if not self.groups:
-            raise SteerLMDataError(
-                self.source, 0, "responses", f"every prompt group exceeds max_seq_length={self.max_seq_length}"
-            )
+            why = (f"every prompt group exceeds max_seq_length={self.max_seq_length} (the longest needs "
+                   f"{self.longest_dropped_row})") if self.dropped_lines else "no prompt group left (on_single='drop')"
+            raise SteerLMDataError(self.source, 0, "responses", why)
 
     def _tokenize(self, rec: SteerLM2Record) -> PromptGroup | None:
-        prompt_ids = ([self.bos_id] if self.bos_id is not None else []) + encode_ids(self.tokenizer, render_prompt(rec))
-        if not prompt_ids:
-            raise SteerLMDataError(rec.source, rec.line, "prompt_turns", "the prompt encodes to no tokens")
         seqs: list[list[int]] = []
+        starts: set[int] = set()
+        longest = 0
         for i, resp in enumerate(rec.responses):
-            resp_ids = encode_ids(self.tokenizer, resp.value)
-            if self.eos_id is not None:
-                resp_ids.append(self.eos_id)
-            if not resp_ids:
-                raise SteerLMDataError(
-                    rec.source, rec.line, f"responses[{i}].value", "the response encodes to no tokens"
+            try:
+                seq, start = encode_example(
+                    self.tokenizer, self.template, rec.system, rec.prompt_turns, rec.label, resp.value,
+                    nemo_tokens=self.nemo_tokens, response_role=rec.response_role,
+                    add_bos=self.add_bos, add_eos=self.add_eos,
                 )
-            seq = prompt_ids + resp_ids
+            except ValueError as exc:
+                raise SteerLMDataError(rec.source, rec.line, f"responses[{i}].value", str(exc)) from None
             row = len(seq) - 1
-            if self.max_seq_length is not None and row > self.max_seq_length:
-                if self.on_overflow == "error":
-                    raise SteerLMDataError(
-                        rec.source,
-                        rec.line,
-                        f"responses[{i}].value",
-                        f"sequence of {row} tokens (prompt {len(prompt_ids)} + response {len(resp_ids)} - 1) exceeds "
-                        f"max_seq_length={self.max_seq_length}; it is never truncated (on_overflow='drop' skips "
-                        "the group)",
-                    )
-                self.dropped_lines.append(rec.line)
-                return None
+            longest = max(longest, row)
+            if self.max_seq_length is not None and row > self.max_seq_length and self.on_overflow == "error":
+                raise SteerLMDataError(
+                    rec.source,
+                    rec.line,
+                    f"responses[{i}].value",
+                    f"sequence of {row} tokens (prompt {start} + scored span {len(seq) - start} - 1) exceeds "
+                    f"max_seq_length={self.max_seq_length}; it is never truncated (on_overflow='drop' skips "
+                    "the group)",
+                )
             seqs.append(seq)
+            starts.add(start)
+        if self.max_seq_length is not None and longest > self.max_seq_length:
+            self.dropped_lines.append(rec.line)
+            self.longest_dropped_row = max(self.longest_dropped_row, longest)
+            return None
+        if len(starts) != 1:  # cannot happen with the built-in templates: the prompt is encoded alone
+            raise SteerLMDataError(rec.source, rec.line, "prompt_turns", f"prompt lengths differ: {sorted(starts)}")
+        ws = rec.ws
+        if not bool(torch.isfinite(ws).all()):  # excluded by parse_record's checks; never let NaN through
+            raise SteerLMDataError(rec.source, rec.line, "responses", "the importance weights are not finite")
         return PromptGroup(
             seqs,
-            len(prompt_ids),
-            rec.ws,
+            starts.pop(),
+            ws,
             torch.tensor([r.log_q for r in rec.responses], dtype=torch.float32),
             self.pad_id,
             rec.source,
@@ -253,6 +260,34 @@ class SteerLM2Dataset(Dataset):
     def num_dropped(self) -> int:
         """Number of prompt groups dropped for length."""
         return len(self.dropped_lines)
+
+    @property
+    def num_single(self) -> int:
+        """Number of groups of one response (kept or dropped per ``on_single``)."""
+        return len(self.single_lines)
+
+    @property
+    def length_report(self) -> str | None:
+        """One line saying how many groups were dropped for length, which, and why (None if none)."""
+        if not self.dropped_lines:
+            return None
+        return (
+            f"{self.source}: dropped {self.num_dropped} of {self.num_records} prompt groups with a sequence longer "
+            f"than max_seq_length={self.max_seq_length} tokens (lines {_short_list(self.dropped_lines)}; the "
+            f"longest needs {self.longest_dropped_row}); they are not truncated because log(Q(y|a,x)) scores the "
+            "full response: raise max_seq_length to keep them"
+        )
+
+    @property
+    def single_report(self) -> str | None:
+        """One line about the groups of one response (None if none)."""
+        if not self.single_lines:
+            return None
+        fate = "dropped" if self.on_single == "drop" else "kept"
+        return (
+            f"{self.source}: {self.num_single} prompt group(s) with a single response {fate} (lines "
+            f"{_short_list(self.single_lines)}): a group of one has ws = baseline = 1, so its weight and loss are 0"
+        )
 
     @property
     def group_sizes(self) -> list[int]:
@@ -284,154 +319,10 @@ class SteerLM2Dataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"SteerLM2Dataset({self.source!r}, groups={len(self)}, responses={self.num_responses_total}, "
-            f"dropped={self.num_dropped}, max_seq_length={self.max_seq_length})"
+            f"dropped={self.num_dropped}, max_seq_length={self.max_seq_length}, template={self.template!r})"
         )
 
 
 def _short_list(xs: Sequence[int], limit: int = 10) -> str:
     head = ", ".join(str(x) for x in xs[:limit])
     return head + (f", ... ({len(xs) - limit} more)" if len(xs) > limit else "")
-
-
-# ----------------------------------------------------------------------------------------------
-# collation
-
-
-def collate_fn(
-    groups: Sequence[PromptGroup],
-    *,
-    pad_id: int | None = None,
-    label_pad_id: int | None = None,
-    pad_to_multiple_of: int | None = None,
-    max_seq_length: int | None = None,
-) -> dict[str, Tensor]:
-    """Collate whole prompt groups into one batch with one row per response (NeMo's keys).
-
-    Args:
-        groups: prompt groups (each kept whole, in order: rows of a group are consecutive).
-        pad_id: id of padded ``tokens`` (default: the groups' ``pad_id``).
-        label_pad_id: value of padded ``labels`` (default: ``pad_id``).
-        pad_to_multiple_of: round the padded length ``S`` up to a multiple of this, capped at
-            ``max_seq_length`` (but never below the longest row).
-
-    Returns a dict with (B = total responses, S = padded length):
-    ``tokens`` [B,S] int64, ``labels`` [B,S] int64, ``loss_mask`` [B,S] float32,
-    ``attention_mask`` [B,S] int64 (1 = real token), ``position_ids`` [B,S] int64,
-    ``ws`` [B] float32, ``"log(Q(y|a,x))"`` [B] float32, ``num_responses`` [B] int64.
-    """
-    if len(groups) == 0:
-        raise ValueError("collate_fn: groups is empty")
-    if pad_id is None:
-        pad_id = groups[0].pad_id
-    if label_pad_id is None:
-        label_pad_id = pad_id
-    seqs = [s for g in groups for s in g.input_ids]
-    prompt_lens = [g.prompt_length for g in groups for _ in g.input_ids]
-    lengths = [len(s) - 1 for s in seqs]
-    width = max(lengths)
-    if pad_to_multiple_of:
-        padded = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        if max_seq_length is not None:
-            padded = min(padded, max_seq_length)
-        width = max(width, padded)
-    bsz = len(seqs)
-    tokens = torch.full((bsz, width), pad_id, dtype=torch.int64)
-    labels = torch.full((bsz, width), label_pad_id, dtype=torch.int64)
-    loss_mask = torch.zeros((bsz, width), dtype=torch.float32)
-    attention_mask = torch.zeros((bsz, width), dtype=torch.int64)
-    for i, (seq, n_prompt, length) in enumerate(zip(seqs, prompt_lens, lengths)):
-        row = torch.tensor(seq, dtype=torch.int64)
-        tokens[i, :length] = row[:-1]
-        labels[i, :length] = row[1:]
-        # labels[t] = seq[t+1] is a response token iff t + 1 >= n_prompt
-        loss_mask[i, n_prompt - 1 : length] = 1.0
-        attention_mask[i, :length] = 1
-    position_ids = torch.arange(width, dtype=torch.int64).unsqueeze(0).expand(bsz, width).contiguous()
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": loss_mask,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "ws": torch.cat([g.ws.to(torch.float32) for g in groups]),
-        LOG_Q: torch.cat([g.log_q.to(torch.float32) for g in groups]),
-        "num_responses": torch.tensor([g.num_responses for g in groups for _ in g.input_ids], dtype=torch.int64),
-    }
-
-
-def causal_attention_mask(attention_mask: Tensor) -> Tensor:
-    """``[B, S]`` padding mask -> ``[B, 1, S, S]`` bool, True where query ``q`` may attend key ``k``.
-
-    ``mask[b, 0, q, k] = k <= q and attention_mask[b, k]`` (the convention of
-    ``torch.nn.functional.scaled_dot_product_attention``). Megatron/NeMo use the inverse
-    (True = masked out): pass ``~causal_attention_mask(m)`` there. A row that would see no key at
-    all (an all-padding sequence) keeps its causal prefix, so no softmax row is empty (no NaN).
-    """
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be [B, S], got shape {tuple(attention_mask.shape)}")
-    s = attention_mask.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()
-    keys = attention_mask.to(torch.bool)[:, None, None, :]
-    mask = causal[None, None] & keys
-    # a padded query row with no valid key would be all False; let it see position 0..q (harmless, no NaN)
-    empty = ~mask.any(dim=-1, keepdim=True)
-    return mask | (empty & causal[None, None])
-
-
-# ----------------------------------------------------------------------------------------------
-# sampler
-
-
-class GroupBatchSampler(Sampler):
-    """Batch sampler over prompt groups: each step is a list of whole-group indices.
-
-    A prompt's responses are never split across steps (each item of the dataset *is* a group).
-    Every group appears exactly once per epoch (the last step may be smaller unless ``drop_last``).
-    With ``shuffle``, epoch ``e`` uses the permutation seeded by ``(seed, e)``; the epoch advances
-    by one after each full pass, or is set with :meth:`set_epoch` (as ``DistributedSampler``).
-
-    Args:
-        dataset: a sized dataset of groups, or the number of groups.
-        groups_per_step: number of groups per step (> 0).
-    """
-
-    def __init__(
-        self,
-        dataset: Sized | int,
-        groups_per_step: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        n = dataset if isinstance(dataset, int) else len(dataset)
-        if not isinstance(groups_per_step, int) or groups_per_step < 1:
-            raise ValueError(f"groups_per_step must be a positive int, got {groups_per_step!r}")
-        if n < 0:
-            raise ValueError(f"number of groups must be >= 0, got {n}")
-        self.num_groups = n
-        self.groups_per_step = groups_per_step
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the permutation of ``epoch`` for the next pass."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = list(range(self.num_groups))
-        if self.shuffle:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        self.epoch += 1
-        k = self.groups_per_step
-        for start in range(0, self.num_groups, k):
-            step = order[start : start + k]
-            if len(step) < k and self.drop_last:
-                return
-            yield step
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_groups // self.groups_per_step
-        return -(-self.num_groups // self.groups_per_step)

@@ -11,13 +11,26 @@ File format (one JSON object per line, key names exactly as NeMo-Aligner's ``Ste
 
 * ``system``: str (may be empty). ``prompt_turns``: non-empty list of ``{"from": str, "value": str}``.
 * ``label``: the attribute string, or ``null``/absent for no label.
-* ``responses``: non-empty list; each has a non-empty ``value`` and three finite log-probabilities.
+* ``responses``: non-empty list; each has a non-empty ``value`` and three log-probabilities.
   ``from`` is optional (default ``"Assistant"``) and must be the same for every response.
   Responses may differ in number from prompt to prompt (NeMo requires equal numbers; we do not).
+  A group of ONE response is valid but teaches nothing (its ``ws`` and baseline are both 1, so its
+  weight and loss are 0): the dataset warns about such groups, counted (``on_single``).
 
-Every defect raises :class:`SteerLMDataError` (a ``ValueError``) naming the file, the line and the
-key, e.g. ``data.jsonl, line 7, key 'responses[1].log(Q(y|a,x))': must be finite, got nan``.
-Blank lines are skipped.
+What a log-probability may be (:func:`log_prob_problem`): a JSON number (not a string, bool or
+null), finite as a float64 (``NaN``/``Infinity`` literals, ``1e400`` and integer literals beyond
+float64 such as 1 followed by 400 zeros are refused), and ``<= 0`` up to
+:data:`LOG_PROB_TOLERANCE` (values in ``(0, 0.01]`` are accepted as the rounding of a true 0 and
+used as given; anything larger is not a log-probability). ``log(Q(y|a,x))`` must also be finite in
+float32 (the batch carries it as float32: ``>= -3.4e38``), and each response's
+``log P(a|x,y) + log P(y|x) - log Q(y|a,x)`` must be finite in float64 (two values of -1.7e308
+overflow), so ``ws`` is never NaN.
+
+Every defect raises :class:`SteerLMDataError` (a ``ValueError``) with a one-line message naming the
+file, the line and the key, e.g. ``data.jsonl, line 7, key 'responses[1].log(Q(y|a,x))': must be
+finite, got nan``; this includes invalid UTF-8, invalid JSON and JSON nested too deeply for the
+parser (e.g. 200,000 levels). Blank lines are skipped; a UTF-8 byte-order mark at the start of the
+file is accepted and ignored (anywhere else it is invalid JSON).
 
 Importance weights (per prompt group, float64 math, stored float32)::
 
@@ -40,6 +53,7 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_RESPONSE_ROLE",
+    "LOG_PROB_TOLERANCE",
     "LOG_P_A",
     "LOG_P_Y",
     "LOG_Q",
@@ -47,7 +61,9 @@ __all__ = [
     "SteerLM2Record",
     "SteerLMDataError",
     "SteerLMDataWarning",
+    "decode_json_line",
     "importance_weights",
+    "log_prob_problem",
     "parse_record",
     "read_jsonl",
     "sample_data_path",
@@ -57,6 +73,9 @@ LOG_P_A = "log(P(a|x,y))"
 LOG_P_Y = "log(P(y|x))"
 LOG_Q = "log(Q(y|a,x))"
 DEFAULT_RESPONSE_ROLE = "Assistant"
+#: How far above 0 a log-probability may be (rounding of a scorer's true 0); larger values are refused.
+LOG_PROB_TOLERANCE = 1e-2
+_FLOAT32_MAX = 3.4028234663852886e38
 
 _SAMPLE_FILE = Path(__file__).resolve().parent / "sample_data" / "sample_steerlm2.jsonl"
 
@@ -148,6 +167,21 @@ def _type_name(x: Any) -> str:
     return "null" if x is None else type(x).__name__
 
 
+def log_prob_problem(x: Any) -> str | None:
+    """Why ``x`` cannot be a log-probability (module docstring), or None when it can."""
+    if not _is_number(x):
+        return f"must be a number, got {_type_name(x)}"
+    try:
+        value = float(x)
+    except OverflowError:  # an integer literal beyond float64, e.g. 1 followed by 400 zeros
+        return f"must be a finite number, got an integer of about 10^{int(abs(x).bit_length() * 0.30103)}"
+    if not math.isfinite(value):
+        return f"must be finite, got {value}"
+    if value > LOG_PROB_TOLERANCE:
+        return f"must be <= 0 (a log-probability; up to {LOG_PROB_TOLERANCE} of rounding is accepted), got {value!r}"
+    return None
+
+
 def parse_record(obj: Any, source: str = "<records>", line: int = 1) -> SteerLM2Record:
     """Validate one decoded JSON object and return it as a :class:`SteerLM2Record`.
 
@@ -215,27 +249,48 @@ def parse_record(obj: Any, source: str = "<records>", line: int = 1) -> SteerLM2
         for key in (LOG_P_A, LOG_P_Y, LOG_Q):
             if key not in resp:
                 raise fail(f"responses[{i}].{key}", "missing key")
-            x = resp[key]
-            if not _is_number(x):
-                raise fail(f"responses[{i}].{key}", f"must be a number, got {_type_name(x)}")
-            x = float(x)
-            if not math.isfinite(x):
-                raise fail(f"responses[{i}].{key}", f"must be finite, got {x}")
-            logs.append(x)
+            problem = log_prob_problem(resp[key])
+            if problem is not None:
+                raise fail(f"responses[{i}].{key}", problem)
+            logs.append(float(resp[key]))
+        if logs[2] < -_FLOAT32_MAX:
+            raise fail(f"responses[{i}].{LOG_Q}", f"must be finite in float32 (>= -3.4e38; the batch carries it "
+                                                  f"as float32), got {logs[2]!r}")
+        if not math.isfinite(logs[0] + logs[1] - logs[2]):
+            raise fail(f"responses[{i}]", f"{LOG_P_A} + {LOG_P_Y} - {LOG_Q} overflows float64 ({logs[0]!r} + "
+                                          f"{logs[1]!r} - {logs[2]!r}): the importance weight is undefined")
         responses.append(Response(value, logs[0], logs[1], logs[2]))
     return SteerLM2Record(system, tuple(turns), label, role or DEFAULT_RESPONSE_ROLE, tuple(responses), source, line)
+
+
+def decode_json_line(text: str, source: str, line: int) -> Any:
+    """``json.loads(text)``, every failure as a one-line :class:`SteerLMDataError` (key ``<json>``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        problem = f"invalid JSON: {exc.msg} (column {exc.colno})"
+    except RecursionError:
+        problem = "invalid JSON: nested too deeply for the parser (objects / arrays within each other)"
+    except ValueError as exc:  # e.g. an integer literal beyond the int conversion limit (4300 digits)
+        problem = f"invalid JSON: {str(exc).splitlines()[0]}"
+    raise SteerLMDataError(source, line, "<json>", problem)
 
 
 def read_jsonl(path: str | Path) -> list[SteerLM2Record]:
     """Read and validate a SteerLM 2.0 JSONL file. Blank lines are skipped.
 
-    Raises :class:`SteerLMDataError` for invalid UTF-8, invalid JSON or a malformed record (naming
-    the file, the 1-based line and the key), and when the file holds no record at all.
+    A UTF-8 byte-order mark at the start of the file is ignored.
+
+    Raises :class:`SteerLMDataError` for invalid UTF-8, invalid JSON (including nesting too deep
+    for the parser and integer literals too long to convert) or a malformed record (naming the
+    file, the 1-based line and the key), and when the file holds no record at all.
     """
     src = str(path)
     records: list[SteerLM2Record] = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -244,11 +299,7 @@ def read_jsonl(path: str | Path) -> list[SteerLM2Record]:
                 ) from None
             if not text.strip():
                 continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise SteerLMDataError(src, lineno, "<json>", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-            records.append(parse_record(obj, src, lineno))
+            records.append(parse_record(decode_json_line(text, src, lineno), src, lineno))
     if not records:
         raise SteerLMDataError(src, 0, "<file>", "no records (the file is empty)")
     return records

@@ -1,15 +1,7 @@
-"""Text to token ids: the prompt template, the byte-level tokenizer, any tokenizer's ``encode``.
+"""Token ids from text: the byte-level tokenizer and any tokenizer's ``encode``, normalised.
 
-Prompt rendering (our own simple chat template; it does not need to match NeMo's)::
-
-    "System: {system}\\n"                      (only when system is non-empty)
-    "{turn.from}: {turn.value}\\n"             (for every prompt turn)
-    "{response_from} [{label}]: "              (or "{response_from}: " when there is no label)
-
-The sequence of one response is ``[bos] + encode(prompt) + encode(response) + [eos]`` (``bos``
-only when the tokenizer has one and ``add_bos``; ``eos`` only when it has one and ``add_eos``).
-Prompt and response are encoded separately, so the prompt/response boundary is exact whatever the
-tokenizer, and the response tokens are exactly those whose log-probability ``log Q'`` scores.
+The templates that turn a record into text (``nemo``, ``chat``, ``plain``) and the prompt /
+scored-span boundary are :mod:`steerlm_kernels.steerlm2.templates`; this module only encodes.
 """
 
 from __future__ import annotations
@@ -19,9 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from steerlm_kernels.steerlm2.records import SteerLM2Record
-
-__all__ = ["ByteTokenizer", "encode_ids", "render_prompt", "special_token_id"]
+__all__ = ["ByteTokenizer", "encode_ids", "special_token_id"]
 
 
 class ByteTokenizer:
@@ -97,16 +87,3 @@ def encode_ids(tokenizer: Any, text: str) -> list[int]:
             raise TypeError(f"tokenizer.encode must return non-negative integer ids, got element {t!r}")
         ids.append(t)
     return ids
-
-
-def render_prompt(record: SteerLM2Record) -> str:
-    """The prompt text of a record under this module's chat template (see the module docstring)."""
-    parts = []
-    if record.system:
-        parts.append(f"System: {record.system}\n")
-    parts.extend(f"{role}: {value}\n" for role, value in record.prompt_turns)
-    if record.label is not None:
-        parts.append(f"{record.response_role} [{record.label}]: ")
-    else:
-        parts.append(f"{record.response_role}: ")
-    return "".join(parts)
