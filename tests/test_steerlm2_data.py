@@ -343,6 +343,24 @@ BAD_LINES = {
         f"responses[0].{skd.LOG_P_A}",
         "finite",
     ),
+    "log-prob 1e400 integer": (
+        _mutate(_set(("responses", 1, skd.LOG_P_A), 10**400)), f"responses[1].{skd.LOG_P_A}", "finite number"),
+    "log-prob -1e400 integer in log Q": (
+        _mutate(_set(("responses", 0, skd.LOG_Q), -(10**400))), f"responses[0].{skd.LOG_Q}", "finite number"),
+    "log-prob 5000-digit integer": (
+        _mutate(_set(("responses", 0, skd.LOG_Q), "@")).replace('"@"', "9" * 5000), "<json>", "invalid JSON"),
+    "log-prob 1.7e308": (_mutate(_set(("responses", 2, skd.LOG_P_Y), 1.7e308)), f"responses[2].{skd.LOG_P_Y}", "<= 0"),
+    "log-prob positive": (_mutate(_set(("responses", 0, skd.LOG_P_A), 0.5)), f"responses[0].{skd.LOG_P_A}", "<= 0"),
+    "log-prob just over tolerance": (
+        _mutate(_set(("responses", 1, skd.LOG_Q), 0.0101)), f"responses[1].{skd.LOG_Q}", "<= 0"),
+    "log Q beyond float32": (_mutate(_set(("responses", 1, skd.LOG_Q), -1e39)), f"responses[1].{skd.LOG_Q}", "float32"),
+    "log w overflows": (
+        _mutate(lambda r: r["responses"][2].update({skd.LOG_P_A: -1.7e308, skd.LOG_P_Y: -1.7e308})),
+        "responses[2]", "overflows float64"),
+    "nested 200000 deep": ("[" * 200_000 + "]" * 200_000, "<json>", "nested too deeply"),
+    "nested 200000 deep in a value": (
+        _mutate(_set(("system",), "@")).replace('"@"', "{\"a\": " * 200_000 + "1" + "}" * 200_000),
+        "<json>", "nested too deeply"),
     "mixed response roles": (_mutate(_set(("responses", 2, "from"), "Bot")), "responses[2].from", "same role"),
     "invalid JSON": ('{"system": "s", "prompt_turns": [', "<json>", "invalid JSON"),
     "not an object": ("[1, 2, 3]", "<record>", "JSON object"),
@@ -362,6 +380,7 @@ def test_malformed_file_names_file_line_key(tmp_path: Path, name: str) -> None:
     assert (err.source, err.line, err.key) == (str(path), 3, key)
     msg = str(err)
     assert str(path) in msg and "line 3" in msg and repr(key) in msg and problem in msg
+    assert "\n" not in msg and len(msg) < 500  # one line, never the offending value in full
     assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)  # no chained traceback
 
 
@@ -461,3 +480,141 @@ def test_custom_tokenizer_hf_like() -> None:
 def test_tokenizer_without_encode_rejected() -> None:
     with pytest.raises(TypeError, match="encode"):
         skd.SteerLM2Dataset([_record(1)], tokenizer=object())
+
+
+# ------------------------------------------------------------------------------------------------
+# what a log-probability may be; BOM; groups of one response
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 0.01, 0.004, -1.7e308, -3.4e38, -(10**300), -12])
+def test_log_prob_accepted_values_give_finite_ws(value: float) -> None:
+    rec = _record(3)
+    keys = (skd.LOG_P_A, skd.LOG_P_Y, skd.LOG_Q) if value >= -3.4e38 else (skd.LOG_P_A, skd.LOG_P_Y)
+    for key in keys:  # log Q is carried as float32: below -3.4e38 it is refused (BAD_LINES)
+        one = copy.deepcopy(rec)
+        one["responses"][1][key] = value
+        ds = skd.SteerLM2Dataset([one])
+        ws = ds[0].ws
+        assert torch.isfinite(ws).all() and abs(float(ws.sum()) - 1) < 1e-6
+        assert torch.isfinite(ds[0].log_q).all()
+
+
+def test_log_prob_problem_names_the_class() -> None:
+    from steerlm_kernels.steerlm2.records import LOG_PROB_TOLERANCE, log_prob_problem
+
+    assert LOG_PROB_TOLERANCE == 0.01
+    assert log_prob_problem(-3.5) is None and log_prob_problem(-7) is None and log_prob_problem(0.01) is None
+    for bad, word in [(10**400, "10^400"), (float("nan"), "finite"), (float("inf"), "finite"), (0.0100001, "<= 0"),
+                      (1.7e308, "<= 0"), ("-1", "number"), (None, "null"), (False, "bool"), ([-1.0], "list")]:
+        problem = log_prob_problem(bad)
+        assert problem is not None and word in problem, (bad, problem)
+
+
+def test_utf8_bom_at_file_start_is_accepted(tmp_path: Path) -> None:
+    body = json.dumps(_record(2)) + "\n" + json.dumps(_record(3)) + "\n"
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(body)
+    with_bom, without = skd.read_jsonl(path), skd.read_jsonl(plain)
+    assert [r.responses for r in with_bom] == [r.responses for r in without] and len(with_bom) == 2
+    assert with_bom[0].system == "sys"
+    path.write_bytes(b"\xef\xbb\xbf\n" + body.encode())  # a BOM alone on the first line: a blank line
+    assert len(skd.read_jsonl(path)) == 2
+    path.write_bytes(body.encode() + b"\xef\xbb\xbf" + body.encode())  # anywhere else: invalid JSON, named
+    with pytest.raises(skd.SteerLMDataError, match=r"line 3, key '<json>': invalid JSON"):
+        skd.read_jsonl(path)
+
+
+def test_single_response_groups_warned_counted_dropped_or_refused() -> None:
+    recs = [_record(3), _record(1), _record(2), _record(1)]
+    with pytest.warns(skd.SteerLMDataWarning, match=r"2 prompt group\(s\) with a single response kept \(lines 2, 4\)"):
+        ds = skd.SteerLM2Dataset(recs)
+    assert ds.num_single == 2 and ds.single_lines == [2, 4] and ds.group_sizes == [3, 1, 2, 1]
+    assert ds[1].ws.tolist() == [1.0]
+    with pytest.warns(skd.SteerLMDataWarning, match="dropped"):
+        dropped = skd.SteerLM2Dataset(recs, on_single="drop")
+    assert dropped.group_sizes == [3, 2] and dropped.num_single == 2
+    with pytest.raises(skd.SteerLMDataError, match=r"record 2, key 'responses': a group of one"):
+        skd.SteerLM2Dataset(recs, on_single="error")
+    with pytest.raises(skd.SteerLMDataError, match="on_single='drop'"), pytest.warns(skd.SteerLMDataWarning):
+        skd.SteerLM2Dataset([_record(1)], on_single="drop")
+    with pytest.raises(ValueError, match="on_single"):
+        skd.SteerLM2Dataset(recs, on_single="keep")  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert skd.SteerLM2Dataset([_record(2)]).num_single == 0  # no singles: no warning
+
+
+def test_single_response_group_has_weight_zero() -> None:
+    sk = pytest.importorskip("steerlm_kernels")
+    with pytest.warns(skd.SteerLMDataWarning):
+        ds = skd.SteerLM2Dataset([_record(3), _record(1)])
+    batch = ds.collate_fn(list(ds))
+    nll = torch.tensor([5.0, 7.0, 9.0, 11.0])
+    w = sk.steerlm2_weights(nll, batch[skd.LOG_Q], batch["ws"], batch["num_responses"], backend="torch")
+    assert w.weight[3].item() == 0.0 and w.baseline[3].item() == 1.0
+    assert (w.weight[:3] != 0).any()
+
+
+def test_length_report_says_how_many_which_and_why() -> None:
+    recs = [_record(3), _record(2, text="q" * 60), _record(2), _record(3, text="z" * 70)]
+    with pytest.warns(skd.SteerLMDataWarning) as rec:
+        ds = skd.SteerLM2Dataset(recs, max_seq_length=100)
+    longest = max(len(s) - 1 for r in (1, 3) for s in skd.SteerLM2Dataset([recs[r]], max_seq_length=None)[0].input_ids)
+    msg = str(rec[0].message)
+    assert ds.length_report == msg
+    assert "dropped 2 of 4 prompt groups" in msg and "lines 2, 4" in msg and "max_seq_length=100" in msg
+    assert f"longest needs {longest}" in msg and "not truncated" in msg
+    assert skd.SteerLM2Dataset(recs[:1], max_seq_length=100).length_report is None
+
+
+# ------------------------------------------------------------------------------------------------
+# templates through the dataset
+
+
+def test_dataset_nemo_template_masks_equal_nemo_collate() -> None:
+    from tests.test_steerlm2_templates import EXAMPLE, NEMO_DEFAULTS, MergingTokenizer, nemo_process_example
+
+    example = copy.deepcopy(EXAMPLE)
+    for i, r in enumerate(example["responses"]):
+        r.update({skd.LOG_P_A: -0.5 * i, skd.LOG_P_Y: -3.0 - i, skd.LOG_Q: -2.0})
+    for tok in (skd.ByteTokenizer(), MergingTokenizer()):
+        want = nemo_process_example(example, tok.encode, NEMO_DEFAULTS)
+        ds = skd.SteerLM2Dataset([example], tokenizer=tok, template="nemo", max_seq_length=None)
+        assert ds[0].input_ids == want["input_ids"]  # no BOS, no EOS
+        batch = ds.collate_fn([ds[0]])
+        for row, (ids, mask) in enumerate(zip(want["input_ids"], want["mask"])):
+            n = len(ids) - 1
+            assert batch["tokens"][row, :n].tolist() == ids[:-1]  # NeMo: input_ids = item[:-1]
+            assert batch["labels"][row, :n].tolist() == ids[1:]  # labels = item[1:]
+            assert batch["loss_mask"][row, :n].tolist() == [float(m) for m in mask[1:]]  # loss_mask = mask[1:]
+            assert batch["loss_mask"][row, n:].sum() == 0
+            # our fixes of NeMo's two defects: per-response positions / padding mask, no truncation
+            assert batch["position_ids"][row, :n].tolist() == list(range(n))
+            assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["tokens"].shape[1] - n)
+
+
+@pytest.mark.parametrize("template", ["nemo", "chat", "plain"])
+def test_dataset_templates_scored_span(template: str) -> None:
+    pytest.importorskip("transformers")
+    from steerlm_kernels.steerlm2.hf_models import build_byte_tokenizer
+    from steerlm_kernels.steerlm2.templates import render_text
+
+    tok = build_byte_tokenizer()
+    ds = skd.SteerLM2Dataset([_record(3)], tokenizer=tok, template=template)
+    rec = ds.records[0]
+    batch = ds.collate_fn([ds[0]])
+    for row, resp in enumerate(rec.responses):
+        _, scored = render_text(tok, template, rec.system, rec.prompt_turns, rec.label, resp.value)
+        masked = batch["labels"][row][batch["loss_mask"][row].bool()].tolist()
+        text = tok.decode(masked)
+        assert text == (scored + "</s>" if template == "plain" else scored)
+        assert text.startswith(resp.value)
+    with pytest.raises(ValueError, match="template"):
+        skd.SteerLM2Dataset([_record(3)], template="nemo2")
+
+
+def test_dataset_chat_template_without_one_is_a_named_error() -> None:
+    with pytest.raises(skd.SteerLMDataError, match=r"record 1, key 'responses\[0\].value'.*chat template"):
+        skd.SteerLM2Dataset([_record(2)], template="chat")
