@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 
 import pytest
 import torch
@@ -174,9 +174,8 @@ def test_distance_formula():
     wrapper = GPTSteerLMModel(model, cfg_of(3, 3), backend="torch")
     res = wrapper.compute_baseline_weights(batch)
     assert res.distance.item() == pytest.approx(ref_distance, rel=1e-5)
-    alias = wrapper.compute_baselilne_weights(batch)
-    torch.testing.assert_close(alias.weight, res.weight)
     torch.testing.assert_close(res.weight, batch["ws"] - res.baseline)
+    assert "weight" not in batch  # the richer form leaves the batch alone
     sums = torch.stack([x.sum() for x in res.baseline.split(list(groups))])
     torch.testing.assert_close(sums, torch.ones(len(groups)))
 
@@ -420,3 +419,41 @@ def test_fused_linear_llama_split_into_trunk_and_head():
     batch = make_batch(groups, seed=37)
     wrapper = GPTSteerLMModel(model.model, cfg_of(4, 3), lm_head_weight=model.lm_head.weight, backend="torch")
     check_against_reference(model, wrapper, batch, groups, 1e-3)
+
+
+@pytest.mark.parametrize("mbs", [2, 3, 8])
+def test_compute_baselilne_weights_is_nemos(mbs):
+    """NeMo's spelling returns NeMo's ``(distance, seq_length, gbs)`` and stores ``base_weight``,
+    ``weight`` and ``avg_num_valid_tokens_in_ub`` in the batch (gpt_steerlm_model.py)."""
+    groups = (3, 1, 4)
+    model = TinyCausalLM(V, d_model=32, n_layers=1, max_seq_len=32, seed=10)
+    batch = make_batch(groups, seed=11)
+    _, ref_distance, _ = reference(model, batch, groups)
+    with torch.no_grad():  # float64 weights: ws - softmax_group(-nll - log_q)
+        logits = copy.deepcopy(model).double()(input_ids=batch["tokens"], attention_mask=batch["attention_mask"],
+                                               position_ids=batch["position_ids"])
+        logp = logits.log_softmax(-1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+        nll = -(logp * batch["loss_mask"].double()).sum(-1)
+        x = -nll - batch["log(Q(y|a,x))"].double()
+        ref_base = torch.cat([torch.softmax(t, 0) for t in x.split(list(groups))])
+        ref_weight = batch["ws"].double() - ref_base
+    wrapper = GPTSteerLMModel(model, cfg_of(3, mbs), backend="torch")
+    rich = wrapper.compute_baseline_weights(batch)
+    out = wrapper.compute_baselilne_weights(batch)
+    assert isinstance(out, tuple) and len(out) == 3
+    distance, seq_length, gbs = out
+    b, s = batch["tokens"].shape
+    assert (seq_length, gbs) == (s, b) and isinstance(seq_length, int) and isinstance(gbs, int)
+    assert distance.shape == (1,) and distance.dtype == torch.float32
+    assert distance.item() == pytest.approx(ref_distance, rel=1e-5)
+    torch.testing.assert_close(batch["weight"], rich.weight)
+    torch.testing.assert_close(batch["base_weight"], rich.baseline)
+    torch.testing.assert_close(batch["weight"].double(), ref_weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batch["base_weight"].double(), ref_base, rtol=1e-5, atol=1e-6)
+    # NeMo: mean loss-masked tokens of the item's group / (num_microbatches / num_groups)
+    tokens = batch["loss_mask"].double().sum(-1)
+    means = torch.cat([t.mean().repeat(len(t)) for t in tokens.split(list(groups))])
+    m = -(-b // mbs)
+    torch.testing.assert_close(batch["avg_num_valid_tokens_in_ub"].double(), means / (m / len(groups)))
+    with pytest.raises(TypeError, match="mutable mapping"):
+        wrapper.compute_baselilne_weights(MappingProxyType(dict(batch)))

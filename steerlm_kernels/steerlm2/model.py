@@ -47,7 +47,7 @@ and :func:`steerlm_kernels.linear_weighted_sequence_loss` (phase 2): neither pha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -316,7 +316,8 @@ class GPTSteerLMModel(nn.Module):
 
     def compute_baseline_weights(self, batch: Mapping[str, Any]) -> SteerLM2Weights:
         """Phase 1 on the whole batch: per-response NLL in micro-batches of
-        ``forward_micro_batch_size`` (no grad), then :func:`steerlm2_weights`.
+        ``forward_micro_batch_size`` (no grad), then :func:`steerlm2_weights`. The richer form of
+        NeMo's :meth:`compute_baselilne_weights`: ``batch`` is not modified.
 
         Returns:
             ``SteerLM2Weights(weight [B], baseline [B], distance 0-d)``, float32, on the model's
@@ -335,8 +336,37 @@ class GPTSteerLMModel(nn.Module):
         return steerlm2_weights(seq_nll, batch[LOG_Q_KEY].float(), batch["ws"].float(), batch["num_responses"],
                                 backend=self.backend)
 
-    #: NeMo's spelling, kept for drop-in compatibility.
-    compute_baselilne_weights = compute_baseline_weights
+    def attach_weights(self, batch: MutableMapping[str, Any], weights: SteerLM2Weights) -> None:
+        """Store phase 1's results into ``batch`` under NeMo's keys (all ``[B]`` float32, on the
+        model's device): ``"base_weight"`` (the baseline), ``"weight"`` (``ws - baseline``) and
+        ``"avg_num_valid_tokens_in_ub"`` for ``M = ceil(B / micro_batch_size)`` phase-2
+        micro-batches (NeMo's ``gbs // micro_batch_size`` when it divides)."""
+        num_microbatches = -(-batch["tokens"].shape[0] // self.micro_batch_size)
+        batch["base_weight"] = weights.baseline
+        batch["weight"] = weights.weight
+        batch["avg_num_valid_tokens_in_ub"] = self.avg_num_valid_tokens_in_ub(
+            batch["loss_mask"].to(weights.weight.device), batch["num_responses"].to(weights.weight.device),
+            num_microbatches,
+        )
+
+    def compute_baselilne_weights(self, batch: MutableMapping[str, Any]) -> tuple[Tensor, int, int]:
+        """NeMo-Aligner's phase 1, with its spelling, return values and side effect.
+
+        Runs :meth:`compute_baseline_weights`, stores ``"base_weight"``, ``"weight"`` and
+        ``"avg_num_valid_tokens_in_ub"`` into ``batch`` (:meth:`attach_weights`), as NeMo's does.
+
+        Returns:
+            ``(distance, seq_length, gbs)`` as NeMo's: ``distance`` a ``[1]`` float32 tensor
+            averaged over the data-parallel group (NeMo's ``average_losses_across_data_parallel_group``),
+            ``seq_length = S`` and ``gbs = B`` of ``batch["tokens"] [B, S]`` (ints).
+        """
+        if not isinstance(batch, MutableMapping):
+            raise TypeError(f"batch must be a mutable mapping (the weights are stored in it), "
+                            f"got {type(batch).__name__}")
+        weights = self.compute_baseline_weights(batch)
+        self.attach_weights(batch, weights)
+        gbs, seq_length = batch["tokens"].shape
+        return self._dp_average(weights.distance.float().reshape(1)), int(seq_length), int(gbs)
 
     def avg_num_valid_tokens_in_ub(self, loss_mask: Tensor, num_responses: Tensor | int,
                                    num_microbatches: int) -> Tensor:
@@ -375,14 +405,10 @@ class GPTSteerLMModel(nn.Module):
         batch = self._to_device(batch)
         weights = self.compute_baseline_weights(batch)
 
-        chunks = split_batch(batch, self.micro_batch_size)
-        m = len(chunks)
         train_batch = dict(batch)
-        train_batch["weight"] = weights.weight
-        train_batch["avg_num_valid_tokens_in_ub"] = self.avg_num_valid_tokens_in_ub(
-            batch["loss_mask"], batch["num_responses"], m
-        )
+        self.attach_weights(train_batch, weights)
         chunks = split_batch(train_batch, self.micro_batch_size)
+        m = len(chunks)
         step = self.get_forward_output_and_loss_func()
         it = iter(chunks)
         losses = []
