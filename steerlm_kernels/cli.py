@@ -1,8 +1,9 @@
-"""Command line: ``steerlm-kernels {info,bench,demo,train}`` (also ``python -m steerlm_kernels``)."""
+"""Command line: ``steerlm-kernels {info,bench,demo,train,sample,score,pipeline}`` ."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 
@@ -59,7 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         from steerlm_kernels.steerlm2 import train
 
         train.add_arguments(train_parser)
+    data_commands = {  # SteerLM 2.0 data: steerlm_kernels.steerlm2.<name>, imported for its own command only
+        "sample": "draw n responses per prompt with Hugging Face generate (SteerLM 2.0 records)",
+        "score": "fill log(P(y|x)) and log(Q(y|a,x)) with the fused kernels (streaming, resumable)",
+        "pipeline": "sample -> score -> train on the embedded default (bundled prompts, tiny model, CPU)",
+    }
+    for name, text in data_commands.items():
+        data_parser = sub.add_parser(name, help=text)
+        if argv[:1] == [name]:
+            importlib.import_module(f"steerlm_kernels.steerlm2.{name}").add_arguments(data_parser)
     ns = parser.parse_args(argv)
+    if ns.command in data_commands:
+        return importlib.import_module(f"steerlm_kernels.steerlm2.{ns.command}").run(ns)
     if ns.command == "info":
         return info()
     if ns.command == "bench":

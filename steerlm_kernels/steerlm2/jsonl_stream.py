@@ -169,14 +169,17 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.text = ""
         self.k = 0
+        self.shown = False
 
     def update(self, k: int, text: str) -> None:
         """Records done so far ``k`` and a status text (throughput etc.)."""
         self.k, self.text = k, text
+        self.shown = False
         now = time.perf_counter()
         if self.tty or now - self.last_print >= self.every:
             self.last_print = now
             self._print(final=False)
+            self.shown = True
 
     def _print(self, final: bool) -> None:
         if self.quiet:
@@ -192,5 +195,6 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        """Print the final state."""
-        self._print(final=True)
+        """Print the final state (unless the last update printed it already, off a terminal)."""
+        if self.tty or not self.shown:
+            self._print(final=True)

@@ -97,7 +97,7 @@ def choose_path(model: nn.Module, path: str = "auto", probe: tuple[Sequence[int]
     plain = score_batch(SpanScorer(model, pad_id, "logits", backend), [probe])[0]
     if abs(fused - plain) > 1e-3 * max(1.0, abs(plain)):
         return "logits", f"the fused path disagreed with the model's logits on a probe ({fused:.6g} vs {plain:.6g})"
-    return "fused", "LM head + final hidden states (checked against the logits on the first sequence)"
+    return "fused", "LM head + final hidden states, checked against the logits on the first sequence"
 
 
 def _chunk_rows(scorer: SpanScorer, weight: Tensor) -> int:

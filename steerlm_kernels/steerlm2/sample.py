@@ -1,0 +1,281 @@
+"""``steerlm-kernels sample``: draw n responses per prompt with Hugging Face ``generate``.
+
+Input: JSONL records with ``system``, ``prompt_turns`` and ``label`` (a SteerLM 2.0 file works:
+its ``responses`` are ignored, except that their ``from`` names the responding role). The prompt
+is rendered with ``--template`` exactly as ``train`` and ``score`` render it
+(:func:`~steerlm_kernels.steerlm2.templates.encode_prompt`, with the label: the responses are drawn
+from ``Q'(y|a,x)``), and ``generate`` continues it until the template's end of turn (the EOS
+token; for ``nemo`` also the turn token ``<extra_id_1>``) or ``--max-new-tokens``.
+
+Output: one SteerLM 2.0 record per well-formed input record, in order - the input's keys, with
+``responses`` replaced by ``[{"from": role, "value": text}, ...]`` (no scores: next come the
+attribute scorer and ``steerlm-kernels score``). The end-of-turn text is not part of ``value``
+(``nemo``: the ``\\n`` before ``<extra_id_1>`` is removed), so rendering ``value`` with the same
+template gives back the sampled scored span. A draw that decodes to an empty text is drawn again
+(up to :data:`MAX_DRAWS` times).
+
+Reproducible and resumable: the random state is reset before every record from ``--seed`` and the
+record's line number, so a record's responses do not depend on what was sampled before it: a rerun
+on the same ``--output`` keeps its complete lines, skips their records, and gives the same file as
+an uninterrupted run (``jsonl_stream`` has the details). Malformed input lines are named and
+skipped. Failures end with one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steerlm_kernels.steerlm2.jsonl_stream import (
+    CommandError,
+    LineError,
+    Progress,
+    ResumableWriter,
+    count_nonblank_lines,
+    iter_objects,
+)
+from steerlm_kernels.steerlm2.records import DEFAULT_RESPONSE_ROLE, SteerLM2Record, SteerLMDataError, parse_record
+from steerlm_kernels.steerlm2.score import load_side_models, resolve_device, resolve_dtype
+from steerlm_kernels.steerlm2.templates import TEMPLATES, NemoTokens, encode_prompt
+
+__all__ = ["DEFAULTS", "MAX_DRAWS", "SampleSummary", "add_arguments", "record_seed", "run", "sample_file",
+           "sample_record"]
+
+DEFAULTS: dict[str, Any] = {
+    "num_responses": 4,
+    "template": "nemo",
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "max_new_tokens": 128,
+    "seed": 0,
+    "device": "auto",
+    "precision": "auto",
+}
+#: Draws per response before an empty text is an error.
+MAX_DRAWS = 8
+
+
+class SampleSummary:
+    """What :func:`sample_file` did: ``written`` / ``resumed`` records, ``malformed`` ``(line, message)``,
+    ``responses``, ``new_tokens``, ``seconds``."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.resumed = 0
+        self.responses = 0
+        self.new_tokens = 0
+        self.seconds = 0.0
+        self.malformed: list[tuple[int, str]] = []
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``sample`` options to ``parser``; returns it."""
+    d = DEFAULTS
+    parser.description = "Sample n responses per prompt (Hugging Face generate) into SteerLM 2.0 records."
+    parser.add_argument("--prompts", required=True, help="JSONL of records with system, prompt_turns, label")
+    parser.add_argument("--model", required=True, help="a Hugging Face model directory, or tiny/small (built in)")
+    parser.add_argument("--num-responses", type=int, required=True, help="responses per prompt")
+    parser.add_argument("--output", required=True, help="output JSONL; an existing one is resumed")
+    parser.add_argument("--template", default=d["template"], choices=TEMPLATES,
+                        help="prompt template, as for train and score (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=d["temperature"],
+                        help="sampling temperature; 0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+                        help="longest response in tokens (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d["seed"],
+                        help="seed of the draws (per record, with its line number) and of built-in models")
+    parser.add_argument("--device", default=d["device"],
+                        help="torch device; auto = cuda when available (cpu for the built-in models)")
+    parser.add_argument("--precision", default=d["precision"], choices=("auto", "fp32", "bf16", "fp16"),
+                        help="model weights' dtype; auto = fp32 on CPU, bf16 on CUDA (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="start a fresh --output instead of resuming")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    return parser
+
+
+def record_seed(seed: int, lineno: int) -> int:
+    """The random seed of the record on input line ``lineno`` (independent of the other records)."""
+    return (seed * 1_000_003 + lineno * 7_919) % (2**63 - 1)
+
+
+def _parse_prompt(obj: Any, source: str, lineno: int) -> SteerLM2Record:
+    """Validate a prompt record (``responses`` optional: a placeholder stands in for them)."""
+    if isinstance(obj, dict):
+        role = DEFAULT_RESPONSE_ROLE
+        resp = obj.get("responses")
+        if isinstance(resp, list) and resp and isinstance(resp[0], dict) and isinstance(resp[0].get("from"), str):
+            role = resp[0]["from"]
+        obj = {**obj, "responses": [{"from": role, "value": "-", "log(P(a|x,y))": 0.0, "log(P(y|x))": 0.0,
+                                     "log(Q(y|a,x))": 0.0}]}
+    return parse_record(obj, source, lineno)
+
+
+def _stop_ids(tokenizer: Any, template: str) -> list[int]:
+    """Token ids that end a response: EOS, and for ``nemo`` the turn token when it is one token."""
+    ids = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.append(eos)
+    if template == "nemo" and hasattr(tokenizer, "convert_tokens_to_ids"):
+        turn = tokenizer.convert_tokens_to_ids(NemoTokens().turn)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if isinstance(turn, int) and turn >= 0 and turn != unk:
+            ids.append(turn)
+    return ids
+
+
+def _response_text(tokenizer: Any, new_ids: list[int], stops: list[int], template: str) -> str:
+    """The response text of generated ids: cut at the first stop id, special tokens dropped, and the
+    template's end-of-turn text removed (``nemo``: one trailing ``\\n``)."""
+    for k, t in enumerate(new_ids):
+        if t in stops:
+            new_ids = new_ids[:k]
+            break
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    end = NemoTokens().end_of_turn
+    if template == "nemo" and text.endswith(end):
+        text = text[: -len(end)]
+    return text
+
+
+@torch.no_grad()
+def sample_record(model: Any, tokenizer: Any, record: SteerLM2Record, *, template: str, num_responses: int,
+                  seed: int, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128
+                  ) -> tuple[list[str], int]:
+    """``(num_responses texts, generated tokens)`` for one record, drawn after ``torch.manual_seed(seed)``."""
+    prompt = encode_prompt(tokenizer, template, record.system, record.prompt_turns, record.label,
+                           response_role=record.response_role)
+    device = next(model.parameters()).device
+    stops = _stop_ids(tokenizer, template)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) else (stops[0] if stops else 0)
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    generated = 0
+    for _ in range(MAX_DRAWS):
+        want = num_responses - len(texts)
+        x = torch.tensor([prompt], dtype=torch.long, device=device)
+        kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
+                                  "num_return_sequences": want, "pad_token_id": pad,
+                                  "eos_token_id": stops or None}
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
+        for row in out[:, len(prompt):].tolist():
+            text = _response_text(tokenizer, row, stops, template)
+            generated += next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+            if text and len(texts) < num_responses:
+                texts.append(text)
+        if len(texts) == num_responses:
+            return texts, generated
+    raise ValueError(f"{MAX_DRAWS} draws gave only {len(texts)} non-empty responses of {num_responses}")
+
+
+def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: Any, *, num_responses: int,
+                template: str = "nemo", temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
+                seed: int = 0, resume: bool = True, quiet: bool = False, log: Any = None) -> SampleSummary:
+    """Stream ``prompts`` to ``output`` (module docstring); raises ``CommandError`` on failures."""
+    log = sys.stderr if log is None else log
+    source = str(prompts)
+    if num_responses < 1:
+        raise CommandError(f"--num-responses must be positive, got {num_responses}")
+    if max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise CommandError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature}, {top_p}")
+    if template not in TEMPLATES:
+        raise CommandError(f"--template must be one of {TEMPLATES}, got {template!r}")
+    if Path(output).resolve() == Path(prompts).resolve():
+        raise CommandError(f"--output {output}: is the input file")
+    try:
+        total = count_nonblank_lines(prompts)
+    except OSError as exc:
+        raise CommandError(f"--prompts {prompts}: cannot read ({exc.strerror or exc})") from None
+    summary = SampleSummary()
+    t0 = time.perf_counter()
+    with ResumableWriter(output, resume=resume) as writer:
+        to_skip = summary.resumed = writer.done
+        if to_skip:
+            print(f"sample: resuming {output}: {to_skip} records already written", file=log)
+        progress = Progress("sample", total, quiet=quiet, stream=log)
+        seen = 0
+        for lineno, obj in iter_objects(prompts):
+            seen += 1
+            try:
+                if isinstance(obj, LineError):
+                    raise obj
+                record = _parse_prompt(obj, source, lineno)
+            except (LineError, SteerLMDataError) as exc:
+                summary.malformed.append((lineno, str(exc)))
+                print(f"sample: skipped {exc}", file=log)
+                continue
+            if to_skip:
+                to_skip -= 1
+                last = writer.last
+                if to_skip == 0 and (not isinstance(last, dict) or any(
+                        last.get(k) != obj.get(k) for k in ("system", "prompt_turns", "label"))):
+                    raise CommandError(f"--output {output}, line {writer.done}: does not hold the prompt of "
+                                       f"{source}, line {lineno} (--overwrite starts afresh)")
+                continue
+            try:
+                texts, n_new = sample_record(model, tokenizer, record, template=template, num_responses=num_responses,
+                                             seed=record_seed(seed, lineno), temperature=temperature, top_p=top_p,
+                                             max_new_tokens=max_new_tokens)
+            except ValueError as exc:
+                raise CommandError(f"{source}, line {lineno}: {exc}") from None
+            out = {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("responses", "unscored")}
+            out["responses"] = [{"from": record.response_role, "value": t} for t in texts]
+            writer.write([out])
+            summary.written += 1
+            summary.responses += len(texts)
+            summary.new_tokens += n_new
+            elapsed = time.perf_counter() - t0
+            progress.update(seen, f"{summary.responses} responses, {summary.new_tokens / max(elapsed, 1e-9):,.0f} "
+                                  "new tok/s")
+        progress.close()
+    summary.seconds = time.perf_counter() - t0
+    print(f"sample: wrote {summary.written} records ({summary.responses} responses, {summary.new_tokens:,} new "
+          f"tokens) to {output} in {summary.seconds:.1f}s ({summary.resumed} from an earlier run)", file=log)
+    if summary.malformed:
+        print(f"sample: {len(summary.malformed)} malformed lines of {source} skipped (lines "
+              f"{', '.join(str(n) for n, _ in summary.malformed[:20])})", file=log)
+    return summary
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Run ``sample`` from parsed options; returns the exit status."""
+    try:
+        if not Path(ns.prompts).is_file():
+            raise CommandError(f"--prompts {ns.prompts}: no such file")
+        device = resolve_device(ns.device, [ns.model])
+        dtype = resolve_dtype(ns.precision, device)
+        model, tok = load_side_models({"model": ns.model}, device, dtype, ns.seed)["model"]
+        print(f"sample: {ns.prompts} -> {ns.output}, {ns.num_responses} responses per prompt, template "
+              f"{ns.template}, {device}, {dtype}", file=sys.stderr)
+        sample_file(ns.prompts, ns.output, model, tok, num_responses=ns.num_responses, template=ns.template,
+                    temperature=ns.temperature, top_p=ns.top_p, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
+                    resume=not ns.overwrite, quiet=ns.quiet)
+    except CommandError as exc:
+        print(f"steerlm-kernels sample: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("steerlm-kernels sample: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m steerlm_kernels.steerlm2.sample [options]``."""
+    return run(add_arguments(argparse.ArgumentParser(prog="steerlm-kernels sample")).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
