@@ -1,4 +1,4 @@
-"""Command line: ``steerlm-kernels {info,bench,demo,train,sample,score,pipeline}`` ."""
+"""Command line: ``steerlm-kernels {info,bench,demo,train,sample,score,pipeline}`` (``python -m steerlm_kernels``)."""
 
 from __future__ import annotations
 
