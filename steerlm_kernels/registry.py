@@ -20,16 +20,30 @@ package chooses a backend. The registry sits below the custom ops (:mod:`steerlm
 imports only the backends (:mod:`steerlm_kernels.kernels`).
 
 The backend contract (all tensors on one device; ``logits`` is ``[N, V]`` with unit column stride
-and any row stride; ``labels`` ``[N]`` int32/int64; results float32):
+and any row stride; ``labels`` ``[N]`` int32/int64; results float32). The statistics stay
+RELATIVE TO THE ROW MAX: ``m`` and ``lse`` are never added together, because ``m + lse`` in
+float32 rounds ``lse`` away when ``|m|`` is large (at ``m = 1e8`` an ulp is 8: ``nll`` of seven
+equal logits would come out 0 instead of ``log 7``). This costs nothing on the ``[N, V]`` side
+(the logits are read as before) and one more float per row on the ``[N]`` side.
 
-``ce_forward(logits, labels, vocab_start, ignore_index) -> (lse[N], target[N])``
-    ``lse`` is the log-sum-exp of each row, ``target`` the logit of column
-    ``labels - vocab_start`` when that column lies in ``[0, V)`` (else 0). Rows whose label is
-    ``ignore_index`` are not read and get ``lse = target = 0``.
-``ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, out) -> None``
-    ``out[i] = (exp(logits[i] - lse[i]) - onehot(labels[i] - vocab_start)) * coef[i]`` computed
-    in float32 and rounded once to ``out.dtype``; rows with ``coef == 0`` or an ignored label
-    are written as zeros without reading the logits. ``out`` may be ``logits`` itself (in place).
+``ce_forward(logits, labels, vocab_start, ignore_index) -> (m[N], lse[N], target[N])``
+    ``m`` is the row max (the largest logit in float32; **0 when every logit of the row is
+    -inf**, so that no ``-inf - -inf`` arises), ``lse = log(sum(exp(x - m)))`` over the row
+    (``-inf`` for a row of ``-inf`` only; NaN when the row holds NaN or ``+inf``), and
+    ``target`` the logit of column ``labels - vocab_start`` itself (its exact float32 value,
+    absolute, not relative) when that column lies in ``[0, V)``, else 0. The token's NLL is then
+    ``lse - (target - m)``. Rows whose label is ``ignore_index`` are not read and get
+    ``m = lse = target = 0``. With vocabulary shards (``vocab_start``), per-shard results merge
+    as ``M = max m_r`` over the shards with ``lse_r > -inf``,
+    ``lse = log(sum_r exp((m_r - M) + lse_r))``, ``target = sum_r target_r``
+    (:func:`steerlm_kernels.kernels.reference.merge_stats`).
+``ce_backward(logits, labels, m, lse, coef, vocab_start, ignore_index, out) -> None``
+    ``out[i] = (exp((logits[i] - m[i]) - lse[i]) - onehot(labels[i] - vocab_start)) * coef[i]``,
+    the subtraction of ``m`` first (exact for the logits that matter), computed in float32 and
+    rounded once to ``out.dtype``; rows with ``coef == 0`` or an ignored label are written as
+    zeros without reading the logits. ``out`` may be ``logits`` itself (in place): each element
+    is read before it is written, by the same thread. (The caller never passes logits whose
+    rows overlap in memory as ``out``; see :mod:`steerlm_kernels.ops.cross_entropy`.)
 ``segment_sum(x, cu_seqlens) -> y[B]``
     ``y[b] = sum(x[cu_seqlens[b]:cu_seqlens[b+1]])`` in a fixed order (deterministic).
 ``group_softmax(x, cu_groups, max_group) -> y[B]`` and
@@ -43,6 +57,7 @@ and any row stride; ``labels`` ``[N]`` int32/int64; results float32):
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +65,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from steerlm_kernels.kernels import cpp
 from steerlm_kernels.kernels._triton import interpreting
 
 BACKENDS: tuple[str, ...] = ("triton", "cpp", "torch")
@@ -79,29 +95,47 @@ def triton_interpreting() -> bool:
     return interpreting()
 
 
-# Import probes, memoised in a plain dict (not functools.cache, which torch.compile warns about
-# when it traces resolve()).
-_PROBES: dict[str, str | None] = {}
+# What resolve() needs to know, probed once at import (cheap: nothing is built) and kept in plain
+# dicts, so that resolve() reads them without importing anything: torch.compile(fullgraph=True)
+# traces resolve() when it holds the first call of an op in the process, and dynamo cannot trace
+# an import (builtins.__import__ is a skipped function).
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
-def _probe(key: str, module: str) -> str | None:
-    if key not in _PROBES:
-        try:
-            __import__(module)
-            _PROBES[key] = None
-        except Exception as exc:
-            _PROBES[key] = f"{type(exc).__name__}: {exc}"
-    return _PROBES[key]
+_TRITON: dict[str, str | None] = {"error": _import_error("triton")}
+_CPP: dict[str, str] = {}
+
+
+def _refresh_cpp() -> None:
+    kind, reason = cpp.status()
+    _CPP.update(kind=kind, reason=reason)
+
+
+_refresh_cpp()
 
 
 def _triton_import_error() -> str | None:
-    err = _probe("triton", "triton")
+    err = _TRITON["error"]
     return None if err is None else f"triton is not importable ({err})"
 
 
-def _cpp_import_error() -> str | None:
-    err = _probe("cpp", "steerlm_kernels._C")
-    return None if err is None else f"extension not built ({err})"
+def _cpp_import_error(load: bool = False) -> str | None:
+    """None when the cpp backend can run here, else why not. ``load=True`` (eager calls) builds the
+    extension now when it is to be built on first use, so that a failed build is reported here, not
+    inside the op; while torch.compile traces, the import-time probe is trusted (the op's first
+    run builds it)."""
+    if load and _CPP["kind"] == cpp.BUILDABLE and not torch.compiler.is_compiling():
+        try:
+            cpp.extension()
+        except ImportError:
+            pass
+        _refresh_cpp()
+    return _CPP["reason"] if _CPP["kind"] == cpp.UNAVAILABLE else None
 
 
 def backends() -> dict[str, BackendStatus]:
@@ -124,7 +158,7 @@ def backends() -> dict[str, BackendStatus]:
             "triton", False, "no CUDA device (set TRITON_INTERPRET=1 to interpret kernels on CPU tensors)"
         )
     err = _cpp_import_error()
-    out["cpp"] = BackendStatus("cpp", err is None, err or "compiled CPU extension (steerlm_kernels._C)")
+    out["cpp"] = BackendStatus("cpp", err is None, err or _CPP["reason"])
     out["torch"] = BackendStatus("torch", True, "chunked PyTorch reference, any device")
     return out
 
@@ -149,7 +183,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if name == "auto":
         if device.type == "cuda":
             return "triton" if _triton_import_error() is None else "torch"
-        if device.type == "cpu" and _cpp_import_error() is None:
+        if device.type == "cpu" and _cpp_import_error(load=True) is None:
             return "cpp"
         return "torch"
     if name == "triton":
@@ -163,8 +197,9 @@ def resolve(backend: str, device: torch.device) -> str:
     elif name == "cpp":
         if device.type != "cpu":
             raise ValueError(f"{source}='cpp' runs on CPU tensors only; got tensors on {device}")
-        if _cpp_import_error() is not None:
-            raise ValueError(f"{source}='cpp' is unavailable: {_cpp_import_error()}")
+        err = _cpp_import_error(load=True)
+        if err is not None:
+            raise ValueError(f"{source}='cpp' is unavailable: {err}")
     return name
 
 
@@ -223,8 +258,6 @@ def backend_kernels(name: str) -> BackendKernels:
             reference.group_softmax, reference.steerlm2_weights,
         )
     if name == "cpp":
-        from steerlm_kernels.kernels import cpp
-
         return BackendKernels(name, cpp.ce_forward, cpp.ce_backward, cpp.segment_sum, cpp.group_softmax,
                               cpp.steerlm2_weights)
     raise ValueError(f"unknown backend {name!r}")

@@ -7,6 +7,7 @@ import torch
 
 import steerlm_kernels as sk
 from steerlm_kernels import registry
+from steerlm_kernels.kernels import cpp, cpp_build
 
 
 def test_backends_report_every_backend_with_a_reason():
@@ -20,7 +21,8 @@ def test_backends_report_every_backend_with_a_reason():
 
 
 def test_cpp_unavailable_reason_names_the_extension(monkeypatch):
-    monkeypatch.setattr(registry, "_cpp_import_error", lambda: "extension not built (ImportError: no _C)")
+    monkeypatch.setitem(registry._CPP, "kind", cpp.UNAVAILABLE)
+    monkeypatch.setitem(registry._CPP, "reason", "extension not built (ImportError: no _C) and no C++ compiler")
     status = sk.backends()["cpp"]
     assert not status and "extension not built" in status.reason
     with pytest.raises(ValueError, match="cpp"):
@@ -30,7 +32,7 @@ def test_cpp_unavailable_reason_names_the_extension(monkeypatch):
 
 def test_auto_prefers_cpp_on_cpu_when_built(monkeypatch):
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
-    monkeypatch.setattr(registry, "_cpp_import_error", lambda: None)
+    monkeypatch.setitem(registry._CPP, "kind", cpp.PREBUILT)
     assert registry.resolve("auto", torch.device("cpu")) == "cpp"
     assert registry.resolve("auto", torch.device("cuda")) == "triton"
 
@@ -79,3 +81,36 @@ def test_linear_strategy(monkeypatch):
         registry.linear_strategy("triton")
     with pytest.raises(ValueError, match=registry.LINEAR_ENV_VAR):  # reaches the public API
         sk.linear_sequence_nll(torch.randn(2, 3, 4), torch.randn(5, 4), torch.randint(0, 5, (2, 3)))
+
+
+def test_cpp_status_says_how_the_extension_is_provided():
+    kind, reason = cpp.status()
+    assert kind in (cpp.PREBUILT, cpp.BUILT, cpp.BUILDABLE, cpp.UNAVAILABLE)
+    words = {cpp.PREBUILT: "prebuilt", cpp.BUILT: "built on first use", cpp.BUILDABLE: "built on first use",
+             cpp.UNAVAILABLE: "not built"}
+    assert words[kind] in reason
+    assert sk.backends()["cpp"].available == (kind != cpp.UNAVAILABLE)
+
+
+def test_first_use_build_needs_sources_compiler_and_ninja(monkeypatch):
+    assert cpp_build.source_dir() is not None  # the sources ship with the package (or the checkout)
+    assert cpp_build.jit_problem() is None or "ninja" in cpp_build.jit_problem()
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert "no C++ compiler" in cpp_build.jit_problem()
+    monkeypatch.setattr(cpp_build, "source_dir", lambda: None)
+    assert "sources" in cpp_build.jit_problem()
+
+
+def test_cache_dir_is_per_torch_and_python_version(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpp_build.CACHE_ENV, str(tmp_path))
+    path = cpp_build.cache_dir()
+    assert path.parent == tmp_path and torch.__version__.split("+")[0] in path.name and "py3" in path.name
+    assert cpp_build.cached_library() is None
+
+
+def test_simd_override(monkeypatch):
+    monkeypatch.setenv(cpp_build.SIMD_ENV, "none")
+    assert cpp_build.simd_level() == "none" and "-DCPU_CAPABILITY=DEFAULT" in cpp_build.cflags("none")
+    monkeypatch.setenv(cpp_build.SIMD_ENV, "sse9")
+    with pytest.raises(ValueError, match=cpp_build.SIMD_ENV):
+        cpp_build.simd_level()
