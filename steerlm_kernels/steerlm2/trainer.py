@@ -237,7 +237,8 @@ class SteerLM2Trainer(transformers.Trainer):
                                                                          inputs["num_responses"], m)
         chunks = split_batch(batch, self.steerlm2.micro_batch_size)
         fwd = wrapper.get_forward_output_and_loss_func()
-        scale = m * self.current_gradient_accumulation_steps
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        scale = m * accumulation
         losses = []
         for i, chunk in enumerate(chunks):
             sync = contextlib.nullcontext() if i == m - 1 else self.accelerator.no_sync(model)
@@ -266,7 +267,7 @@ class SteerLM2Trainer(transformers.Trainer):
                             f"(loss {loss_value}, distance {distance}); nothing was saved from this step")
         self._since_log.append({"loss": loss_value, "distance": distance, "tokens": tokens_all,
                                 "seconds": time.perf_counter() - t0})
-        return loss_mean.detach() / self.current_gradient_accumulation_steps
+        return loss_mean.detach() / accumulation
 
     @staticmethod
     def _sum_over_ranks(values: Tensor) -> Tensor:
@@ -299,19 +300,24 @@ class SteerLM2Trainer(transformers.Trainer):
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Mean loss and distance over the evaluation set (forward only, dropout off, averaged over
-        batches and ranks): ``{prefix}_loss``, ``{prefix}_distance``; logged (``val_loss`` /
-        ``val_distance`` in metrics.jsonl)."""
-        loader = self.get_eval_dataloader(eval_dataset)
+        """Loss and distance over the whole evaluation set (forward only, dropout off; every group
+        counted once: a mean over groups, over batches and ranks): ``{prefix}_loss``,
+        ``{prefix}_distance``; logged (``val_loss`` / ``val_distance`` in metrics.jsonl)."""
+        drop_last = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = False  # no group of the evaluation set is skipped
+        try:
+            loader = self.get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         sums = torch.zeros(3, dtype=torch.float64)
         for inputs in loader:
             inputs = self._prepare_inputs(inputs)
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
-            sums += torch.tensor([float(loss), float(out["distance"]), 1.0], dtype=torch.float64)
-        device = self.args.device
-        sums = self._sum_over_ranks(sums.to(device, torch.float32)).double().cpu()
-        count = max(float(sums[2]), 1.0)
+            groups = float((1.0 / inputs["num_responses"].double()).sum())  # a batch's values are means over groups
+            sums += torch.tensor([float(loss) * groups, float(out["distance"]) * groups, groups], dtype=torch.float64)
+        sums = self._sum_over_ranks(sums.to(self.args.device)).double().cpu()
+        count = max(float(sums[2]), 1e-12)
         metrics = {f"{metric_key_prefix}_loss": float(sums[0]) / count,
                    f"{metric_key_prefix}_distance": float(sums[1]) / count}
         self.log(metrics)
