@@ -1,0 +1,78 @@
+"""steerlm2.jsonl_stream: line-by-line input with named bad lines, the resumable output, progress."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from steerlm_kernels.steerlm2.jsonl_stream import (
+    CommandError,
+    LineError,
+    Progress,
+    ResumableWriter,
+    count_nonblank_lines,
+    dumps,
+    iter_objects,
+)
+
+
+def test_iter_objects_names_bad_lines_and_reads_on(tmp_path) -> None:
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b'{"a": 1}\n{bad\n\n  \n\xff\xfe\n[2]\n{"b": 2}')
+    got = list(iter_objects(p))
+    assert [n for n, _ in got] == [1, 2, 5, 6, 7]
+    assert got[0][1] == {"a": 1} and got[3][1] == [2] and got[4][1] == {"b": 2}
+    assert isinstance(got[1][1], LineError) and "line 2: invalid JSON" in str(got[1][1])
+    assert isinstance(got[2][1], LineError) and "line 5: invalid UTF-8" in str(got[2][1])
+    assert count_nonblank_lines(p) == 5
+    with pytest.raises(CommandError, match="cannot read"):
+        list(iter_objects(tmp_path / "missing.jsonl"))
+
+
+def test_writer_keeps_complete_lines_and_cuts_a_partial_one(tmp_path) -> None:
+    p = tmp_path / "out.jsonl"
+    with ResumableWriter(p) as w:
+        assert w.done == 0
+        w.write([{"i": 0}, {"i": 1, "s": "é"}])
+    with open(p, "a") as f:
+        f.write('{"i": 2, "cut')
+    with ResumableWriter(p) as w:
+        assert w.done == 2 and w.last == {"i": 1, "s": "é"}
+        w.write([{"i": 2}])
+    assert [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()] == [{"i": 0}, {"i": 1, "s": "é"},
+                                                                                  {"i": 2}]
+    with ResumableWriter(p, resume=False) as w:
+        assert w.done == 0
+    assert p.read_text() == ""
+
+
+def test_writer_refuses_a_foreign_file_and_a_missing_directory(tmp_path) -> None:
+    p = tmp_path / "out.jsonl"
+    p.write_text('{"ok": 1}\nnot json\n')
+    with pytest.raises(CommandError, match="line 2: not a JSON line"):
+        ResumableWriter(p)
+    with pytest.raises(CommandError, match="does not exist"):
+        ResumableWriter(tmp_path / "no" / "out.jsonl")
+
+
+def test_dumps_is_strict_json() -> None:
+    assert dumps({"a": "é"}) == '{"a": "é"}'
+    with pytest.raises(ValueError):
+        dumps({"x": float("nan")})
+
+
+def test_progress_off_a_terminal_prints_lines_and_the_final_state_once() -> None:
+    buf = io.StringIO()
+    p = Progress("score", 4, every=0.0, stream=buf)
+    p.update(2, "a")
+    p.update(4, "b")
+    p.close()
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and "2/4" in lines[0] and "4/4" in lines[1] and "b" in lines[1]
+    quiet = io.StringIO()
+    q = Progress("x", 1, quiet=True, stream=quiet)
+    q.update(1, "")
+    q.close()
+    assert quiet.getvalue() == ""
