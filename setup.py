@@ -1,135 +1,143 @@
-"""Build script. The package is pure Python plus an optional compiled extension,
-``steerlm_kernels._C`` (the ``cpp`` backend, sources in ``csrc/``); metadata is in pyproject.toml.
+"""Build script. The package is pure Python plus a compiled extension, ``steerlm_kernels._C``
+(the ``cpp`` backend, sources in ``csrc/``); metadata is in pyproject.toml.
 
-* The extension is built with ``torch.utils.cpp_extension`` (ninja when available) whenever torch
-  is importable at build time: build with ``pip install --no-build-isolation .`` so that the
-  installed torch is used (pyproject.toml deliberately does not require torch).
-* CPU sources always; ``csrc/*.cu`` plus ``csrc/cuda_bindings.cpp`` only where a CUDA toolkit
-  and a CUDA build of torch both exist.
-* SIMD flags are chosen for the build machine (the extension is built where it runs):
-  ``STEERLM_KERNELS_SIMD=auto|avx512|avx2|none`` overrides the detection.
-* The extension is optional: when it cannot be compiled the install still succeeds, and
-  ``steerlm_kernels.backends()["cpp"]`` says why it is missing. Set
+* Every install ends with a working ``cpp`` backend. With torch importable at build time
+  (``pip install --no-build-isolation .``, the Makefile) the extension is built here, ahead of
+  time. Under pip's default build isolation torch is not visible here (pyproject.toml deliberately
+  does not require it: an isolated build would download the multi-GB CUDA wheel and build against
+  a torch other than yours); the C++ sources then ship inside the package (``steerlm_kernels/csrc``,
+  copied by ``build_py`` below, always) and are built on first use, against the torch in use
+  (``steerlm_kernels/kernels/cpp_build.py``, which also holds the flags and SIMD detection).
+* CPU sources always; ``csrc/*.cu`` plus ``csrc/cuda_bindings.cpp`` too where a CUDA toolkit and a
+  CUDA build of torch both exist. With no GPU visible and ``TORCH_CUDA_ARCH_LIST`` unset (a docker
+  build, a login node, CI) the CUDA code is built for ``8.0;9.0+PTX`` (A100, H100/H200, and PTX for
+  newer GPUs). If the CUDA part fails, the extension is rebuilt CPU-only: a CUDA failure never
+  drops the CPU kernels. ``STEERLM_KERNELS_NO_CUDA=1`` skips the CUDA part.
+* SIMD flags are chosen for the build machine: ``STEERLM_KERNELS_SIMD=auto|avx512|avx2|none``
+  overrides the detection (use ``avx2`` or ``none`` to build a wheel for other machines).
+* When the extension cannot be compiled at all the install still succeeds (the first use builds
+  it, or ``steerlm_kernels.backends()["cpp"]`` says why it cannot). Set
   ``STEERLM_KERNELS_REQUIRE_EXT=1`` to make a failed build an error instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import platform
-import subprocess
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/cpu_kernels.cpp", f"{CSRC}/bindings.cpp"]
-SIMD_ENV = "STEERLM_KERNELS_SIMD"
 REQUIRE_ENV = "STEERLM_KERNELS_REQUIRE_EXT"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
-# Compiler flags per SIMD level. CPU_CAPABILITY_* selects ATen's Vectorized<float>
-# implementation (vec512 / vec256); the -m flags let the compiler emit those instructions.
-SIMD_FLAGS: dict[str, list[str]] = {
-    "avx512": [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
-    ],
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "none": ["-DCPU_CAPABILITY=DEFAULT"],
-}
-CPU_FEATURES = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
-                "avx2": {"avx2", "fma", "f16c"}}
+
+def _load_cpp_build():
+    """``steerlm_kernels/kernels/cpp_build.py`` loaded by path: no package import (and no torch)."""
+    spec = importlib.util.spec_from_file_location(
+        "_steerlm_cpp_build", ROOT / "steerlm_kernels" / "kernels" / "cpp_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpp_build = _load_cpp_build()
 
 
 def _log(msg: str) -> None:
     print(f"steerlm_kernels setup: {msg}", file=sys.stderr)
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+class BuildPyWithSources(build_py):
+    """build_py that also ships the C++ sources in the package (``steerlm_kernels/csrc``), for the
+    build on first use of installs that had no torch at build time."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib, "steerlm_kernels", "csrc")
+        target.mkdir(parents=True, exist_ok=True)
+        for name in cpp_build.CPU_SOURCES + cpp_build.CPU_HEADERS:
+            shutil.copy2(ROOT / CSRC / name, target / name)
+
+
+def _cuda_archs(torch) -> None:
+    """Set ``TORCH_CUDA_ARCH_LIST`` when no GPU is visible and it is unset (torch's detection
+    would fail with 'list index out of range')."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _compiler_accepts(flags: list[str]) -> bool:
-    """Whether the C++ compiler builds a trivial file with ``flags``."""
-    cxx = os.environ.get("CXX", "c++")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp, "probe.cpp")
-        src.write_text("#include <immintrin.h>\nint main() { return 0; }\n")
-        cmd = [cxx, *flags, "-c", str(src), "-o", str(Path(tmp, "probe.o"))]
-        try:
-            return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            return False
-
-
-def simd_level() -> str:
-    """``avx512``, ``avx2`` or ``none``: the env override, else the best level that both the
-    CPU and the compiler support (x86-64 only; other architectures use ATen's defaults)."""
-    forced = os.environ.get(SIMD_ENV, "auto").strip().lower() or "auto"
-    if forced != "auto":
-        if forced not in SIMD_FLAGS:
-            raise ValueError(f"${SIMD_ENV} must be auto, avx512, avx2 or none; got {forced!r}")
-        return forced
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "none"
-    cpu = _cpu_flags()
-    for level in ("avx512", "avx2"):
-        if CPU_FEATURES[level] <= cpu and _compiler_accepts(SIMD_FLAGS[level][:-2]):
-            return level
-    return "none"
+        visible = torch.cuda.device_count() > 0
+    except Exception:
+        visible = False
+    if not visible:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        _log(f"no GPU visible and TORCH_CUDA_ARCH_LIST unset: building CUDA code for {DEFAULT_CUDA_ARCHS}")
 
 
 def extension_setup() -> dict:
-    """``ext_modules`` and ``cmdclass`` for setup(), or {} when torch is not importable."""
+    """``ext_modules`` and ``cmdclass`` for setup(); only ``build_py`` when torch is not importable."""
+    cmdclass: dict = {"build_py": BuildPyWithSources}
     try:
-        import torch  # noqa: F401
+        import torch
         from torch.utils import cpp_extension
-    except Exception as exc:  # torch missing or broken: pure-Python install
-        _log(f"torch is not importable ({exc}); building without the C++ extension")
-        return {}
+    except Exception as exc:  # torch missing (build isolation) or broken: built on first use
+        _log(f"torch is not importable here ({type(exc).__name__}); the C++ extension will be built on "
+             "first use against the torch installed then (or install with --no-build-isolation)")
+        return {"cmdclass": cmdclass}
 
-    simd = simd_level()
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", *SIMD_FLAGS[simd]]
-    link = ["-fopenmp"]
-    sources = list(CPU_SOURCES)
+    simd = cpp_build.simd_level()
+    cxx = cpp_build.cflags(simd)
+    link = list(cpp_build.LDFLAGS)
+    cpu_sources = [f"{CSRC}/{name}" for name in cpp_build.CPU_SOURCES]
+    cpu_ext = cpp_extension.CppExtension("steerlm_kernels._C", cpu_sources, extra_compile_args=cxx,
+                                         extra_link_args=link)
     cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     cuda = cuda and os.environ.get("STEERLM_KERNELS_NO_CUDA", "0") in ("", "0")
     _log(f"SIMD level {simd}; CUDA sources {'on' if cuda else 'off'}")
+    ext = cpu_ext
     if cuda:
-        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).glob("*.cu"))
+        _cuda_archs(torch)
+        sources = cpu_sources + sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).glob("*.cu"))
         sources.append(f"{CSRC}/cuda_bindings.cpp")
         ext = cpp_extension.CUDAExtension(
             "steerlm_kernels._C", sources,
             extra_compile_args={"cxx": cxx + ["-DSK_WITH_CUDA"], "nvcc": ["-O3"]},
             extra_link_args=link,
         )
-    else:
-        ext = cpp_extension.CppExtension("steerlm_kernels._C", sources, extra_compile_args=cxx,
-                                         extra_link_args=link)
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
-        """BuildExtension whose failure leaves a working pure-Python install."""
+        """BuildExtension whose CUDA failure falls back to the CPU sources, and whose failure
+        leaves a pure-Python install (the extension is then built on first use)."""
 
         def run(self) -> None:
             try:
                 super().run()
+                return
             except Exception as exc:
-                if os.environ.get(REQUIRE_ENV, "0") not in ("", "0"):
-                    raise
-                _log(f"WARNING: the C++ extension failed to build ({exc}); the 'cpp' backend "
-                     f"will be unavailable (set {REQUIRE_ENV}=1 to make this an error)")
+                if ext is cpu_ext:
+                    self._give_up(exc)
+                    return
+                _log(f"WARNING: the CUDA part of the extension failed to build ({exc}); "
+                     "rebuilding with the CPU sources only")
+            self.extensions = [cpu_ext]
+            try:
+                super().run()
+            except Exception as exc:
+                self._give_up(exc)
 
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
+        def _give_up(self, exc: Exception) -> None:
+            if os.environ.get(REQUIRE_ENV, "0") not in ("", "0"):
+                raise exc
+            _log(f"WARNING: the C++ extension failed to build ({exc}); it will be built on first use "
+                 f"(set {REQUIRE_ENV}=1 to make this an error)")
+
+    cmdclass["build_ext"] = OptionalBuildExtension.with_options(use_ninja=True)
+    return {"ext_modules": [ext], "cmdclass": cmdclass}
 
 
 setup(**extension_setup())
