@@ -12,7 +12,8 @@ Output: one SteerLM 2.0 record per well-formed input record, in order - the inpu
 attribute scorer and ``steerlm-kernels score``). The end-of-turn text is not part of ``value``
 (``nemo``: the ``\\n`` before ``<extra_id_1>`` is removed), so rendering ``value`` with the same
 template gives back the sampled scored span. A draw that decodes to an empty text is drawn again
-(up to :data:`MAX_DRAWS` times).
+(up to :data:`MAX_DRAWS` times). ``--temperature 0`` is greedy decoding: the one continuation,
+``n`` times.
 
 Reproducible and resumable: the random state is reset before every record from ``--seed`` and the
 record's line number, so a record's responses do not depend on what was sampled before it: a rerun
@@ -160,8 +161,9 @@ def sample_record(model: Any, tokenizer: Any, record: SteerLM2Record, *, templat
     torch.manual_seed(seed)
     texts: list[str] = []
     generated = 0
-    for _ in range(MAX_DRAWS):
-        want = num_responses - len(texts)
+    greedy = temperature == 0  # one deterministic continuation, repeated (generate refuses n > 1 greedy)
+    for _ in range(1 if greedy else MAX_DRAWS):
+        want = 1 if greedy else num_responses - len(texts)
         x = torch.tensor([prompt], dtype=torch.long, device=device)
         kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
                                   "num_return_sequences": want, "pad_token_id": pad,
@@ -173,10 +175,11 @@ def sample_record(model: Any, tokenizer: Any, record: SteerLM2Record, *, templat
             text = _response_text(tokenizer, row, stops, template)
             generated += next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
             if text and len(texts) < num_responses:
-                texts.append(text)
+                texts.extend([text] * (num_responses if greedy else 1))
         if len(texts) == num_responses:
             return texts, generated
-    raise ValueError(f"{MAX_DRAWS} draws gave only {len(texts)} non-empty responses of {num_responses}")
+    draws = "the greedy draw" if greedy else f"{MAX_DRAWS} draws"
+    raise ValueError(f"{draws} gave only {len(texts)} non-empty responses of {num_responses}")
 
 
 def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: Any, *, num_responses: int,
