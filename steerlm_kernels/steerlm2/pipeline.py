@@ -32,6 +32,8 @@ from steerlm_kernels.steerlm2.templates import TEMPLATES
 
 __all__ = ["DEFAULTS", "EXAMPLE_SCORER", "add_arguments", "commands", "run"]
 
+#: Prompt groups per training step (fewer when the file has fewer).
+GROUPS_PER_STEP = 8
 #: The ``--attribute-scorer`` of the pipeline's score step.
 EXAMPLE_SCORER = "steerlm_kernels.steerlm2.example_scorers:verbosity_length"
 
@@ -84,6 +86,10 @@ def _train_argv(ns: argparse.Namespace, scored: Path, out: Path) -> tuple[list[s
               file=sys.stderr)
     if "--resume" in known:
         argv += ["--resume", "auto"]
+    if "--groups-per-step" in known:  # a small prompt file: every step takes all its groups
+        with open(scored, "rb") as f:
+            groups = sum(1 for raw in f if raw.strip())
+        argv += ["--groups-per-step", str(max(1, min(GROUPS_PER_STEP, groups)))]
     return argv, train
 
 
