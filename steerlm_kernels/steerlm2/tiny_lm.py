@@ -1,4 +1,8 @@
-"""A tiny causal language model built from code (no download): for tests, examples and ``train``.
+"""A tiny causal language model in plain PyTorch (no download, no ``transformers``): for tests and examples
+of a non-Hugging-Face ``nn.Module`` under :class:`~steerlm_kernels.steerlm2.model.GPTSteerLMModel`.
+The built-in model of ``train`` / ``score`` is the Hugging Face one of
+:mod:`steerlm_kernels.steerlm2.hf_models` (a small ``LlamaForCausalLM``), which saves and loads as
+any Hugging Face model.
 
 Pre-LN transformer: token + learned position embeddings, ``n_layers`` blocks of causal
 multi-head self-attention (``F.scaled_dot_product_attention``) and a GELU MLP, a final
