@@ -16,7 +16,7 @@ import torch
 from steerlm_kernels import registry
 from steerlm_kernels.bench import ce, group, harness, linear
 
-SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers")
+SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers", "score")
 CPU = {
     "n": 2048, "v": 32000, "s": 512, "ns": [1024, 2048, 4096], "vs": [8192, 32000, 65536], "repeats": 5,
     "grid_repeats": 3, "warmup": 1, "grid": "cross",

@@ -172,6 +172,9 @@ def run_score(device: torch.device, *, quick: bool = False, shape: dict[str, Any
 
 def markdown(result: dict[str, Any]) -> list[str]:
     """The section's table (lines)."""
+    if "error" in result:
+        return ["#### Scoring (`steerlm-kernels score`) against the plain Hugging Face loop", "",
+                f"Failed: {result['error']}"]
     c = result["shape"]
     lines = [
         f"#### Scoring (`steerlm-kernels score`) against the plain Hugging Face loop, {result['device']}",

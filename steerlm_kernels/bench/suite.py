@@ -7,6 +7,8 @@ Sections (``--sections``, default all):
 ``group``   SteerLM 2.0's per-prompt ops (:mod:`.group`).
 ``dist``    vocabulary-parallel cross entropy on tp = 2 and 4 gloo processes: collectives and bytes
             communicated per call, ours against megatron-core's (:mod:`.dist`).
+``score``   ``steerlm-kernels score``'s engine against the plain Hugging Face scoring loop: tokens/s
+            and peak extra memory (:mod:`.score`).
 ``peers``   Liger-Kernel and Cut Cross-Entropy against our values (:mod:`.peers`).
             On CPU the peers run only under the Triton interpreter, in a subprocess with
             ``TRITON_INTERPRET=1``: correctness only, never speed. On CUDA they are also timed in
@@ -48,6 +50,7 @@ import torch
 import steerlm_kernels as sk
 from steerlm_kernels import registry
 from steerlm_kernels.bench import ce, dist, group, harness, linear, peers, peers_check
+from steerlm_kernels.bench import score as score_section
 from steerlm_kernels.bench.config import SECTIONS, Config, add_arguments, resolve_config
 from steerlm_kernels.bench.harness import Row, fmt, fmt_err
 from steerlm_kernels.bench.report import render, write_plots
@@ -309,14 +312,23 @@ def benchmark(
         except Exception as exc:
             dist_result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
     peers_result = run_peers(cfg, log) if "peers" in cfg.sections and not ses.out_of_time("peers") else None
+    score_result = None
+    if "score" in cfg.sections and not ses.out_of_time("score"):
+        try:
+            score_result = score_section.run_score(cfg.device, quick=cfg.quick, seed=cfg.seed, log=log)
+        except Exception as exc:
+            score_result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
     if "ce" in cfg.sections:
         run_ce(ses, grid=True)
     if "linear" in cfg.sections:
         run_linear(ses, grid=True)
     meta["load_average_after"] = harness.load_average()
     meta["elapsed_s"] = time.perf_counter() - started
+    table = render(meta, rows, peers_result, dist_result)
+    if score_result is not None:
+        table += "\n\n" + "\n".join(score_section.markdown(score_result))
     return {"meta": meta, "rows": [asdict(r) for r in rows], "peers": peers_result, "dist": dist_result,
-            "table": render(meta, rows, peers_result, dist_result), "_rows": rows}
+            "score": score_result, "table": table, "_rows": rows}
 
 
 def run(ns: argparse.Namespace) -> int:
