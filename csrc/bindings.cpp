@@ -1,6 +1,6 @@
 // Python and dispatcher bindings of the extension steerlm_kernels._C.
 //
-// * pybind11 functions (`_C.ce_forward`, ...): what steerlm_kernels/ops/cpp.py calls (lowest
+// * pybind11 functions (`_C.ce_forward`, ...): what steerlm_kernels/kernels/cpp.py calls (lowest
 //   overhead, no dispatcher round trip).
 // * TORCH_LIBRARY(steerlm_kernels_C): the same kernels as dispatcher ops
 //   (torch.ops.steerlm_kernels_C.*), CPU implementations here; CUDA implementations are added by
@@ -16,20 +16,22 @@
 namespace {
 
 // The pybind entry points pick the CPU or (when built) CUDA kernels by the logits' device.
-std::tuple<at::Tensor, at::Tensor> ce_forward(const at::Tensor& logits, const at::Tensor& labels,
-                                              int64_t vocab_start, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward(const at::Tensor& logits, const at::Tensor& labels,
+                                                          int64_t vocab_start, int64_t ignore_index) {
 #ifdef SK_WITH_CUDA
   if (logits.is_cuda()) return steerlm::ce_forward_cuda_op(logits, labels, vocab_start, ignore_index);
 #endif
   return steerlm::ce_forward_cpu(logits, labels, vocab_start, ignore_index);
 }
 
-void ce_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& coef,
-                 int64_t vocab_start, int64_t ignore_index, const at::Tensor& out) {
+void ce_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& m, const at::Tensor& lse,
+                 const at::Tensor& coef, int64_t vocab_start, int64_t ignore_index, const at::Tensor& out) {
 #ifdef SK_WITH_CUDA
-  if (logits.is_cuda()) return steerlm::ce_backward_cuda_op(logits, labels, lse, coef, vocab_start, ignore_index, out);
+  if (logits.is_cuda()) {
+    return steerlm::ce_backward_cuda_op(logits, labels, m, lse, coef, vocab_start, ignore_index, out);
+  }
 #endif
-  steerlm::ce_backward_cpu(logits, labels, lse, coef, vocab_start, ignore_index, out);
+  steerlm::ce_backward_cpu(logits, labels, m, lse, coef, vocab_start, ignore_index, out);
 }
 
 at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& cu_seqlens) {
@@ -40,17 +42,17 @@ at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& cu_seqlens) {
 }
 
 // Dispatcher form of ce_backward: returns nothing, mutates `out`.
-void ce_backward_op(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+void ce_backward_op(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& m, const at::Tensor& lse,
                     const at::Tensor& coef, int64_t vocab_start, int64_t ignore_index, at::Tensor out) {
-  steerlm::ce_backward_cpu(logits, labels, lse, coef, vocab_start, ignore_index, out);
+  steerlm::ce_backward_cpu(logits, labels, m, lse, coef, vocab_start, ignore_index, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(steerlm_kernels_C, m) {
-  m.def("ce_forward(Tensor logits, Tensor labels, int vocab_start, int ignore_index) -> (Tensor, Tensor)");
+  m.def("ce_forward(Tensor logits, Tensor labels, int vocab_start, int ignore_index) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "ce_backward(Tensor logits, Tensor labels, Tensor lse, Tensor coef, int vocab_start, "
+      "ce_backward(Tensor logits, Tensor labels, Tensor m, Tensor lse, Tensor coef, int vocab_start, "
       "int ignore_index, Tensor(a!) out) -> ()");
   m.def("segment_sum(Tensor x, Tensor cu_seqlens) -> Tensor");
   m.def("group_softmax(Tensor x, Tensor cu_groups) -> Tensor");
@@ -66,13 +68,14 @@ TORCH_LIBRARY_IMPL(steerlm_kernels_C, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "steerlm_kernels compiled kernels (cpp backend); contract in steerlm_kernels/_dispatch.py";
-  m.def("ce_forward", &ce_forward, "(lse[N], target[N]) float32 of logits [N, V]",
+  m.doc() = "steerlm_kernels compiled kernels (cpp backend); contract in steerlm_kernels/registry.py";
+  m.def("ce_forward", &ce_forward, "(m[N], lse[N], target[N]) float32 of logits [N, V]: row max, "
+        "log-sum-exp relative to it, target logit",
         py::arg("logits"), py::arg("labels"), py::arg("vocab_start"), py::arg("ignore_index"),
         py::call_guard<py::gil_scoped_release>());
   m.def("ce_backward", &ce_backward,
-        "out = (softmax(logits) - onehot) * coef row by row; out may be logits", py::arg("logits"),
-        py::arg("labels"), py::arg("lse"), py::arg("coef"), py::arg("vocab_start"), py::arg("ignore_index"),
+        "out = (exp((logits - m) - lse) - onehot) * coef row by row; out may be logits", py::arg("logits"),
+        py::arg("labels"), py::arg("m"), py::arg("lse"), py::arg("coef"), py::arg("vocab_start"), py::arg("ignore_index"),
         py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("segment_sum", &segment_sum, "y[b] = sum(x[cu[b]:cu[b+1]]), bounds clamped",
         py::arg("x"), py::arg("cu_seqlens"), py::call_guard<py::gil_scoped_release>());

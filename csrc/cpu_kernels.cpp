@@ -164,13 +164,20 @@ inline float hmax(const Vec& v) {
 
 // ---- per-row kernels --------------------------------------------------------------------------
 
-// log(sum(exp(x[0:V]))) of one row, single pass over memory (see kChunk). `buf` holds
+// The statistics of one row, relative to its max: m = max(x) (0 for a row of -inf only) and
+// lse = log(sum(exp(x - m))), never added together (m + lse would round lse away when |m| is
+// large: at m = 1e8 a float32 ulp is 8). Single pass over memory (see kChunk). `buf` holds
 // kChunk + kW floats. The running max m is a scalar per row; the running sum is a vector of
 // per-lane partial sums, rescaled by exp(m_old - m_new) only when a chunk raises the max.
-// NaN anywhere gives NaN; a row of -inf gives -inf; +inf gives NaN (inf - inf), as the Triton
-// kernel does (and as F.cross_entropy's loss does).
+// NaN anywhere gives lse NaN; a row of -inf gives m = 0, lse = -inf; +inf gives lse NaN
+// (inf - inf), as the Triton kernel does (and as F.cross_entropy's loss does).
+struct RowStats {
+  float m;
+  float lse;
+};
+
 template <typename T>
-float row_lse(const T* x, int64_t V, float* buf) {
+RowStats row_stats(const T* x, int64_t V, float* buf) {
   float m = kNegInf;
   Vec acc(0.f);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
@@ -191,7 +198,7 @@ float row_lse(const T* x, int64_t V, float* buf) {
     const float cm = hmax(vmax);
     // +inf (inf - inf; or a NaN the max happened to keep): the row's lse is NaN, as in PyTorch,
     // and the rest need not be read. Other NaNs reach the sum through exp.
-    if (std::isnan(cm) || cm == -kNegInf) return std::numeric_limits<float>::quiet_NaN();
+    if (std::isnan(cm) || cm == -kNegInf) return {cm, std::numeric_limits<float>::quiet_NaN()};
     const float m_new = std::max(m, cm);
     if (m_new == kNegInf) continue;  // everything so far is -inf: nothing to add
     if (m_new > m) {
@@ -208,24 +215,27 @@ float row_lse(const T* x, int64_t V, float* buf) {
     if (j < nv) acc = acc + vexp(Vec::loadu(buf + j) - mv);
     acc = acc + acc2;
   }
-  return m + std::log(hsum(acc));
+  if (m == kNegInf) return {0.f, kNegInf};  // a row of -inf only: s = 0
+  return {m, std::log(hsum(acc))};
 }
 
-// One row of the gradient: out = exp(x - lse) * c, then out[local] = (exp(x[local] - lse) - 1) * c
-// (local < 0: the label is not in this shard). x[local] is read before the row is written, and
-// every vector is read before it is stored, so out == x (in place) is safe.
+// One row of the gradient: out = exp((x - m) - lse) * c, then
+// out[local] = (exp((x[local] - m) - lse) - 1) * c (local < 0: the label is not in this shard).
+// x - m is exact for every logit that matters (Sterbenz), so a large common offset costs nothing.
+// x[local] is read before the row is written, and every vector is read before it is stored, so
+// out == x (in place) is safe.
 template <typename T>
-void row_grad(const T* x, T* out, int64_t V, float lse, float c, int64_t local) {
+void row_grad(const T* x, T* out, int64_t V, float m, float lse, float c, int64_t local) {
   const float x_local = local >= 0 ? static_cast<float>(x[local]) : 0.f;
-  const Vec lv(lse), cv(c);
+  const Vec mv(m), lv(lse), cv(c);
   int64_t j = 0;
   for (; j + 2 * kW <= V; j += 2 * kW) {
-    const Vec a = vexp(load_f32(x + j) - lv) * cv;
-    const Vec b = vexp(load_f32(x + j + kW) - lv) * cv;
+    const Vec a = vexp((load_f32(x + j) - mv) - lv) * cv;
+    const Vec b = vexp((load_f32(x + j + kW) - mv) - lv) * cv;
     store_2x(out + j, a, b);
   }
-  for (; j < V; ++j) out[j] = static_cast<T>(std::exp(static_cast<float>(x[j]) - lse) * c);
-  if (local >= 0) out[local] = static_cast<T>((std::exp(x_local - lse) - 1.f) * c);
+  for (; j < V; ++j) out[j] = static_cast<T>(std::exp((static_cast<float>(x[j]) - m) - lse) * c);
+  if (local >= 0) out[local] = static_cast<T>((std::exp((x_local - m) - lse) - 1.f) * c);
 }
 
 // Label of row i as int64 (labels are int32 or int64, contiguous).
@@ -265,10 +275,10 @@ at::Tensor check_rows(const at::Tensor& t, int64_t n, const char* name, bool is_
   return t.to(at::kFloat).contiguous();  // no copy when already contiguous float32
 }
 
-// All rows of the forward: (lse, target) per row, ignored rows skipped (0/0, never read).
+// All rows of the forward: (m, lse, target) per row, ignored rows skipped (0/0/0, never read).
 template <typename T>
 void forward_rows(const T* base, int64_t N, int64_t V, int64_t stride, Labels lab, int64_t vocab_start,
-                  int64_t ignore_index, float* lse_p, float* tgt_p) {
+                  int64_t ignore_index, float* max_p, float* lse_p, float* tgt_p) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(V, 1));
 #pragma omp parallel num_threads(n_threads(N * V))
   {
@@ -277,12 +287,15 @@ void forward_rows(const T* base, int64_t N, int64_t V, int64_t stride, Labels la
     for (int64_t i = 0; i < N; ++i) {
       const int64_t label = lab[i];
       if (label == ignore_index) {
+        max_p[i] = 0.f;
         lse_p[i] = 0.f;
         tgt_p[i] = 0.f;
         continue;
       }
       const T* row = base + i * stride;  // int64 offset
-      lse_p[i] = row_lse(row, V, buf);
+      const RowStats st = row_stats(row, V, buf);
+      max_p[i] = st.m;
+      lse_p[i] = st.lse;
       const int64_t local = label - vocab_start;
       tgt_p[i] = (local >= 0 && local < V) ? static_cast<float>(row[local]) : 0.f;
     }
@@ -293,7 +306,7 @@ void forward_rows(const T* base, int64_t N, int64_t V, int64_t stride, Labels la
 // with memset (+0.0 is all-zero bits in every dtype) and their logits are not read.
 template <typename T>
 void backward_rows(const T* base, T* obase, int64_t N, int64_t V, int64_t stride, int64_t out_stride,
-                   Labels lab, const float* lse_p, const float* coef_p, int64_t vocab_start,
+                   Labels lab, const float* max_p, const float* lse_p, const float* coef_p, int64_t vocab_start,
                    int64_t ignore_index) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(V, 1));
 #pragma omp parallel for num_threads(n_threads(N * V)) schedule(dynamic, grain)
@@ -306,7 +319,7 @@ void backward_rows(const T* base, T* obase, int64_t N, int64_t V, int64_t stride
       continue;
     }
     const int64_t local = label - vocab_start;
-    row_grad(base + i * stride, orow, V, lse_p[i], c, (local >= 0 && local < V) ? local : -1);
+    row_grad(base + i * stride, orow, V, max_p[i], lse_p[i], c, (local >= 0 && local < V) ? local : -1);
   }
 }
 
@@ -467,34 +480,37 @@ void group_exp_block(const int64_t* c, int64_t ga, int64_t gb, const GroupScratc
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
     const at::Tensor& logits, const at::Tensor& labels_in, int64_t vocab_start, int64_t ignore_index) {
   check_logits(logits, "logits");
   const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
   const at::Tensor labels = check_rows(labels_in, N, "labels", true);
+  at::Tensor row_max = at::empty({N}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({N}, logits.options().dtype(at::kFloat));
   at::Tensor target = at::empty({N}, logits.options().dtype(at::kFloat));
+  float* max_p = row_max.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   float* tgt_p = target.data_ptr<float>();
   const Labels lab(labels);
   const void* in = logits.const_data_ptr();
   switch (logits.scalar_type()) {
     case at::kFloat:
-      forward_rows(static_cast<const float*>(in), N, V, stride, lab, vocab_start, ignore_index, lse_p, tgt_p);
+      forward_rows(static_cast<const float*>(in), N, V, stride, lab, vocab_start, ignore_index, max_p, lse_p, tgt_p);
       break;
     case at::kBFloat16:
-      forward_rows(static_cast<const c10::BFloat16*>(in), N, V, stride, lab, vocab_start, ignore_index, lse_p,
-                   tgt_p);
+      forward_rows(static_cast<const c10::BFloat16*>(in), N, V, stride, lab, vocab_start, ignore_index, max_p,
+                   lse_p, tgt_p);
       break;
     default:  // kHalf (check_logits allows nothing else)
-      forward_rows(static_cast<const c10::Half*>(in), N, V, stride, lab, vocab_start, ignore_index, lse_p, tgt_p);
+      forward_rows(static_cast<const c10::Half*>(in), N, V, stride, lab, vocab_start, ignore_index, max_p, lse_p,
+                   tgt_p);
   }
-  return {lse, target};
+  return {row_max, lse, target};
 }
 
 void ce_backward_cpu(
-    const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& lse_in, const at::Tensor& coef_in,
-    int64_t vocab_start, int64_t ignore_index, const at::Tensor& out) {
+    const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& max_in, const at::Tensor& lse_in,
+    const at::Tensor& coef_in, int64_t vocab_start, int64_t ignore_index, const at::Tensor& out) {
   check_logits(logits, "logits");
   check_logits(out, "out");
   TORCH_CHECK(out.sizes() == logits.sizes(), "out must have the shape of logits ", logits.sizes(),
@@ -503,8 +519,10 @@ void ce_backward_cpu(
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t stride = logits.stride(0), out_stride = out.stride(0);
   const at::Tensor labels = check_rows(labels_in, N, "labels", true);
+  const at::Tensor row_max = check_rows(max_in, N, "m", false);
   const at::Tensor lse = check_rows(lse_in, N, "lse", false);
   const at::Tensor coef = check_rows(coef_in, N, "coef", false);
+  const float* max_p = row_max.data_ptr<float>();
   const float* lse_p = lse.data_ptr<float>();
   const float* coef_p = coef.data_ptr<float>();
   // Raw pointers: `out` may alias `logits`, so no const view of the same storage is used.
@@ -514,16 +532,16 @@ void ce_backward_cpu(
   const Labels lab(labels);
   switch (logits.scalar_type()) {
     case at::kFloat:
-      backward_rows(static_cast<const float*>(in), static_cast<float*>(o), N, V, stride, out_stride, lab, lse_p,
-                    coef_p, vocab_start, ignore_index);
+      backward_rows(static_cast<const float*>(in), static_cast<float*>(o), N, V, stride, out_stride, lab, max_p,
+                    lse_p, coef_p, vocab_start, ignore_index);
       break;
     case at::kBFloat16:
       backward_rows(static_cast<const c10::BFloat16*>(in), static_cast<c10::BFloat16*>(o), N, V, stride,
-                    out_stride, lab, lse_p, coef_p, vocab_start, ignore_index);
+                    out_stride, lab, max_p, lse_p, coef_p, vocab_start, ignore_index);
       break;
     default:  // kHalf
       backward_rows(static_cast<const c10::Half*>(in), static_cast<c10::Half*>(o), N, V, stride, out_stride, lab,
-                    lse_p, coef_p, vocab_start, ignore_index);
+                    max_p, lse_p, coef_p, vocab_start, ignore_index);
   }
 }
 

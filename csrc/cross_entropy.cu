@@ -5,6 +5,11 @@
 // element); the block then merges the 256 pairs in a fixed tree order, so the result is
 // deterministic. Backward: each thread rewrites exactly the elements it reads, which makes the
 // in-place form (out == logits) safe. All arithmetic in float32; offsets in int64.
+//
+// The forward's results stay relative to the row max m (stored, with lse = log(sum(exp(x - m)))
+// and the target logit itself): m + lse is never formed, so a large common offset of the logits
+// costs no precision (at m = 1e8 a float32 ulp is 8); the backward forms exp((x - m) - lse).
+// A row of -inf only has m = 0 and lse = -inf (a vocabulary shard that holds nothing).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -42,12 +47,13 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
 template <typename T, typename L>
 __global__ void ce_forward_kernel(const T* __restrict__ logits, int64_t n_cols, int64_t row_stride,
                                   const L* __restrict__ labels, int64_t vocab_start, int64_t ignore_index,
-                                  float* __restrict__ lse_out, float* __restrict__ target_out) {
+                                  float* __restrict__ max_out, float* __restrict__ lse_out,
+                                  float* __restrict__ target_out) {
   __shared__ float sm[kThreads], ss[kThreads];
   const int64_t row = blockIdx.x;
   const int64_t label = static_cast<int64_t>(labels[row]);
   if (label == ignore_index) {  // never read
-    if (threadIdx.x == 0) lse_out[row] = target_out[row] = 0.f;
+    if (threadIdx.x == 0) max_out[row] = lse_out[row] = target_out[row] = 0.f;
     return;
   }
   const T* x = logits + row * row_stride;
@@ -90,7 +96,9 @@ __global__ void ce_forward_kernel(const T* __restrict__ logits, int64_t n_cols, 
   }
   if (threadIdx.x == 0) {
     const float mm = sm[0];
-    lse_out[row] = isnan(mm) ? mm : mm + logf(ss[0]);
+    max_out[row] = mm == -INFINITY ? 0.f : mm;
+    // NaN seen: NaN. +inf: its exp(inf - inf) made the sum NaN. -inf only: log(0) = -inf.
+    lse_out[row] = isnan(mm) ? mm : logf(ss[0]);
     const int64_t local = label - vocab_start;
     target_out[row] = (local >= 0 && local < n_cols) ? to_f32(x[local]) : 0.f;
   }
@@ -98,8 +106,9 @@ __global__ void ce_forward_kernel(const T* __restrict__ logits, int64_t n_cols, 
 
 template <typename T, typename L>
 __global__ void ce_backward_kernel(const T* logits, int64_t row_stride, T* out, int64_t out_row_stride,
-                                   int64_t n_cols, const L* __restrict__ labels, const float* __restrict__ lse,
-                                   const float* __restrict__ coef, int64_t vocab_start, int64_t ignore_index) {
+                                   int64_t n_cols, const L* __restrict__ labels, const float* __restrict__ row_max,
+                                   const float* __restrict__ lse, const float* __restrict__ coef,
+                                   int64_t vocab_start, int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const int64_t label = static_cast<int64_t>(labels[row]);
   const float c = label == ignore_index ? 0.f : coef[row];
@@ -109,29 +118,30 @@ __global__ void ce_backward_kernel(const T* logits, int64_t row_stride, T* out, 
     return;
   }
   const T* x = logits + row * row_stride;  // may equal o (in place): read then write, same thread
-  const float l = lse[row];
+  const float mx = row_max[row], l = lse[row];
   const int64_t local = label - vocab_start;
   for (int64_t col = threadIdx.x; col < n_cols; col += kThreads) {
-    const float p = expf(to_f32(x[col]) - l);
+    const float p = expf((to_f32(x[col]) - mx) - l);
     o[col] = from_f32<T>((p - (col == local ? 1.f : 0.f)) * c);
   }
 }
 
 template <typename T, typename L>
 void launch_forward(const void* logits, int64_t n_rows, int64_t n_cols, int64_t row_stride, const void* labels,
-                    int64_t vocab_start, int64_t ignore_index, float* lse, float* target, cudaStream_t stream) {
+                    int64_t vocab_start, int64_t ignore_index, float* row_max, float* lse, float* target,
+                    cudaStream_t stream) {
   ce_forward_kernel<T, L><<<n_rows, kThreads, 0, stream>>>(static_cast<const T*>(logits), n_cols, row_stride,
                                                           static_cast<const L*>(labels), vocab_start,
-                                                          ignore_index, lse, target);
+                                                          ignore_index, row_max, lse, target);
 }
 
 template <typename T, typename L>
 void launch_backward(const void* logits, int64_t row_stride, void* out, int64_t out_row_stride, int64_t n_rows,
-                     int64_t n_cols, const void* labels, const float* lse, const float* coef, int64_t vocab_start,
-                     int64_t ignore_index, cudaStream_t stream) {
+                     int64_t n_cols, const void* labels, const float* row_max, const float* lse, const float* coef,
+                     int64_t vocab_start, int64_t ignore_index, cudaStream_t stream) {
   ce_backward_kernel<T, L><<<n_rows, kThreads, 0, stream>>>(static_cast<const T*>(logits), row_stride,
                                                            static_cast<T*>(out), out_row_stride, n_cols,
-                                                           static_cast<const L*>(labels), lse, coef,
+                                                           static_cast<const L*>(labels), row_max, lse, coef,
                                                            vocab_start, ignore_index);
 }
 
@@ -154,20 +164,20 @@ void launch_backward(const void* logits, int64_t row_stride, void* out, int64_t 
 
 cudaError_t ce_forward_cuda(const void* logits, Dtype dtype, int64_t n_rows, int64_t n_cols, int64_t row_stride,
                             const void* labels, bool labels_int64, int64_t vocab_start, int64_t ignore_index,
-                            float* lse, float* target, cudaStream_t stream) {
+                            float* row_max, float* lse, float* target, cudaStream_t stream) {
   if (n_rows <= 0) return cudaSuccess;
   SK_DISPATCH(launch_forward, dtype, labels_int64, logits, n_rows, n_cols, row_stride, labels, vocab_start,
-              ignore_index, lse, target, stream);
+              ignore_index, row_max, lse, target, stream);
   return cudaGetLastError();
 }
 
 cudaError_t ce_backward_cuda(const void* logits, int64_t row_stride, void* out, int64_t out_row_stride, Dtype dtype,
                              int64_t n_rows, int64_t n_cols, const void* labels, bool labels_int64,
-                             const float* lse, const float* coef, int64_t vocab_start, int64_t ignore_index,
-                             cudaStream_t stream) {
+                             const float* row_max, const float* lse, const float* coef, int64_t vocab_start,
+                             int64_t ignore_index, cudaStream_t stream) {
   if (n_rows <= 0) return cudaSuccess;
   SK_DISPATCH(launch_backward, dtype, labels_int64, logits, row_stride, out, out_row_stride, n_rows, n_cols,
-              labels, lse, coef, vocab_start, ignore_index, stream);
+              labels, row_max, lse, coef, vocab_start, ignore_index, stream);
   return cudaGetLastError();
 }
 

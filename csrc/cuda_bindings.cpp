@@ -43,23 +43,25 @@ void check_launch(cudaError_t err) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> ce_forward_cuda_op(const at::Tensor& logits, const at::Tensor& labels_in,
-                                                      int64_t vocab_start, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda_op(const at::Tensor& logits, const at::Tensor& labels_in,
+                                                                  int64_t vocab_start, int64_t ignore_index) {
   check_2d(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0);
   const at::Tensor labels = rows(labels_in, n, "labels", true);
+  at::Tensor row_max = at::empty({n}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({n}, logits.options().dtype(at::kFloat));
   at::Tensor target = at::empty({n}, logits.options().dtype(at::kFloat));
   check_launch(ce_forward_cuda(logits.data_ptr(), dtype_of(logits), n, logits.size(1), logits.stride(0),
                                labels.data_ptr(), labels.scalar_type() == at::kLong, vocab_start, ignore_index,
-                               lse.data_ptr<float>(), target.data_ptr<float>(),
+                               row_max.data_ptr<float>(), lse.data_ptr<float>(), target.data_ptr<float>(),
                                c10::cuda::getCurrentCUDAStream().stream()));
-  return {lse, target};
+  return {row_max, lse, target};
 }
 
-void ce_backward_cuda_op(const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& lse_in,
-                         const at::Tensor& coef_in, int64_t vocab_start, int64_t ignore_index, at::Tensor out) {
+void ce_backward_cuda_op(const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& max_in,
+                         const at::Tensor& lse_in, const at::Tensor& coef_in, int64_t vocab_start,
+                         int64_t ignore_index, at::Tensor out) {
   check_2d(logits, "logits");
   check_2d(out, "out");
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type(),
@@ -67,12 +69,14 @@ void ce_backward_cuda_op(const at::Tensor& logits, const at::Tensor& labels_in, 
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0);
   const at::Tensor labels = rows(labels_in, n, "labels", true);
+  const at::Tensor row_max = rows(max_in, n, "m", false);
   const at::Tensor lse = rows(lse_in, n, "lse", false);
   const at::Tensor coef = rows(coef_in, n, "coef", false);
   check_launch(ce_backward_cuda(logits.data_ptr(), logits.stride(0), out.data_ptr(), out.stride(0),
                                 dtype_of(logits), n, logits.size(1), labels.data_ptr(),
-                                labels.scalar_type() == at::kLong, lse.data_ptr<float>(), coef.data_ptr<float>(),
-                                vocab_start, ignore_index, c10::cuda::getCurrentCUDAStream().stream()));
+                                labels.scalar_type() == at::kLong, row_max.data_ptr<float>(), lse.data_ptr<float>(),
+                                coef.data_ptr<float>(), vocab_start, ignore_index,
+                                c10::cuda::getCurrentCUDAStream().stream()));
 }
 
 at::Tensor segment_sum_cuda_op(const at::Tensor& x_in, const at::Tensor& cu_in) {

@@ -22,6 +22,15 @@ Conventions shared by every function:
 * Results are float32. All accumulation is float32; reductions are deterministic (no atomics).
 * ``backend``: ``"auto"`` (default), ``"triton"``, ``"cpp"`` or ``"torch"``; see
   :func:`steerlm_kernels.backends`. ``$STEERLM_KERNELS_BACKEND`` overrides ``"auto"``.
+* The NLL is formed relative to each row's max (``lse - (target - m)``, never ``m + lse``): a
+  large common offset of the logits costs no precision (``token_nll`` of seven logits equal to
+  ``1e8`` is ``log 7``).
+* Double backward is not supported: differentiating a gradient of these losses raises PyTorch's
+  "trying to differentiate twice a function that was marked with @once_differentiable"
+  ``RuntimeError`` (a first-order ``backward(create_graph=True)`` works).
+* With ``process_group`` / ``cp_group``, every rank must pass the same shapes (rows ``N``, shard
+  width, sequences ``B``): otherwise every rank raises ``ValueError`` naming the group argument
+  (one extra 16-32 byte collective per call checks it; :mod:`steerlm_kernels.distributed`).
 """
 
 from __future__ import annotations
@@ -103,6 +112,8 @@ def token_nll(
             are global. One collective of ``2N + 1`` floats per call; the backward needs none.
         check_labels: raise ``IndexError`` for labels outside ``[0, V)``.
         inplace_backward: write the gradient into ``logits``' storage (do not reuse the logits).
+            Logits whose rows may overlap in memory (an expanded view, a row stride below ``V``)
+            get the out-of-place backward instead: decided from sizes and strides, no data read.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
@@ -178,9 +189,13 @@ def weighted_sequence_loss(
         logits, labels, loss_mask, cu_seqlens: as :func:`sequence_nll` (``B`` sequences).
         weight: ``[B]`` floating tensor (SteerLM's ``ws - baseline``; normally detached).
         normalizer: ``[B]`` tensor or a float (NeMo's ``avg_num_valid_tokens_in_ub``). It may be 0
-            only where ``weight`` is 0; such sequences contribute exactly 0.
+            (or anything) only where ``weight`` is 0; such sequences contribute exactly 0.
         inplace_backward: the backward writes the logits' gradient into their own storage, so no
-            second ``[N, V]`` buffer is allocated; the caller must not reuse the logits.
+            second ``[N, V]`` buffer is allocated; the caller must not reuse the logits. Logits
+            whose rows may overlap in memory (expanded / overlapping views) fall back to the
+            out-of-place backward (a gradient written over shared memory cannot be right).
+        normalizer: finite and positive wherever ``weight`` is non-zero, whether a float or a
+            tensor (0, negative, NaN or inf there raise ``ValueError``).
 
     Returns:
         0-d float32 tensor. The backward is one fused pass over the logits.
@@ -247,7 +262,8 @@ def steerlm2_weights(
 
     Returns:
         :class:`SteerLM2Weights` ``(weight [B], baseline [B], distance 0-d)``, float32, not
-        differentiable (SteerLM treats the weights as constants).
+        differentiable (SteerLM treats the weights as constants). With ``B = 0`` (no groups) the
+        weights are empty and ``distance`` is 0 (not the NaN of an empty mean).
     """
     seq_nll = v.check_vector("seq_nll", seq_nll)
     b = seq_nll.shape[0]
@@ -258,4 +274,6 @@ def steerlm2_weights(
         weight, baseline, kl = steerlm2_weights_op(
             seq_nll.detach(), log_q.detach(), ws.detach(), cu, max_group, registry.resolve(backend, seq_nll.device)
         )
-    return SteerLM2Weights(weight, baseline, kl.mean())
+    # No groups (B = 0): no divergence to average; 0 rather than the NaN of an empty mean.
+    distance = kl.mean() if kl.numel() else kl.new_zeros(())
+    return SteerLM2Weights(weight, baseline, distance)

@@ -1,21 +1,37 @@
-"""Tensor (vocabulary) and context parallelism: the one collective per group per call.
+"""Tensor (vocabulary) and context parallelism: the one data collective per group per call.
 
 Vocabulary parallelism (``process_group``, Megatron's layout): rank ``r`` of ``tp`` ranks holds
 columns ``[r * V_local, (r + 1) * V_local)`` of the logits; labels are global and replicated.
-Each rank's kernel yields its local ``(lse_r, target_r)`` (``target_r`` is 0 unless the label falls
-in the shard); ONE ``all_gather`` of ``[2N + 1]`` floats per rank (the partials plus the shard
-width, to detect inconsistent shards) combines them: ``lse = logsumexp_r(lse_r)``,
-``target = sum_r(target_r)``. Megatron's vocab-parallel cross entropy needs three all-reduces
-(max, target logit, sum of exponentials). The backward needs no communication: each rank's
-gradient is ``(exp(x - lse) - onehot) * coef`` on its own columns.
+Each rank's kernel yields its local ``(m_r, lse_r, target_r)`` (the row max, the log-sum-exp
+relative to it, and the target logit, 0 unless the label falls in the shard); ONE
+``all_gather`` of ``3N`` floats per rank combines them: ``m = max_r m_r`` over the shards that
+hold a finite logit, ``lse = log(sum_r exp((m_r - m) + lse_r))``, ``target = sum_r target_r``.
+Nothing is ever added to ``m``, so a large common offset costs no precision, and a shard whose
+row is all ``-inf`` (a vocabulary padded to a multiple of ``tp`` and masked) has ``lse_r = -inf``
+and weighs nothing. Megatron's vocab-parallel cross entropy needs three all-reduces (max, target
+logit, sum of exponentials). The backward needs no communication: each rank's gradient is
+``(exp((x - m) - lse) - onehot) * coef`` on its own columns.
 
 Context parallelism (``cp_group``): each rank holds a slice of every sequence; the per-sequence
 sums are ONE ``all_reduce`` of ``[B]`` floats. Its backward is the identity (every rank computes
 the same loss from the reduced sums, so each local partial receives the same gradient).
 
-Errors: inconsistent shard widths raise ``ValueError`` (a device-side assert on CUDA). A rank
-that fails before the collective leaves the others waiting until the process group's timeout
-(``init_process_group(timeout=...)``), after which they raise: set a timeout that suits you.
+Shapes that differ across ranks: a collective over buffers of different sizes cannot report the
+mismatch itself (gloo aborts the process, or returns a silently wrong sum on one rank; NCCL hangs
+or corrupts), and a rank's size cannot ride inside a buffer whose size depends on it. So before
+its data collective each call runs :func:`check_same_sizes`: ONE ``all_reduce(MAX)`` of a fixed
+``2k``-element int64 tensor (16 bytes per checked size: the sizes and their negations, giving the
+largest and the smallest over the group). Cost: one latency-bound collective of 32 bytes
+(``process_group``: rows ``N`` and shard width ``V_local``) or 16 bytes (``cp_group``: sequences
+``B``) per call, microseconds on NVLink, ~0.1 ms on gloo over loopback; no extra host sync on
+CPU tensors (the result is read where it lands). Every rank sees the same extremes, so every rank
+raises the same ``ValueError`` naming the group argument (CPU tensors), or, on CUDA tensors, a
+device-side assert with that message (no host sync on the hot path; the mismatched collective
+is then never reached by a healthy stream).
+
+Errors raised on one rank only (bad labels, a validation error) happen before any collective; the
+other ranks then wait until the process group's timeout (``init_process_group(timeout=...)``),
+after which they raise: set a timeout that suits you.
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from steerlm_kernels.kernels.reference import merge_stats
 from steerlm_kernels.validation import check_values
 
 
@@ -52,26 +69,45 @@ def vocab_shard(n_cols: int, process_group: Any) -> tuple[int, int]:
     return rank * n_cols, world * n_cols
 
 
+def check_same_sizes(group: Any, name: str, sizes: dict[str, int], device: torch.device) -> None:
+    """Raise ``ValueError`` naming ``name`` on EVERY rank of ``group`` unless every rank passes the
+    same ``sizes`` (host ints): one ``all_reduce(MAX)`` of ``2 * len(sizes)`` int64 (see the module
+    docstring), always of the same size, so it completes even when the sizes differ."""
+    values = list(sizes.values())
+    k = len(values)
+    extremes = torch.tensor(values + [-x for x in values], dtype=torch.int64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    same = (extremes[:k] == -extremes[k:]).all()
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(same):
+            hi, lo = extremes[:k].tolist(), (-extremes[k:]).tolist()
+            spread = ", ".join(f"{what} from {a} to {b} (this rank: {x})"
+                               for what, x, a, b in zip(sizes, values, lo, hi, strict=True) if a != b)
+            raise ValueError(f"{name}: every rank of the group must pass the same shapes; got {spread}")
+        return
+    check_values(same, ValueError, f"{name}: every rank of the group must pass the same shapes ({', '.join(sizes)})")
+
+
 def _all_gather_single(out: Tensor, mine: Tensor, group: Any) -> None:
     """``all_gather_single`` where torch has it (2.13 deprecates ``all_gather_into_tensor``), else the old name."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, mine, group=group)
 
 
-def combine_vocab_partials(lse: Tensor, target: Tensor, n_cols: int, process_group: Any) -> tuple[Tensor, Tensor]:
-    """The global ``(lse, target)`` from every rank's partials: one all_gather of 2N+1 floats."""
+def combine_vocab_partials(
+    m: Tensor, lse: Tensor, target: Tensor, n_cols: int, process_group: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The global ``(m, lse, target)`` ``[N]`` float32 from every rank's partials (one size check,
+    then one all_gather of 3N floats; see the module docstring)."""
     world, _ = group_size_rank(process_group)
-    n = lse.shape[0]
-    mine = torch.cat([lse, target, lse.new_full((1,), float(n_cols))])
-    everyone = mine.new_empty(world * (2 * n + 1))
+    n = m.shape[0]
+    check_same_sizes(process_group, "process_group", {"rows N": n, "vocabulary shard width": n_cols}, m.device)
+    mine = torch.stack([m, lse, target]).reshape(-1)
+    everyone = mine.new_empty(world * 3 * n)
     _all_gather_single(everyone, mine, process_group)
-    everyone = everyone.view(world, 2 * n + 1)
-    check_values(
-        (everyone[:, -1] == float(n_cols)).all(),
-        ValueError,
-        f"process_group: every rank must hold a vocabulary shard of the same width (this rank: {n_cols})",
-    )
-    return torch.logsumexp(everyone[:, :n], dim=0), everyone[:, n:2 * n].sum(dim=0)
+    ms, lses, targets = everyone.view(world, 3, n).unbind(1)  # [world, N] each
+    m_all, lse_all = merge_stats(ms, lses)
+    return m_all, lse_all, targets.sum(dim=0)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -93,4 +129,5 @@ def sum_over_context(seq: Tensor, cp_group: Any) -> Tensor:
     if cp_group is None:
         return seq
     group_size_rank(cp_group, "cp_group")
+    check_same_sizes(cp_group, "cp_group", {"sequences B": seq.shape[0]}, seq.device)
     return _AllReduceSum.apply(seq, cp_group)

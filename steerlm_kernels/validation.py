@@ -59,6 +59,15 @@ def check_labels(labels: object, logits: Tensor) -> Tensor:
     return labels
 
 
+def rows_may_overlap(x: Tensor) -> bool:
+    """Can two rows of ``x [N, V]`` (unit column stride) share memory? Decided from the sizes and
+    strides alone (nothing is read): with more than one row, a row stride below ``V`` (an expanded
+    view has stride 0) makes neighbouring rows overlap. Writing a gradient in place over such a
+    view cannot be right, so the in-place backward is not used for it."""
+    n_rows, n_cols = x.shape
+    return n_rows > 1 and n_cols > 0 and abs(x.stride(0)) < n_cols
+
+
 def check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -142,13 +151,16 @@ def check_weight(weight: object, n_seq: int, device: torch.device) -> Tensor:
 
 
 def check_normalizer(normalizer: object, weight: Tensor) -> Tensor:
-    """``normalizer``: a positive float, or a ``[B]`` (or 0-d) floating tensor; it may be 0 only
-    where ``weight`` is 0 (such sequences contribute nothing)."""
+    """``normalizer``: a float, or a ``[B]`` (or 0-d) floating / integer tensor. Floats and tensors
+    are checked the same way: finite and positive wherever ``weight`` is non-zero (NeMo's mean
+    number of loss tokens); where ``weight`` is 0 any value is allowed (0 included) and the
+    sequence contributes exactly 0. A float applies to every sequence, so it must be finite and
+    positive. NaN, inf, 0 and negative values raise ``ValueError`` (a device-side assert on CUDA)."""
     if isinstance(normalizer, bool):
         raise TypeError("normalizer must be a float or a tensor, got bool")
     if isinstance(normalizer, (int, float)):
-        if not normalizer > 0 and not normalizer < 0:
-            raise ValueError(f"normalizer must be non-zero and not NaN, got {normalizer}")
+        if not (0.0 < float(normalizer) < float("inf")):
+            raise ValueError(f"normalizer must be finite and positive, got {normalizer}")
         return torch.full_like(weight, float(normalizer), dtype=torch.float32)
     normalizer = check_tensor("normalizer", normalizer)
     if not (normalizer.dtype.is_floating_point or normalizer.dtype in (torch.int32, torch.int64)):
@@ -160,10 +172,11 @@ def check_normalizer(normalizer: object, weight: Tensor) -> Tensor:
     if normalizer.device != weight.device:
         raise ValueError(f"normalizer is on {normalizer.device} but weight is on {weight.device}")
     normalizer = normalizer.float().expand(weight.shape)
+    good = (normalizer > 0) & (normalizer < float("inf"))
     check_values(
-        ((normalizer != 0) | (weight == 0)).all(),
+        (good | (weight == 0)).all(),
         ValueError,
-        "normalizer has zeros where weight is non-zero",
+        "normalizer must be finite and positive where weight is non-zero (found 0, a negative value, NaN or inf)",
     )
     return normalizer
 

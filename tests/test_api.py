@@ -7,6 +7,8 @@ shapes stay small; the wide-vocabulary cases use few rows.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -290,8 +292,13 @@ def test_out_of_range_labels_raise_index_error(backend, device, bad):
     mask[1, 2] = 0
     out = sk.sequence_nll(logits, labels, mask, backend=backend)
     assert torch.isfinite(out).all()
-    # the escape hatch: no check, no crash, nothing read out of bounds
-    sk.token_nll(logits, labels, check_labels=False, backend=backend)
+    # the escape hatch: no check, no crash, nothing read out of bounds; every valid token's value
+    # is still right (only the bad token's is unspecified)
+    out = sk.token_nll(logits, labels, check_labels=False, backend=backend)
+    good = torch.ones_like(labels, dtype=torch.bool)
+    good[1, 2] = False
+    expected = ref.token_nll(logits, labels.masked_fill(~good, IGNORE))
+    assert_close(out[good], expected[good], **ref.tolerances(torch.float32))
 
 
 def test_custom_ignore_index(backend, device):
@@ -300,3 +307,140 @@ def test_custom_ignore_index(backend, device):
     out = sk.token_nll(logits, labels, ignore_index=7, backend=backend)
     assert_close(out, ref.token_nll(logits, labels, ignore_index=7), **ref.tolerances(torch.float32))
     assert out[0, 1].item() == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# precision with a large common offset (the NLL is formed relative to the row max)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [1e8, -1e8, 3e5])
+def test_equal_logits_at_a_large_offset(backend, device, offset):
+    """Seven equal logits give log 7 at any offset (a float32 ulp of 1e8 is 8: m + lse rounds lse away)."""
+    out = sk.token_nll(torch.full((1, 7), offset, device=device), torch.tensor([2], device=device), backend=backend)
+    assert abs(out.item() - math.log(7)) < 1e-6
+
+
+@pytest.mark.parametrize("offset", [1e6, 1e4])
+def test_offset_error_no_worse_than_f_cross_entropy(backend, device, offset):
+    logits = torch.randn(3, 16, 1003, device=device) * 2 + offset
+    labels = torch.randint(0, 1003, (3, 16), device=device)
+    truth = ref.token_nll(logits, labels).cpu()
+    theirs = torch.nn.functional.cross_entropy(logits.view(-1, 1003).cpu(), labels.view(-1).cpu(),
+                                               reduction="none").double().view(3, 16)
+    x = logits.clone().requires_grad_()
+    ours = sk.token_nll(x, labels, backend=backend)
+    assert (ours.double().cpu() - truth).abs().max() <= max(float((theirs - truth).abs().max()), 2e-6)
+    upstream = torch.randn(3, 16, device=device)
+    ours.backward(upstream)
+    expected = _reference_grad(lambda t: (ref.token_nll(t, labels) * upstream.double()).sum(), logits)
+    assert_close(x.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# inplace_backward on logits whose rows overlap in memory: the out-of-place backward instead
+# ------------------------------------------------------------------------------------------------
+
+
+def _aliasing_views(device):
+    """(name, leaf, view builder) of views whose rows share memory: expanded (stride 0 over the
+    batch, over the sequence, over both) and an overlapping as_strided (row stride 3 < V = 7)."""
+    yield "expand_all", torch.randn(1, 1, 7, device=device), lambda t: t.expand(2, 3, 7)
+    yield "expand_batch", torch.randn(1, 3, 7, device=device), lambda t: t.expand(2, 3, 7)
+    yield "expand_seq", torch.randn(2, 1, 7, device=device), lambda t: t.expand(2, 3, 7)
+    yield "overlapping", torch.randn(40, device=device), lambda t: t.as_strided((2, 3, 7), (9, 3, 1))
+
+
+@pytest.mark.parametrize("api", ["token", "sequence", "weighted"])
+def test_inplace_backward_on_aliasing_rows_falls_back(backend, device, api):
+    labels = torch.tensor([[2, 0, 6], [5, -100, 1]], device=device)
+    mask = torch.tensor([[1.0, 0.5, 1.0], [1.0, 1.0, 0.0]], device=device)
+    weight, upstream = torch.tensor([0.7, -1.3], device=device), torch.randn(2, 3, device=device)
+
+    def loss_of(x, fn):
+        if api == "token":
+            return (fn(x, labels) * upstream.to(x.dtype)).sum()
+        if api == "sequence":
+            return (fn(x, labels, mask) * weight.to(x.dtype)).sum()
+        return fn(x, labels, mask, weight, 2.0)
+
+    ours = {"token": sk.token_nll, "sequence": sk.sequence_nll, "weighted": sk.weighted_sequence_loss}[api]
+    theirs = {"token": ref.token_nll, "sequence": ref.sequence_nll, "weighted": ref.weighted_sequence_loss}[api]
+    for name, base, view in _aliasing_views(device):
+        leaf = base.clone().requires_grad_()
+        before = leaf.detach().clone()
+        loss_of(view(leaf), lambda *a: ours(*a, inplace_backward=True, backend=backend)).backward()
+        b64 = base.double().requires_grad_()
+        loss_of(view(b64), theirs).backward()
+        assert_close(leaf.grad, b64.grad, rtol=1e-5, atol=1e-6)
+        assert torch.equal(leaf.detach(), before), name  # the shared storage was not written
+
+
+def test_rows_may_overlap_reads_only_strides():
+    from steerlm_kernels.validation import rows_may_overlap
+
+    x = torch.randn(4, 8)
+    assert not rows_may_overlap(x) and not rows_may_overlap(x[:, :5]) and not rows_may_overlap(x[:1])
+    assert rows_may_overlap(x[:1].expand(4, 8)) and rows_may_overlap(x.view(-1).as_strided((3, 8), (7, 1)))
+    assert not rows_may_overlap(torch.randn(1, 8).expand(1, 8))
+
+
+# ------------------------------------------------------------------------------------------------
+# packed segments longer than the kernels' blocks; every segment boundary carries a token
+# ------------------------------------------------------------------------------------------------
+
+
+def test_packed_segments_longer_than_a_block(backend, device):
+    """Segments of more than 1024 tokens (the Triton segment kernel's BLOCK) and a segment of one
+    token, every boundary token unmasked, per-sequence weights: values and gradients vs float64."""
+    v = 3
+    cu = torch.tensor([0, 1100, 1101, 1101, 3300], device=device)
+    t = int(cu[-1])
+    logits = torch.randn(t, v, device=device) * 2
+    labels = torch.randint(0, v, (t,), device=device)
+    mask = (torch.rand(t, device=device) > 0.2).float()
+    edges = torch.cat([cu[:-1], cu[1:] - 1]).clamp(0, t - 1)
+    mask[edges], labels[edges] = 1.0, labels[edges].clamp(min=0)  # first and last token of each segment count
+    seq = sk.sequence_nll(logits, labels, mask, cu_seqlens=cu, backend=backend)
+    assert_close(seq, ref.sequence_nll(logits, labels, mask, cu_seqlens=cu), rtol=1e-5, atol=1e-3)
+    weight = torch.tensor([0.5, -2.0, 3.0, 1.5], device=device)
+    x = logits.clone().requires_grad_()
+    sk.weighted_sequence_loss(x, labels, mask, weight, 7.0, cu_seqlens=cu, backend=backend).backward()
+    expected = _reference_grad(lambda y: ref.weighted_sequence_loss(y, labels, mask, weight, 7.0, cu_seqlens=cu),
+                               logits)
+    assert_close(x.grad, expected, **ref.grad_tolerances(torch.float32))
+
+
+def test_packed_grad_boundaries(backend, device):
+    """Each segment's first and last token is unmasked and segments have distinct weights, so a
+    token attributed to its neighbour segment changes the gradient (any seed)."""
+    lengths = [3, 1, 5, 2, 4]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
+    t = int(cu[-1])
+    logits, labels, _ = make_batch(1, t, 37, torch.float32, device, ignore_frac=0.0)
+    logits, labels = logits[0], labels[0]
+    mask = torch.ones(t, device=device)
+    mask[[1, 6]] = 0.0  # interior tokens only
+    weight = torch.tensor([1.0, -3.0, 0.5, 2.0, -1.0], device=device)
+    x = logits.clone().requires_grad_()
+    sk.weighted_sequence_loss(x, labels, mask, weight, 1.0, cu_seqlens=cu, backend=backend).backward()
+    expected = _reference_grad(lambda y: ref.weighted_sequence_loss(y, labels, mask, weight, 1.0, cu_seqlens=cu),
+                               logits)
+    assert_close(x.grad, expected, **ref.grad_tolerances(torch.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# double backward: a clear error, first-order create_graph works
+# ------------------------------------------------------------------------------------------------
+
+
+def test_double_backward_raises_a_clear_error(backend, device):
+    logits, labels, mask = make_batch(2, 4, 11, torch.float32, device)
+    x = logits.clone().requires_grad_()
+    w = torch.randn(2, device=device, requires_grad=True)
+    loss = (sk.sequence_nll(x, labels, mask, backend=backend) * w).sum()
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)  # first order with a graph: fine
+    expected = _reference_grad(lambda y: (ref.sequence_nll(y, labels, mask) * w.detach().double()).sum(), logits)
+    assert_close(g.detach(), expected, **ref.grad_tolerances(torch.float32))
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()

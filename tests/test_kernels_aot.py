@@ -101,7 +101,7 @@ def test_ce_specs_match_runtime_specialisation(module, kernel, n_cols, dtype):
     x = torch.empty(4, n_cols, dtype=dtype)
     rows = torch.empty(4, dtype=torch.float32)
     args = {"logits_ptr": x, "grad_ptr": torch.empty_like(x), "labels_ptr": torch.empty(4, dtype=torch.int64),
-            "lse_ptr": rows, "target_ptr": rows, "coef_ptr": rows, "n_cols": n_cols,
+            "max_ptr": rows, "lse_ptr": rows, "target_ptr": rows, "coef_ptr": rows, "n_cols": n_cols,
             "stride_row": x.stride(0), "grad_stride_row": x.stride(0), "vocab_start": 0, "ignore_index": -100}
     matches = []
     for spec in module.AOT_SPECS[kernel]:

@@ -3,10 +3,9 @@
 * every ``csrc/*.cu`` compiles with nvcc for sm_90 and sm_80 (skipped without nvcc);
 * the extension is built and importable (a failure, not a skip, under ``$CI`` when a C++
   compiler exists, so that CI proves the build);
-* ``_C.ce_forward`` / ``_C.ce_backward`` / ``_C.segment_sum`` against ``ops/reference.py`` and
-  against float64 math: every dtype, odd vocabulary sizes, ignored and zero-coefficient rows, in
-  place, row-strided input, offsets past 2**31 elements, NaN-poisoned outputs (every element is
-  written), thread-count independence;
+* ``_C.ce_forward`` / ``_C.ce_backward`` / ``_C.segment_sum`` against float64 math: every dtype,
+  odd vocabulary sizes, ignored and zero-coefficient rows, in place, row-strided input, offsets
+  past 2**31 elements, NaN-poisoned outputs (every element is written), thread-count independence;
 * ``_C.group_softmax`` / ``_C.steerlm2_weights`` (the group ops; their values on every backend
   are tested in test_ops_group.py) against the torch implementations: many groups over several
   threads, thread-count independence, empty groups, non-contiguous and non-float32 inputs,
@@ -95,15 +94,27 @@ def make_case(n: int, v: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.
     return x.to(dtype), labels
 
 
-def f64_forward(x: torch.Tensor, labels: torch.Tensor, vocab_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def f64_forward(x: torch.Tensor, labels: torch.Tensor, vocab_start: int) -> tuple[torch.Tensor, ...]:
+    """``(m, lse, target)`` of the contract (row max, log-sum-exp relative to it, target logit), float64."""
     x64 = x.double()
     v = x.shape[1]
     active = labels != IGNORE
     local = labels - vocab_start
     in_shard = active & (local >= 0) & (local < v)
-    lse = torch.where(active, torch.logsumexp(x64, 1), 0.0)
+    m = x64.amax(1)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    lse = torch.where(active, torch.logsumexp(x64 - m[:, None], 1), 0.0)
     tgt = torch.where(in_shard, x64.gather(1, local.clamp(0, v - 1).unsqueeze(1)).squeeze(1), 0.0)
-    return lse, tgt
+    return torch.where(active, m, 0.0), lse, tgt
+
+
+def assert_forward_f64(got: tuple[torch.Tensor, ...], x: torch.Tensor, labels: torch.Tensor, vocab_start: int) -> None:
+    m64, lse64, tgt64 = f64_forward(x, labels, vocab_start)
+    m, lse, tgt = got
+    assert m.dtype == lse.dtype == tgt.dtype == torch.float32
+    torch.testing.assert_close(m.double(), m64, rtol=0, atol=0)  # the max of float32 values: exact
+    torch.testing.assert_close(lse.double(), lse64, rtol=2e-6, atol=1e-5)  # float32 sums of up to 32k terms
+    torch.testing.assert_close(tgt.double(), tgt64, rtol=0, atol=0)  # an exact widening
 
 
 def f64_backward(x: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, vocab_start: int) -> torch.Tensor:
@@ -140,14 +151,9 @@ def test_forward_matches_reference_and_f64(v: int, dtype: torch.dtype, label_dty
     x, labels = make_case(37, v, dtype)
     labels = labels.to(label_dtype)
     x[labels == IGNORE] = float("nan")  # ignored rows must not be read
-    lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
-    assert lse.dtype == tgt.dtype == torch.float32 and lse.shape == tgt.shape == (37,)
-    lse64, tgt64 = f64_forward(torch.nan_to_num(x, nan=0.0), labels.long(), 0)
-    torch.testing.assert_close(lse.double(), lse64, rtol=2e-6, atol=2e-6)
-    torch.testing.assert_close(tgt.double(), tgt64, rtol=0, atol=0)  # an exact widening
-    ref_lse, ref_tgt = reference.ce_forward(torch.nan_to_num(x, nan=0.0), labels, 0, IGNORE)
-    torch.testing.assert_close(lse, ref_lse, rtol=2e-6, atol=2e-6)
-    torch.testing.assert_close(tgt, ref_tgt)
+    got = _C.ce_forward(x, labels, 0, IGNORE)
+    assert all(t.shape == (37,) for t in got)
+    assert_forward_f64(got, torch.nan_to_num(x, nan=0.0), labels.long(), 0)
 
 
 @needs_ext
@@ -156,37 +162,35 @@ def test_forward_vocab_shard(vocab_start: int) -> None:
     """Under vocabulary parallelism only the shard holding the label reads its target."""
     x, labels = make_case(64, 1000, torch.float32, seed=1)
     labels = torch.where(labels == IGNORE, labels, labels * 2)  # labels in [0, 2000)
-    lse, tgt = _C.ce_forward(x, labels, vocab_start, IGNORE)
-    lse64, tgt64 = f64_forward(x, labels, vocab_start)
-    torch.testing.assert_close(lse.double(), lse64, rtol=2e-6, atol=2e-6)
-    torch.testing.assert_close(tgt.double(), tgt64, rtol=0, atol=0)
+    assert_forward_f64(_C.ce_forward(x, labels, vocab_start, IGNORE), x, labels, vocab_start)
 
 
 @needs_ext
 def test_forward_special_values() -> None:
-    """NaN propagates; a row of -inf has lse -inf; a large finite range does not overflow."""
-    x = torch.zeros(4, 100)
+    """NaN propagates; a row of -inf has m 0 and lse -inf; a large finite range does not overflow;
+    +inf gives NaN."""
+    x = torch.zeros(5, 100)
     x[0, 7] = float("nan")
     x[1] = float("-inf")
     x[2, 3] = 1e30
     x[3, 5] = -1e30
-    lse, _ = _C.ce_forward(x, torch.zeros(4, dtype=torch.long), 0, IGNORE)
-    assert torch.isnan(lse[0])
-    assert lse[1] == float("-inf")
-    assert lse[2] == 1e30
-    torch.testing.assert_close(lse[3], torch.logsumexp(x[3], 0))
+    x[4, 9] = float("inf")
+    m, lse, _ = _C.ce_forward(x, torch.zeros(5, dtype=torch.long), 0, IGNORE)
+    assert torch.isnan(lse[0]) and torch.isnan(lse[4])
+    assert m[1] == 0 and lse[1] == float("-inf")
+    assert m[2] == 1e30 and lse[2] == 0
+    torch.testing.assert_close(m[3] + lse[3], torch.logsumexp(x[3], 0))
 
 
 @needs_ext
 def test_forward_empty_and_row_strided() -> None:
-    lse, tgt = _C.ce_forward(torch.empty(0, 10), torch.empty(0, dtype=torch.long), 0, IGNORE)
-    assert lse.shape == tgt.shape == (0,)
+    assert all(t.shape == (0,) for t in _C.ce_forward(torch.empty(0, 10), torch.empty(0, dtype=torch.long), 0, IGNORE))
     wide, labels = make_case(33, 1013, torch.bfloat16, seed=2)
     x = wide[:, 5:1005]  # row stride 1013, unit column stride, unaligned start
     labels = labels.clamp(max=999).masked_fill(labels == IGNORE, IGNORE)
-    lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
-    lse_c, tgt_c = _C.ce_forward(x.contiguous(), labels, 0, IGNORE)
-    assert torch.equal(lse, lse_c) and torch.equal(tgt, tgt_c)
+    got = _C.ce_forward(x, labels, 0, IGNORE)
+    dense = _C.ce_forward(x.contiguous(), labels, 0, IGNORE)
+    assert all(torch.equal(a, b) for a, b in zip(got, dense, strict=True))
 
 
 @needs_ext
@@ -200,12 +204,10 @@ def test_offsets_beyond_2_31() -> None:
     g = torch.Generator().manual_seed(3)
     x.copy_(torch.randn(2, v, generator=g).bfloat16())
     labels = torch.tensor([5, v - 1])
-    lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
-    lse64, tgt64 = f64_forward(x.contiguous(), labels, 0)
-    torch.testing.assert_close(lse.double(), lse64, rtol=2e-6, atol=2e-6)
-    torch.testing.assert_close(tgt.double(), tgt64, rtol=0, atol=0)
+    m, lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
+    assert_forward_f64((m, lse, tgt), x.contiguous(), labels, 0)
     expected = f64_backward(x.contiguous(), labels, torch.ones(2), 0)
-    _C.ce_backward(x, labels, lse, torch.ones(2), 0, IGNORE, x)  # in place, through the view
+    _C.ce_backward(x, labels, m, lse, torch.ones(2), 0, IGNORE, x)  # in place, through the view
     torch.testing.assert_close(x.double(), expected, **grad_tol(torch.bfloat16))
 
 
@@ -225,15 +227,12 @@ def test_backward_matches_reference_and_f64(v: int, dtype: torch.dtype) -> None:
     dead = (labels == IGNORE) | (coef == 0)
     clean = x.clone()
     x[dead] = float("nan")  # rows that must not be read
-    lse, _ = reference.ce_forward(clean, labels, 0, IGNORE)
+    m, lse, _ = (t.float() for t in f64_forward(clean, labels, 0))
     out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
-    _C.ce_backward(x, labels, lse, coef, 0, IGNORE, out)
+    _C.ce_backward(x, labels, m, lse, coef, 0, IGNORE, out)
     assert not torch.isnan(out).any()
     assert (out[dead] == 0).all()
     torch.testing.assert_close(out.double(), f64_backward(clean, labels, coef, 0), **grad_tol(dtype))
-    ref = torch.empty_like(x)
-    reference.ce_backward(clean, labels, lse, coef, 0, IGNORE, ref)
-    torch.testing.assert_close(out, ref, **grad_tol(dtype))
 
 
 @needs_ext
@@ -242,12 +241,12 @@ def test_backward_matches_reference_and_f64(v: int, dtype: torch.dtype) -> None:
 def test_backward_in_place_equals_out_of_place(dtype: torch.dtype, vocab_start: int) -> None:
     x, labels = make_case(29, 1000, dtype, seed=5)
     labels = torch.where(labels == IGNORE, labels, labels + 500)
-    lse, _ = _C.ce_forward(x, labels, vocab_start, IGNORE)
+    m, lse, _ = _C.ce_forward(x, labels, vocab_start, IGNORE)
     coef = torch.rand(29) + 0.5
     out = torch.full_like(x, float("nan"))
-    _C.ce_backward(x, labels, lse, coef, vocab_start, IGNORE, out)
+    _C.ce_backward(x, labels, m, lse, coef, vocab_start, IGNORE, out)
     y = x.clone()
-    _C.ce_backward(y, labels, lse, coef, vocab_start, IGNORE, y)
+    _C.ce_backward(y, labels, m, lse, coef, vocab_start, IGNORE, y)
     assert torch.equal(y, out)
     torch.testing.assert_close(out.double(), f64_backward(x, labels, coef, vocab_start), **grad_tol(dtype))
 
@@ -258,12 +257,12 @@ def test_backward_row_strided_in_and_out() -> None:
     x = wide[:, 3:515]
     labels = torch.where(labels >= 512, 0, labels)
     coef = torch.randn(17)
-    lse, _ = _C.ce_forward(x, labels, 0, IGNORE)
+    m, lse, _ = _C.ce_forward(x, labels, 0, IGNORE)
     out_wide = torch.full((17, 600), float("nan"), dtype=torch.float16)
     out = out_wide[:, 7:519]
-    _C.ce_backward(x, labels, lse, coef, 0, IGNORE, out)
+    _C.ce_backward(x, labels, m, lse, coef, 0, IGNORE, out)
     expected = torch.empty(17, 512, dtype=torch.float16)
-    _C.ce_backward(x.contiguous(), labels, lse, coef, 0, IGNORE, expected)
+    _C.ce_backward(x.contiguous(), labels, m, lse, coef, 0, IGNORE, expected)
     assert torch.equal(out, expected)
     assert torch.isnan(out_wide[:, :7]).all() and torch.isnan(out_wide[:, 519:]).all()  # untouched
 
@@ -288,10 +287,10 @@ def test_results_do_not_depend_on_thread_count() -> None:
     coef = torch.randn(64)
 
     def run():
-        lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
+        m, lse, tgt = _C.ce_forward(x, labels, 0, IGNORE)
         out = torch.empty_like(x)
-        _C.ce_backward(x, labels, lse, coef, 0, IGNORE, out)
-        return lse, tgt, out, _C.segment_sum(lse, torch.tensor([0, 10, 10, 64]))
+        _C.ce_backward(x, labels, m, lse, coef, 0, IGNORE, out)
+        return m, lse, tgt, out, _C.segment_sum(lse, torch.tensor([0, 10, 10, 64]))
 
     assert_same_for_thread_counts(run)
 
@@ -309,7 +308,10 @@ def test_bad_input_raises() -> None:
     with pytest.raises(RuntimeError, match="labels"):
         _C.ce_forward(x, lab[:3], 0, IGNORE)
     with pytest.raises(RuntimeError, match="out"):
-        _C.ce_backward(x, lab, torch.zeros(4), torch.ones(4), 0, IGNORE, torch.empty(4, 8, dtype=torch.float16))
+        _C.ce_backward(x, lab, torch.zeros(4), torch.zeros(4), torch.ones(4), 0, IGNORE,
+                       torch.empty(4, 8, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="m must have shape"):
+        _C.ce_backward(x, lab, torch.zeros(3), torch.zeros(4), torch.ones(4), 0, IGNORE, torch.empty_like(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,13 +342,12 @@ def test_segment_sum_clamps_bounds() -> None:
 @needs_ext
 def test_dispatcher_ops_registered() -> None:
     x, labels = make_case(8, 100, torch.float32, seed=8)
-    lse, tgt = torch.ops.steerlm_kernels_C.ce_forward(x, labels, 0, IGNORE)
-    lse2, tgt2 = _C.ce_forward(x, labels, 0, IGNORE)
-    assert torch.equal(lse, lse2) and torch.equal(tgt, tgt2)
+    m, lse, tgt = torch.ops.steerlm_kernels_C.ce_forward(x, labels, 0, IGNORE)
+    assert all(torch.equal(a, b) for a, b in zip((m, lse, tgt), _C.ce_forward(x, labels, 0, IGNORE), strict=True))
     out = torch.empty_like(x)
-    torch.ops.steerlm_kernels_C.ce_backward(x, labels, lse, torch.ones(8), 0, IGNORE, out)
+    torch.ops.steerlm_kernels_C.ce_backward(x, labels, m, lse, torch.ones(8), 0, IGNORE, out)
     out2 = torch.empty_like(x)
-    _C.ce_backward(x, labels, lse, torch.ones(8), 0, IGNORE, out2)
+    _C.ce_backward(x, labels, m, lse, torch.ones(8), 0, IGNORE, out2)
     assert torch.equal(out, out2)
     cu = torch.tensor([0, 3, 8])
     assert torch.equal(torch.ops.steerlm_kernels_C.segment_sum(lse, cu), _C.segment_sum(lse, cu))
@@ -359,29 +360,29 @@ def test_dispatcher_ops_registered() -> None:
 
 @needs_ext
 @pytest.mark.parametrize("inplace", [False, True])
-def test_public_api_cpp_matches_torch(inplace: bool) -> None:
+def test_public_api_cpp_and_torch_match_float64(inplace: bool) -> None:
+    """Both CPU backends through the public API, each against float64 math (not one against the
+    other: a bug shared by both must not pass)."""
     import steerlm_kernels as sk
+    from tests import reference as ref
 
     g = torch.Generator().manual_seed(9)
     logits = (torch.randn(3, 20, 517, generator=g) * 3).bfloat16()
     labels = torch.randint(0, 517, (3, 20), generator=g)
     mask = torch.rand(3, 20, generator=g) > 0.3
     weight, norm = torch.randn(3), torch.tensor([10.0, 12.0, 9.0])
-    grads, losses = [], []
+    x64 = logits.double().requires_grad_()
+    want = ref.weighted_sequence_loss(x64, labels, mask, weight, norm)
+    want.backward()
     for backend in ("cpp", "torch"):
         x = logits.clone().requires_grad_(True)
-        loss = sk.weighted_sequence_loss(
-            x, labels, mask, weight, norm, backend=backend, inplace_backward=inplace and backend == "cpp"
-        )
+        loss = sk.weighted_sequence_loss(x * 1, labels, mask, weight, norm, backend=backend, inplace_backward=inplace)
         loss.backward()
-        grads.append(x.grad)
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads[0], grads[1], **grad_tol(torch.bfloat16))
-    with torch.no_grad():
-        a = sk.sequence_nll(logits, labels, mask, backend="cpp")
-        b = sk.sequence_nll(logits, labels, mask, backend="torch")
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad.double(), x64.grad, **grad_tol(torch.bfloat16))
+        with torch.no_grad():
+            seq = sk.sequence_nll(logits, labels, mask, backend=backend)
+        torch.testing.assert_close(seq.double(), ref.sequence_nll(logits, labels, mask), rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------

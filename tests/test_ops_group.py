@@ -263,3 +263,12 @@ def test_per_item_num_responses_name_the_breaking_item(per_item: list[int], bad_
 
     with pytest.raises(ValueError, match=f"num_responses in per-item form .* item {bad_item} breaks that"):
         group_offsets(torch.tensor(per_item), len(per_item), torch.device("cpu"), "num_responses", per_item=True)
+
+
+def test_steerlm2_weights_of_no_responses(backend, device):
+    """B = 0 (no groups): empty weights and a distance of exactly 0, not the NaN of an empty mean."""
+    empty = torch.empty(0, device=device)
+    for num_responses in (torch.empty(0, dtype=torch.long, device=device), 3):
+        out = sk.steerlm2_weights(empty, empty, empty, num_responses, backend=backend)
+        assert out.weight.shape == out.baseline.shape == (0,)
+        assert out.distance.shape == () and out.distance.item() == 0.0

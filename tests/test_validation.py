@@ -27,6 +27,11 @@ def _good(b: int = 2, s: int = 5, v: int = 11):
     return (torch.randn(b, s, v), torch.randint(0, v, (b, s)), torch.ones(b, s), torch.ones(b), torch.ones(b))
 
 
+def _normalizer(bad: float, form: str):
+    """``bad`` as a float, in a ``[B]`` tensor beside a good value, or as a 0-d tensor."""
+    return bad if form == "float" else torch.tensor([2.0, bad]) if form == "vector" else torch.tensor(bad)
+
+
 CASES = {
     "logits_int": (TypeError, "logits", lambda L, y, m, w, n: sk.sequence_nll(L.long(), y, m)),
     "logits_float64": (TypeError, "logits", lambda L, y, m, w, n: sk.sequence_nll(L.double(), y, m)),
@@ -60,6 +65,12 @@ CASES = {
     "normalizer_float_zero": (
         ValueError, "normalizer", lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, 0.0)),
     "normalizer_bool": (TypeError, "normalizer", lambda L, y, m, w, n: sk.weighted_sequence_loss(L, y, m, w, True)),
+    # floats and tensors are checked the same way: finite and positive where the weight is non-zero
+    **{f"normalizer_{kind}_{form}": (
+        ValueError, "normalizer",
+        lambda L, y, m, w, n, bad=bad, form=form: sk.weighted_sequence_loss(L, y, m, w, _normalizer(bad, form)))
+       for kind, bad in (("nan", float("nan")), ("negative", -2.0), ("inf", float("inf")), ("neg_inf", float("-inf")))
+       for form in ("float", "vector", "scalar_tensor")},
     "weight_cu_mismatch": (
         ValueError, "weight",
         lambda L, y, m, w, n: sk.weighted_sequence_loss(L[0], y[0], m[0], w, 1.0, cu_seqlens=torch.tensor([0, 5]))),
@@ -85,11 +96,14 @@ def test_bad_labels_raise_index_error_before_the_kernel(no_kernels, device, back
         sk.sequence_nll(logits, labels, mask, backend=backend_name)
 
 
-def test_zero_normalizer_allowed_where_weight_is_zero():
+@pytest.mark.parametrize("bad", [0.0, float("nan"), -1.0, float("inf")])
+def test_any_normalizer_allowed_where_weight_is_zero(bad):
+    """Where the weight is 0 the sequence contributes exactly 0, whatever its normalizer."""
     logits, labels, mask, _, _ = _good()
-    out = sk.weighted_sequence_loss(logits, labels, mask, torch.tensor([0.0, 1.0]), torch.tensor([0.0, 2.0]),
-                                    backend="torch")
-    assert torch.isfinite(out)
+    weight = torch.tensor([0.0, 1.0])
+    out = sk.weighted_sequence_loss(logits, labels, mask, weight, torch.tensor([bad, 2.0]), backend="torch")
+    expected = sk.weighted_sequence_loss(logits, labels, mask, weight, torch.tensor([1.0, 2.0]), backend="torch")
+    assert torch.isfinite(out) and torch.equal(out, expected)
 
 
 def test_groups_without_torch_distributed(no_kernels):

@@ -86,20 +86,22 @@ def simd() -> str:
     return str(getattr(extension(), "simd", "unknown"))
 
 
-def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """``(lse[N], target[N])`` float32 of CPU ``logits [N, V]`` (unit column stride, any row
-    stride); ignored rows are not read and get 0/0. See :mod:`steerlm_kernels.registry`."""
-    lse, target = extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index))
-    return lse, target
+def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m[N], lse[N], target[N])`` float32 of CPU ``logits [N, V]`` (unit column stride, any row
+    stride): row max, log-sum-exp relative to it, target logit; ignored rows are not read and
+    get 0/0/0. See :mod:`steerlm_kernels.registry`."""
+    m, lse, target = extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index))
+    return m, lse, target
 
 
 def ce_backward(
-    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, out: Tensor
+    logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int,
+    out: Tensor,
 ) -> None:
-    """``out = (exp(logits - lse) - onehot) * coef`` row by row, rounded once to ``out.dtype``;
+    """``out = (exp((logits - m) - lse) - onehot) * coef`` row by row, rounded once to ``out.dtype``;
     rows with ``coef == 0`` or an ignored label are zeroed without reading ``logits``. ``out``
     may be ``logits`` itself (in place)."""
-    extension().ce_backward(logits, labels, lse, coef, int(vocab_start), int(ignore_index), out)
+    extension().ce_backward(logits, labels, m, lse, coef, int(vocab_start), int(ignore_index), out)
 
 
 def segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:

@@ -3,11 +3,13 @@
 Two passes over the ``[N, V]`` logits make the whole logits-in family:
 
 * **forward** (``_ce_forward_kernel``): one read of each row; an online log-sum-exp in float32
-  registers and one scalar load of the target logit. Output: ``lse[N]``, ``target[N]`` (float32),
-  so ``nll = lse - target``. Nothing of size ``N x V`` is written.
+  registers and one scalar load of the target logit. Output, float32 ``[N]`` each: the row max
+  ``m``, ``lse = log(sum(exp(x - m)))`` relative to it, and the target logit, so
+  ``nll = lse - (target - m)``: nothing is ever added to ``m``, so a large common offset of the
+  logits costs no precision. Nothing of size ``N x V`` is written.
 * **backward** (``_ce_backward_kernel``): one read and one write of each row;
-  ``grad = (exp(x - lse) - onehot) * coef`` in float32, rounded once to the logits' dtype. ``out``
-  may be the logits themselves (in place), which saves the second ``N x V`` buffer.
+  ``grad = (exp((x - m) - lse) - onehot) * coef`` in float32, rounded once to the logits' dtype.
+  ``out`` may be the logits themselves (in place), which saves the second ``N x V`` buffer.
 
 Rows whose label is ``ignore_index`` are neither read nor differentiated. Both kernels take
 ``vocab_start``: under tensor (vocabulary) parallelism a rank holds columns
@@ -35,8 +37,9 @@ from steerlm_kernels.kernels._triton import tl, triton
 def _ce_forward_kernel(
     logits_ptr,  # *bf16/fp16/fp32 [N, V], unit column stride
     labels_ptr,  # *i32/i64 [N]
-    lse_ptr,  # *fp32 [N] out
-    target_ptr,  # *fp32 [N] out
+    max_ptr,  # *fp32 [N] out: the row max m (0 for a row of -inf only)
+    lse_ptr,  # *fp32 [N] out: log(sum(exp(x - m))), relative to m
+    target_ptr,  # *fp32 [N] out: the target logit itself
     n_cols,  # V of this shard
     stride_row,  # elements between rows (i64 when N*V may pass 2**31)
     vocab_start,  # first global column of this shard
@@ -46,6 +49,12 @@ def _ce_forward_kernel(
     """One program = one row. Stream the row in BLOCK_V-wide tiles, keeping a running max ``m``
     and a running sum ``s = sum(exp(x - m))`` in float32 registers (one exp per element: the
     tile max is taken first, then the old sum is rescaled once per tile).
+
+    The results stay relative to the max: ``m``, ``log s`` and the target logit are stored
+    separately and never added (``m + log s`` would round away ``log s`` when ``|m|`` is large:
+    at ``m = 1e8`` a float32 ulp is 8). A row of ``-inf`` only has ``s = 0``: its reference point
+    is 0 instead of ``-inf`` (no ``-inf - -inf``), so it gives ``log s = -inf``, which a
+    vocabulary-parallel combine weighs as nothing.
 
     Why one row per program: training batches have N = B*S in the thousands, enough programs to
     fill every SM, and a row needs no cross-program communication, so the result is
@@ -65,14 +74,16 @@ def _ce_forward_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf so far: s stays 0, no NaN
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
         m = m_new
-    lse = m + tl.log(s)
+    m = tl.where(m == float("-inf"), 0.0, m)
 
     local = label - vocab_start
     in_shard = active & (local >= 0) & (local < n_cols)
     target = tl.load(row_ptr + local, mask=in_shard, other=0.0).to(tl.float32)
-    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+    tl.store(max_ptr + row, tl.where(active, m, 0.0))
+    tl.store(lse_ptr + row, tl.where(active, tl.log(s), 0.0))
     tl.store(target_ptr + row, target)
 
 
@@ -81,7 +92,8 @@ def _ce_backward_kernel(
     logits_ptr,  # *bf16/fp16/fp32 [N, V] in
     grad_ptr,  # same dtype [N, V] out; may equal logits_ptr (in place)
     labels_ptr,  # *i32/i64 [N]
-    lse_ptr,  # *fp32 [N]
+    max_ptr,  # *fp32 [N]: the reference point m of each row
+    lse_ptr,  # *fp32 [N]: log(sum(exp(x - m)))
     coef_ptr,  # *fp32 [N]: d loss / d nll of each token
     n_cols,
     stride_row,
@@ -90,9 +102,10 @@ def _ce_backward_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
 ):
-    """One program = one row: ``grad = (exp(x - lse) - onehot(label)) * coef``.
+    """One program = one row: ``grad = (exp((x - m) - lse) - onehot(label)) * coef``.
 
-    Each tile is loaded, turned into its gradient in float32 and stored at once, so the in-place
+    ``x - m`` is exact for the logits that matter (Sterbenz), so a large common offset costs no
+    precision. Each tile is loaded, turned into its gradient in float32 and stored at once, so the in-place
     variant is safe (a thread overwrites only the elements it has just read). The target
     column's ``p - 1`` is formed in float32 before the single rounding to the output dtype.
     Rows with ``coef == 0`` (masked, ignored or zero-weight tokens) skip the load and write
@@ -102,6 +115,7 @@ def _ce_backward_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     coef = tl.load(coef_ptr + row)
     coef = tl.where(label == ignore_index, 0.0, coef)
+    m = tl.load(max_ptr + row)
     lse = tl.load(lse_ptr + row)
     n_read = tl.where(coef != 0.0, n_cols, 0)  # dead rows: write zeros, read nothing
     local = label - vocab_start
@@ -111,7 +125,7 @@ def _ce_backward_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         live = cols < n_read
         x = tl.load(in_ptr + cols, mask=live, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - lse)
+        p = tl.exp((x - m) - lse)
         g = (p - tl.where(cols == local, 1.0, 0.0)) * coef
         g = tl.where(live, g, 0.0)
         tl.store(out_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
@@ -125,31 +139,31 @@ def launch_config(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """``(lse[N], target[N])`` float32 of ``logits [N, V]`` (see :mod:`steerlm_kernels.registry`)."""
+def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m[N], lse[N], target[N])`` float32 of ``logits [N, V]`` (see :mod:`steerlm_kernels.registry`)."""
     n_rows, n_cols = logits.shape
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    target = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    m, lse, target = (torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n_rows == 0:
-        return lse, target
+        return m, lse, target
     block, num_warps = launch_config(n_cols)
     _ce_forward_kernel[(n_rows,)](
-        logits, labels, lse, target, n_cols, logits.stride(0), vocab_start, ignore_index,
+        logits, labels, m, lse, target, n_cols, logits.stride(0), vocab_start, ignore_index,
         BLOCK_V=block, num_warps=num_warps,
     )
-    return lse, target
+    return m, lse, target
 
 
 def ce_backward(
-    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, out: Tensor
+    logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int,
+    out: Tensor,
 ) -> None:
-    """``out = (exp(logits - lse) - onehot) * coef`` row by row; ``out`` may be ``logits`` (in place)."""
+    """``out = (exp((logits - m) - lse) - onehot) * coef`` row by row; ``out`` may be ``logits`` (in place)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
     block, num_warps = launch_config(n_cols)
     _ce_backward_kernel[(n_rows,)](
-        logits, out, labels, lse, coef, n_cols, logits.stride(0), out.stride(0), vocab_start, ignore_index,
+        logits, out, labels, m, lse, coef, n_cols, logits.stride(0), out.stride(0), vocab_start, ignore_index,
         BLOCK_V=block, num_warps=num_warps,
     )
 
@@ -176,7 +190,7 @@ def _ce_aot_variants(backward: bool) -> list[dict]:
         signature = (
             {"logits_ptr": f"*{dt}"}
             | ({"grad_ptr": f"*{dt}"} if backward else {})
-            | {"labels_ptr": f"*{label_ty}", "lse_ptr": "*fp32"}
+            | {"labels_ptr": f"*{label_ty}", "max_ptr": "*fp32", "lse_ptr": "*fp32"}
             | ({"coef_ptr": "*fp32"} if backward else {"target_ptr": "*fp32"})
             | {"n_cols": "i32"}
             | strides

@@ -9,11 +9,13 @@ default strategy, chunks of rows through library GEMMs, is :mod:`steerlm_kernels
 - forward (``_lce_forward_kernel``): a program owns ``BLOCK_N`` rows and one contiguous split of
   the vocabulary; it builds each logits tile with ``tl.dot`` over ``BLOCK_H``-wide slices of the
   hidden dimension and folds it into a running per-row (max, sum-of-exp), picking the target
-  logit out of the tile that holds it. Each program writes one partial log-sum-exp per row into
-  a small ``[n_splits, N]`` float32 buffer; the partials are merged afterwards by one
-  ``logsumexp`` over the splits (a fixed order: deterministic, no float atomics on the result).
+  logit out of the tile that holds it. Each program writes one partial ``(m, log s)`` per row
+  (its split's max and log-sum-exp relative to it, never added: no precision lost to a large
+  common offset) into two small ``[n_splits, N]`` float32 buffers; the partials are merged
+  afterwards over the splits (:func:`steerlm_kernels.kernels.reference.merge_stats`: a fixed
+  order, deterministic, no float atomics on the result).
 - backward (``_lce_backward_kernel``): a program recomputes one ``[BLOCK_N, BLOCK_V]`` tile,
-  forms ``g = (softmax - onehot) * coef`` in float32 and adds ``g @ W_tile`` into a float32
+  forms ``g = (exp((x - m) - lse) - onehot) * coef`` in float32 and adds ``g @ W_tile`` into a float32
   ``grad_hidden`` and ``g.T @ h_tile`` into a float32 ``grad_lm_head`` with atomic adds (and the
   column sums of ``g`` into ``grad_bias``). **The gradients are therefore not bitwise
   deterministic** (float32 addition order varies between runs; the values agree to float32
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 from steerlm_kernels.kernels._triton import interpreting, tl, triton
+from steerlm_kernels.kernels.reference import merge_stats
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
@@ -45,7 +48,8 @@ def _lce_forward_kernel(
     lm_head_ptr,  # same dtype [V, H], unit column stride
     b_ptr,  # same dtype [V] (unused unless HAS_BIAS)
     labels_ptr,  # *i32/i64 [N]
-    part_ptr,  # *fp32 [n_splits, N] out: partial log-sum-exp of each row over each split
+    part_m_ptr,  # *fp32 [n_splits, N] out: each row's max over each split (0 if all -inf)
+    part_s_ptr,  # *fp32 [n_splits, N] out: log(sum(exp(x - m))) of each row over each split
     target_ptr,  # *fp32 [N] in/out (zero-initialised): the target logit, written by the split holding it
     n_rows,
     n_vocab,
@@ -66,7 +70,7 @@ def _lce_forward_kernel(
     ``h[rows, :] @ W[cols, :].T`` with ``tl.dot`` over ``BLOCK_H`` slices of the hidden dimension
     (float32 accumulator in registers), adds the bias, and folds the tile into a running per-row
     max ``m`` and sum ``s = sum(exp(x - m))``: the logits never leave the chip. Its result is one
-    partial log-sum-exp per row, merged over the splits afterwards (deterministic).
+    partial ``(m, log s)`` per row, merged over the splits afterwards (deterministic).
 
     Why this shape: a ``[64, 128]`` float32 accumulator is 32 registers per thread at 8 warps,
     large enough for tensor-core ``tl.dot`` (every dim >= 16) and small enough not to spill; the
@@ -115,7 +119,9 @@ def _lce_forward_kernel(
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[:, None]), axis=1)
         m = m_new
-    tl.store(part_ptr + pid_s.to(tl.int64) * n_rows + rows, m + tl.log(s), mask=row_ok)
+    part = pid_s.to(tl.int64) * n_rows + rows
+    tl.store(part_m_ptr + part, tl.where(m == float("-inf"), 0.0, m), mask=row_ok)
+    tl.store(part_s_ptr + part, tl.log(s), mask=row_ok)
 
 
 @triton.jit
@@ -124,7 +130,8 @@ def _lce_backward_kernel(
     lm_head_ptr,  # same dtype [V, H]
     b_ptr,  # same dtype [V] (unused unless HAS_BIAS)
     labels_ptr,  # *i32/i64 [N]
-    lse_ptr,  # *fp32 [N]
+    max_ptr,  # *fp32 [N]: the row max m
+    lse_ptr,  # *fp32 [N]: log(sum(exp(x - m)))
     coef_ptr,  # *fp32 [N]: d loss / d nll of each row
     gh_ptr,  # *fp32 [N, H] accumulator (contiguous), unused unless GRAD_H
     glm_ptr,  # *fp32 [V, H] accumulator (contiguous), unused unless GRAD_LM
@@ -147,7 +154,7 @@ def _lce_backward_kernel(
     """One program = one ``[BLOCK_N rows, BLOCK_V columns]`` tile of the logits' gradient.
 
     It recomputes the logits tile (``tl.dot`` over H, as the forward), forms
-    ``g = (exp(x - lse) - onehot(label)) * coef`` in float32 (the target column's ``p - 1`` is
+    ``g = (exp((x - m) - lse) - onehot(label)) * coef`` in float32 (the target column's ``p - 1`` is
     never rounded before the scaling), then sweeps H once more in ``BLOCK_H`` slices:
     ``grad_hidden[rows, ks] += g @ W[cols, ks]`` and ``grad_lm_head[cols, ks] += g.T @ h[rows, ks]``
     with float32 atomic adds (other tiles of the same rows / columns add into the same places, so
@@ -182,8 +189,9 @@ def _lce_backward_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    m = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    p = tl.exp(acc - lse[:, None])
+    p = tl.exp((acc - m[:, None]) - lse[:, None])
     g = (p - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)) * coef[:, None]
     g = tl.where(live[:, None] & col_ok[None, :], g, 0.0)  # dead rows are exactly 0, even with NaN logits
 
@@ -237,38 +245,40 @@ def _row_major(x: Tensor) -> Tensor:
 
 def linear_ce_forward(
     hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int
-) -> tuple[Tensor, Tensor]:
-    """``(lse[N], target[N])`` float32 with the Triton kernel; ignored rows give 0 / 0."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m[N], lse[N], target[N])`` float32 with the Triton kernel (the backend contract's
+    ``ce_forward`` of the logits ``hidden @ lm_head_weight.T + bias``); ignored rows give 0 / 0 / 0."""
     hidden, lm_head_weight = _row_major(hidden), _row_major(lm_head_weight)
     n_rows, n_hidden = hidden.shape
     n_vocab = lm_head_weight.shape[0]
     target = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
     if n_rows == 0:
-        return target.clone(), target
+        return target.clone(), target.clone(), target
     block_n, block_v, block_h, num_warps = TRITON_BLOCKS[_DTYPE_NAMES[hidden.dtype]]
     row_blocks = triton.cdiv(n_rows, block_n)
     v_blocks = triton.cdiv(n_vocab, block_v)
     n_splits = max(1, min(v_blocks, triton.cdiv(TARGET_PROGRAMS, row_blocks)))
     cols_per_split = triton.cdiv(v_blocks, n_splits) * block_v
     n_splits = triton.cdiv(n_vocab, cols_per_split)
-    part = torch.empty(n_splits, n_rows, dtype=torch.float32, device=hidden.device)
+    part_m = torch.empty(n_splits, n_rows, dtype=torch.float32, device=hidden.device)
+    part_s = torch.empty_like(part_m)
     _lce_forward_kernel[(row_blocks, n_splits)](
-        hidden, lm_head_weight, lm_head_weight if bias is None else bias, labels, part, target,
+        hidden, lm_head_weight, lm_head_weight if bias is None else bias, labels, part_m, part_s, target,
         n_rows, n_vocab, n_hidden, hidden.stride(0), lm_head_weight.stride(0), cols_per_split, ignore_index,
         HAS_BIAS=bias is not None, PRECISION=_precision(hidden.dtype),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps,
     )
-    lse = part[0] if n_splits == 1 else torch.logsumexp(part, dim=0)
-    lse = torch.where(labels != ignore_index, lse, 0.0)
-    return lse, target
+    m, lse = (part_m[0], part_s[0]) if n_splits == 1 else merge_stats(part_m, part_s)
+    active = labels != ignore_index
+    return torch.where(active, m, 0.0), torch.where(active, lse, 0.0), target
 
 
 def linear_ce_backward(
-    hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor, coef: Tensor,
-    ignore_index: int, need_h: bool, need_lm: bool, need_b: bool,
+    hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, m: Tensor, lse: Tensor,
+    coef: Tensor, ignore_index: int, need_h: bool, need_lm: bool, need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """float32 gradient accumulators ``(grad_hidden [N, H], grad_lm_head [V, H], grad_bias [V])``
-    of ``sum(coef * nll)`` (``[0]`` where not needed)."""
+    of ``sum(coef * nll)`` from the forward's ``(m, lse)`` (``[0]`` where not needed)."""
     hidden, lm_head_weight = _row_major(hidden), _row_major(lm_head_weight)
     n_rows, n_hidden = hidden.shape
     n_vocab = lm_head_weight.shape[0]
@@ -282,7 +292,7 @@ def linear_ce_backward(
     block_n, block_v, block_h, num_warps = TRITON_BLOCKS[_DTYPE_NAMES[hidden.dtype]]
     grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_vocab, block_v))
     _lce_backward_kernel[grid](
-        hidden, lm_head_weight, lm_head_weight if bias is None else bias, labels, lse, coef.float().contiguous(),
+        hidden, lm_head_weight, lm_head_weight if bias is None else bias, labels, m, lse, coef.float().contiguous(),
         gh, glm, gb,
         n_rows, n_vocab, n_hidden, hidden.stride(0), lm_head_weight.stride(0), ignore_index,
         HAS_BIAS=bias is not None, GRAD_H=need_h, GRAD_LM=need_lm, GRAD_B=need_b,
@@ -310,9 +320,10 @@ def _lce_aot_variants(backward: bool) -> list[dict]:
         block_n, block_v, block_h, num_warps = TRITON_BLOCKS[dt]
         sig = {"h_ptr": f"*{dt}", "lm_head_ptr": f"*{dt}", "b_ptr": f"*{dt}", "labels_ptr": f"*{label_ty}"}
         if backward:
-            sig |= {"lse_ptr": "*fp32", "coef_ptr": "*fp32", "gh_ptr": "*fp32", "glm_ptr": "*fp32", "gb_ptr": "*fp32"}
+            sig |= {"max_ptr": "*fp32", "lse_ptr": "*fp32", "coef_ptr": "*fp32", "gh_ptr": "*fp32", "glm_ptr": "*fp32",
+                    "gb_ptr": "*fp32"}
         else:
-            sig |= {"part_ptr": "*fp32", "target_ptr": "*fp32"}
+            sig |= {"part_m_ptr": "*fp32", "part_s_ptr": "*fp32", "target_ptr": "*fp32"}
         sig |= {"n_rows": "i32", "n_vocab": "i32", "n_hidden": "i32", "stride_h": "i32", "stride_lm_head": "i32"}
         sig |= {} if backward else {"cols_per_split": "i32"}
         sig |= {"ignore_index": "i32", "HAS_BIAS": "constexpr"}

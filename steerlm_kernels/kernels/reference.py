@@ -32,9 +32,11 @@ def _local_target(labels: Tensor, vocab_start: int, n_cols: int, ignore_index: i
     return local.clamp(0, n_cols - 1), in_shard
 
 
-def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Per-row log-sum-exp and target logit; see the backend contract."""
+def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(m, lse, target)``: the row max (0 for a row of ``-inf`` only), the log-sum-exp
+    relative to it and the target logit; see the backend contract."""
     n_rows, n_cols = logits.shape
+    m = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     target = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     for rows in _row_chunks(n_rows, n_cols):
@@ -42,34 +44,55 @@ def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: i
         active = labels[rows] != ignore_index
         local, in_shard = _local_target(labels[rows], vocab_start, n_cols, ignore_index)
         # max-shifted by hand rather than torch.logsumexp: a +inf logit must give NaN, as
-        # F.cross_entropy (and the Triton and C++ kernels) do, not +inf.
-        m = x.amax(dim=1, keepdim=True)
-        row_lse = m.squeeze(1) + torch.exp(x - m).sum(dim=1).log()
+        # F.cross_entropy (and the Triton and C++ kernels) do, not +inf; and the shift is kept
+        # apart from the log-sum-exp (m + log s would round log s away when |m| is large).
+        row_max = x.amax(dim=1)
+        row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+        m[rows] = torch.where(active, row_max, 0.0)
+        row_lse = torch.exp(x - row_max.unsqueeze(1)).sum(dim=1).log()
         lse[rows] = torch.where(active, row_lse, 0.0)
         picked = x.gather(1, local.unsqueeze(1)).squeeze(1)
         target[rows] = torch.where(in_shard, picked, 0.0)
-    return lse, target
+    return m, lse, target
 
 
 def ce_backward(
     logits: Tensor,
     labels: Tensor,
+    m: Tensor,
     lse: Tensor,
     coef: Tensor,
     vocab_start: int,
     ignore_index: int,
     out: Tensor,
 ) -> None:
-    """``out = (softmax(logits) - onehot) * coef`` row by row; ``out`` may alias ``logits``."""
+    """``out = (exp((logits - m) - lse) - onehot) * coef`` row by row; ``out`` may alias ``logits``."""
     n_rows, n_cols = logits.shape
     for rows in _row_chunks(n_rows, n_cols):
         c = torch.where(labels[rows] == ignore_index, 0.0, coef[rows].float())
         local, in_shard = _local_target(labels[rows], vocab_start, n_cols, ignore_index)
-        g = torch.exp(logits[rows].float() - lse[rows].unsqueeze(1))  # a new buffer: never aliases logits
+        g = logits[rows].float() - m[rows].unsqueeze(1)  # a new buffer: never aliases logits
+        g.sub_(lse[rows].unsqueeze(1)).exp_()
         g.scatter_add_(1, local.unsqueeze(1), -in_shard.float().unsqueeze(1))
         g.mul_(c.unsqueeze(1))
         g.masked_fill_((c == 0).unsqueeze(1), 0.0)
         out[rows].copy_(g)
+
+
+def merge_stats(ms: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge the statistics of ``K`` pieces of the same rows (vocabulary shards or splits):
+    ``ms``, ``lses`` ``[K, N]`` float32, each piece's ``(m, log(sum(exp(x - m))))`` -> the rows'
+    ``(m [N], lse [N])`` over all pieces, still relative to the max (see the backend contract).
+
+    Pieces whose row holds no finite logit (``lse = -inf``: a shard of a padded vocabulary masked
+    with ``-inf``) weigh nothing; when no piece holds one, ``m = 0`` and ``lse = -inf``. NaN in
+    any piece gives NaN."""
+    neg_inf = float("-inf")
+    holds = lses != neg_inf  # NaN counts as holding something: it must propagate
+    m = torch.where(holds, ms, neg_inf).amax(dim=0)
+    m = torch.where(m == neg_inf, 0.0, m)
+    terms = torch.where(holds, (ms - m) + lses, neg_inf)
+    return m, torch.exp(terms).sum(dim=0).log()
 
 
 def segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:

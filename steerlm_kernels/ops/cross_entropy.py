@@ -4,16 +4,24 @@ Three ``torch.library`` custom ops, opaque to ``torch.compile``, run the backend
 the ``[N, V]`` logits (:func:`steerlm_kernels.registry.backend_kernels`; the Triton kernels are in
 :mod:`steerlm_kernels.kernels.cross_entropy`):
 
-* ``ce_forward_op`` (``steerlm_kernels::ce_forward``): ``(lse[N], target[N])`` float32, after the
-  label range check (kept here, inside the op, so that every caller gets it);
-* ``ce_backward_op`` (``::ce_backward``): ``(exp(x - lse) - onehot) * coef`` in a new buffer;
+* ``ce_forward_op`` (``steerlm_kernels::ce_forward``): ``(m[N], lse[N], target[N])`` float32 (the
+  row max, the log-sum-exp relative to it, the target logit; ``nll = lse - (target - m)``), after
+  the label range check (kept here, inside the op, so that every caller gets it);
+* ``ce_backward_op`` (``::ce_backward``): ``(exp((x - m) - lse) - onehot) * coef`` in a new buffer;
 * ``ce_backward_inplace_op`` (``::ce_backward_``): the same, written over the logits.
 
 :class:`TokenNLLFunction` wires them into autograd; the per-token coefficient ``coef``
 (upstream gradient x mask x weight / normalizer) comes from the O(N) PyTorch glue of
 :mod:`steerlm_kernels.api`. With ``process_group`` (vocabulary parallelism) the rank's partial
-``(lse, target)`` are combined by one collective (:mod:`steerlm_kernels.distributed`); the
+``(m, lse, target)`` are combined by one collective (:mod:`steerlm_kernels.distributed`); the
 backward needs none.
+
+``inplace_backward`` is honoured only where the logits' rows are disjoint in memory: a view whose
+rows may overlap (expanded, stride 0, or any row stride below ``V``; decided from sizes and
+strides alone, nothing is read) falls back to the out-of-place backward, since a gradient written
+over memory that several rows share cannot be right. Double backward is not supported: the
+backward is marked ``once_differentiable`` (differentiating its result raises PyTorch's
+"trying to differentiate twice" ``RuntimeError``; a first-order ``create_graph=True`` works).
 """
 
 from __future__ import annotations
@@ -22,10 +30,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from steerlm_kernels import registry
 from steerlm_kernels.distributed import combine_vocab_partials, vocab_shard
-from steerlm_kernels.validation import check_label_range
+from steerlm_kernels.validation import check_label_range, rows_may_overlap
 
 # --------------------------------------------------------------------------------------------
 # torch.library custom ops (opaque to torch.compile), dispatching on the backend name
@@ -41,9 +50,9 @@ def ce_forward_op(
     ignore_index: int,
     check_labels: bool,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    """``(lse[N], target[N])`` float32 of ``logits [N, V_shard]``; checks labels against the
-    full ``vocab_size`` first when ``check_labels``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m[N], lse[N], target[N])`` float32 of ``logits [N, V_shard]`` (see the registry's
+    contract); checks labels against the full ``vocab_size`` first when ``check_labels``."""
     if check_labels:
         check_label_range(labels, vocab_size, ignore_index)
     return registry.backend_kernels(backend).ce_forward(logits, labels, vocab_start, ignore_index)
@@ -52,34 +61,37 @@ def ce_forward_op(
 @ce_forward_op.register_fake
 def _(logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend):
     n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("steerlm_kernels::ce_backward", mutates_args=())
 def ce_backward_op(
-    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, backend: str
+    logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int,
+    backend: str,
 ) -> Tensor:
     """Gradient of ``sum(coef * nll)`` w.r.t. ``logits``, in a new contiguous tensor."""
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    registry.backend_kernels(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, out)
+    registry.backend_kernels(backend).ce_backward(logits, labels, m, lse, coef, vocab_start, ignore_index, out)
     return out
 
 
 @ce_backward_op.register_fake
-def _(logits, labels, lse, coef, vocab_start, ignore_index, backend):
+def _(logits, labels, m, lse, coef, vocab_start, ignore_index, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("steerlm_kernels::ce_backward_", mutates_args=("logits",))
 def ce_backward_inplace_op(
-    logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int, backend: str
+    logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int,
+    backend: str,
 ) -> None:
-    """In-place form of :func:`ce_backward_op`: overwrites ``logits`` with the gradient."""
-    registry.backend_kernels(backend).ce_backward(logits, labels, lse, coef, vocab_start, ignore_index, logits)
+    """In-place form of :func:`ce_backward_op`: overwrites ``logits`` (whose rows must not
+    overlap in memory) with the gradient."""
+    registry.backend_kernels(backend).ce_backward(logits, labels, m, lse, coef, vocab_start, ignore_index, logits)
 
 
 @ce_backward_inplace_op.register_fake
-def _(logits, labels, lse, coef, vocab_start, ignore_index, backend):
+def _(logits, labels, m, lse, coef, vocab_start, ignore_index, backend):
     return None
 
 
@@ -89,13 +101,14 @@ def _(logits, labels, lse, coef, vocab_start, ignore_index, backend):
 
 
 class TokenNLLFunction(torch.autograd.Function):
-    """``nll[N] = lse - target`` (0 where ignored) of ``logits [N, V]``, differentiable.
+    """``nll[N] = lse - (target - m)`` (0 where ignored) of ``logits [N, V]``, differentiable once.
 
     With ``process_group`` the logits are this rank's vocabulary shard and the partials are
     combined by one collective (:mod:`steerlm_kernels.distributed`); the backward needs none.
-    Saves ``logits`` (no copy), ``labels`` and ``lse`` ([N] float32) for the one-pass backward.
-    With ``inplace_backward`` the gradient is written into the logits' storage, which the caller
-    must not read afterwards.
+    Saves ``logits`` (no copy), ``labels`` and ``m``, ``lse`` ([N] float32 each) for the one-pass
+    backward. With ``inplace_backward`` the gradient is written into the logits' storage, which
+    the caller must not read afterwards, unless the logits' rows may overlap in memory
+    (:func:`steerlm_kernels.validation.rows_may_overlap`): then the backward is out of place.
     """
 
     @staticmethod
@@ -109,19 +122,21 @@ class TokenNLLFunction(torch.autograd.Function):
         backend: str,
         process_group: Any,
     ) -> Tensor:
-        nll, lse, vocab_start = _token_nll_forward(logits, labels, ignore_index, check_labels, backend, process_group)
-        ctx.save_for_backward(logits, labels, lse)
+        nll, m, lse, vocab_start = _token_nll_forward(logits, labels, ignore_index, check_labels, backend,
+                                                      process_group)
+        ctx.save_for_backward(logits, labels, m, lse)
         ctx.vocab_start = vocab_start
         ctx.ignore_index = ignore_index
-        ctx.inplace_backward = inplace_backward
+        ctx.inplace_backward = inplace_backward and not rows_may_overlap(logits)
         ctx.backend = backend
         return nll
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_nll: Tensor):
-        logits, labels, lse = ctx.saved_tensors
+        logits, labels, m, lse = ctx.saved_tensors
         coef = grad_nll.float().contiguous()
-        args = (labels, lse, coef, ctx.vocab_start, ctx.ignore_index, ctx.backend)
+        args = (labels, m, lse, coef, ctx.vocab_start, ctx.ignore_index, ctx.backend)
         if ctx.inplace_backward:
             ce_backward_inplace_op(logits, *args)
             grad = logits
@@ -130,18 +145,24 @@ class TokenNLLFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def nll_from_stats(m: Tensor, lse: Tensor, target: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """``nll = lse - (target - m)``, 0 where ``labels == ignore_index``: both terms are relative to
+    the row max, so no precision is lost to a large common offset of the logits."""
+    return torch.where(labels == ignore_index, 0.0, lse - (target - m))
+
+
 def _token_nll_forward(
     logits: Tensor, labels: Tensor, ignore_index: int, check_labels: bool, backend: str, process_group: Any
-) -> tuple[Tensor, Tensor, int]:
-    """``(nll [N], lse [N], vocab_start)``: the forward op, plus the vocabulary-parallel combine."""
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(nll [N], m [N], lse [N], vocab_start)``: the forward op, plus the vocabulary-parallel combine."""
     n_cols = logits.shape[1]
     vocab_start, vocab_size = vocab_shard(n_cols, process_group)
-    lse, target = ce_forward_op(
+    m, lse, target = ce_forward_op(
         logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend
     )
     if process_group is not None:
-        lse, target = combine_vocab_partials(lse, target, n_cols, process_group)
-    return torch.where(labels == ignore_index, 0.0, lse - target), lse, vocab_start
+        m, lse, target = combine_vocab_partials(m, lse, target, n_cols, process_group)
+    return nll_from_stats(m, lse, target, labels, ignore_index), m, lse, vocab_start
 
 
 def token_nll_2d(

@@ -12,9 +12,10 @@ turns masked tokens into ignored ones) are dropped before the matmuls. Results a
 
 One function per mode:
 
-* :func:`linear_stats` - ``(lse, target)`` (the forward; one GEMM per chunk);
-* :func:`linear_grads` - the gradient of ``sum(coef * nll)`` from a known ``lse`` (the backward,
-  recomputing each chunk's logits; three GEMMs per chunk);
+* :func:`linear_stats` - ``(m, lse, target)`` (the forward; one GEMM per chunk): the row max,
+  the log-sum-exp relative to it and the target logit, as the backend contract's ``ce_forward``;
+* :func:`linear_grads` - the gradient of ``sum(coef * nll)`` from a known ``(m, lse)`` (the
+  backward, recomputing each chunk's logits; three GEMMs per chunk);
 * :func:`linear_stats_and_grads` - both at once when ``coef`` is known at forward time (three
   GEMMs per chunk in all: each chunk's logits are computed once).
 
@@ -176,10 +177,14 @@ class _Grads:
         return self.gh, glm, self.gb.to(self.hidden_dtype)
 
 
+def _stats_buffers(n_rows: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.zeros(n_rows, dtype=torch.float32, device=device) for _ in range(3))  # type: ignore[return-value]
+
+
 def linear_stats(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-                 chunk_rows: int, backend: str) -> tuple[Tensor, Tensor]:
-    """``(lse [N], target [N])`` float32 of ``logits = hidden @ lm_head_weight.T + bias``; ignored rows
-    give 0 / 0.
+                 chunk_rows: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m [N], lse [N], target [N])`` float32 of ``logits = hidden @ lm_head_weight.T + bias``
+    (row max, log-sum-exp relative to it, target logit); ignored rows give 0 / 0 / 0.
 
     Args:
         hidden: ``[N, H]``; lm_head_weight: ``[V, H]``; bias: ``[V]`` or None (one dtype).
@@ -189,24 +194,23 @@ def linear_stats(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, la
     """
     kernels = registry.backend_kernels(backend)
     n_rows = hidden.shape[0]
-    lse = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
-    target = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    stats = _stats_buffers(n_rows, hidden.device)
     if n_rows == 0:
-        return lse, target
+        return stats
     for sel, _, y_c, logits in _Chunks(hidden, lm_head_weight, bias, labels, labels != ignore_index, chunk_rows):
-        lse_c, target_c = kernels.ce_forward(logits, y_c, 0, ignore_index)
-        _put(lse, sel, lse_c)
-        _put(target, sel, target_c)
-    return lse, target
+        for dst, src in zip(stats, kernels.ce_forward(logits, y_c, 0, ignore_index), strict=True):
+            _put(dst, sel, src)
+    return stats
 
 
-def linear_grads(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor,
-                 coef: Tensor, ignore_index: int, chunk_rows: int, backend: str,
+def linear_grads(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, m: Tensor,
+                 lse: Tensor, coef: Tensor, ignore_index: int, chunk_rows: int, backend: str,
                  need: Need) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of ``sum(coef * nll)`` w.r.t. ``(hidden, lm_head_weight, bias)`` from the forward's
-    ``lse [N]``, recomputing the logits; rows with ``coef == 0`` or an ignored label are skipped.
+    ``(m [N], lse [N])``, recomputing the logits; rows with ``coef == 0`` or an ignored label are
+    skipped.
 
-    Args: as :func:`linear_stats`, plus ``lse`` / ``coef`` ``[N]`` float32 and ``need``.
+    Args: as :func:`linear_stats`, plus ``m`` / ``lse`` / ``coef`` ``[N]`` float32 and ``need``.
     """
     kernels = registry.backend_kernels(backend)
     grads = _Grads(hidden, lm_head_weight, bias, need)
@@ -215,35 +219,34 @@ def linear_grads(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, la
     rows = (labels != ignore_index) & (coef != 0)
     chunks = _Chunks(hidden, lm_head_weight, bias, labels, rows, chunk_rows)
     for sel, h_c, y_c, logits in chunks:
-        _ce_backward_in_place(kernels, logits, y_c, _take(lse, sel), _take(coef, sel), ignore_index)
+        _ce_backward_in_place(kernels, logits, y_c, _take(m, sel), _take(lse, sel), _take(coef, sel), ignore_index)
         grads.add(sel, h_c, logits, chunks.lm_head)
     return grads.result()
 
 
 def linear_stats_and_grads(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor,
                            coef: Tensor, ignore_index: int, chunk_rows: int, backend: str,
-                           need: Need) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(lse, target, grad_hidden, grad_lm_head, grad_bias)``: :func:`linear_stats` and
+                           need: Need) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(m, lse, target, grad_hidden, grad_lm_head, grad_bias)``: :func:`linear_stats` and
     :func:`linear_grads` from one computation of each chunk's logits (``coef`` known now)."""
     kernels = registry.backend_kernels(backend)
     grads = _Grads(hidden, lm_head_weight, bias, need)
     n_rows = hidden.shape[0]
-    lse = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
-    target = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    stats = _stats_buffers(n_rows, hidden.device)
     if n_rows == 0:
-        return (lse, target, *grads.result())
+        return (*stats, *grads.result())
     chunks = _Chunks(hidden, lm_head_weight, bias, labels, labels != ignore_index, chunk_rows)
     for sel, h_c, y_c, logits in chunks:
-        lse_c, target_c = kernels.ce_forward(logits, y_c, 0, ignore_index)
-        _put(lse, sel, lse_c)
-        _put(target, sel, target_c)
+        m_c, lse_c, target_c = kernels.ce_forward(logits, y_c, 0, ignore_index)
+        for dst, src in zip(stats, (m_c, lse_c, target_c), strict=True):
+            _put(dst, sel, src)
         if grads.any:
-            _ce_backward_in_place(kernels, logits, y_c, lse_c, _take(coef, sel), ignore_index)
+            _ce_backward_in_place(kernels, logits, y_c, m_c, lse_c, _take(coef, sel), ignore_index)
             grads.add(sel, h_c, logits, chunks.lm_head)
-    return (lse, target, *grads.result())
+    return (*stats, *grads.result())
 
 
-def _ce_backward_in_place(kernels: registry.BackendKernels, logits: Tensor, labels: Tensor, lse: Tensor, coef: Tensor,
-                          ignore_index: int) -> None:
+def _ce_backward_in_place(kernels: registry.BackendKernels, logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor,
+                          coef: Tensor, ignore_index: int) -> None:
     """Turn a chunk's logits into ``d sum(coef * nll) / d logits`` in place."""
-    kernels.ce_backward(logits, labels, lse, coef.float().contiguous(), 0, ignore_index, logits)
+    kernels.ce_backward(logits, labels, m, lse, coef.float().contiguous(), 0, ignore_index, logits)

@@ -12,14 +12,15 @@ passed to the ops as ``strategy``:
 
 Three ops, registered with ``torch.library`` (opaque to ``torch.compile``):
 
-``linear_ce_forward_op(hidden, lm_head_weight, bias, labels, ...) -> (lse[N], target[N])``
-    float32; ``nll = lse - target``; ignored rows give 0 / 0.
-``linear_ce_backward_op(hidden, lm_head_weight, bias, labels, lse, coef, ...)``
+``linear_ce_forward_op(hidden, lm_head_weight, bias, labels, ...) -> (m[N], lse[N], target[N])``
+    float32, as the backend contract's ``ce_forward``: the row max, the log-sum-exp relative to
+    it, the target logit; ``nll = lse - (target - m)``; ignored rows give 0 / 0 / 0.
+``linear_ce_backward_op(hidden, lm_head_weight, bias, labels, m, lse, coef, ...)``
     ``-> (grad_hidden, grad_lm_head, grad_bias)``:
     gradient of ``sum(coef * nll)``, recomputing the logits (used when the upstream gradient is
     only known in backward: :class:`LinearTokenNLLFunction`).
 ``linear_ce_fused_op(hidden, lm_head_weight, bias, labels, coef, ...)``
-    ``-> (lse, target, grad_hidden, grad_lm_head, grad_bias)``:
+    ``-> (m, lse, target, grad_hidden, grad_lm_head, grad_bias)``:
     forward and gradient at once, for a coefficient known at forward time
     (:class:`LinearGradCarrierFunction`): with chunks, each chunk's logits are computed once, so
     forward + backward costs exactly three matmuls.
@@ -32,15 +33,18 @@ are this rank's contiguous shard ``[V/tp, H]`` / ``[V/tp]``, ``hidden`` is repli
 are not told about the shard: the caller turns the global labels into shard-local ones
 (:func:`shard_labels`: labels outside the shard become a sentinel that matches no column, so the
 row still contributes its log-sum-exp but no target logit), the ops yield the local
-``(lse_r, target_r)``, and ONE collective (:func:`steerlm_kernels.distributed.combine_vocab_partials`)
-gives the global ``(lse, target)``. Backward needs no communication: each rank recomputes its own
-logits columns with the global ``lse``. The gradient w.r.t. ``hidden`` is then this rank's
+``(m_r, lse_r, target_r)``, and ONE collective (:func:`steerlm_kernels.distributed.combine_vocab_partials`)
+gives the global ``(m, lse, target)``. Backward needs no communication: each rank recomputes its
+own logits columns with the global ``(m, lse)``. The gradient w.r.t. ``hidden`` is then this rank's
 *partial* contribution ``g_r @ W_r`` (the full one is the sum over the group, as for Megatron's
 column-parallel linear, whose ``copy_to_tensor_model_parallel_region`` all-reduces it);
 ``grad_lm_head`` / ``grad_bias`` are exactly this rank's shard of the full gradients. With a
 coefficient known at forward time the fused single pass is impossible under vocabulary
 parallelism (the gradient needs the global ``lse``): :class:`LinearGradCarrierFunction` then runs
 the forward op, the collective and the recomputing backward op, four matmuls instead of three.
+
+Double backward is not supported: the backwards are ``once_differentiable`` (differentiating
+their results raises PyTorch's "trying to differentiate twice" ``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from steerlm_kernels import registry
 from steerlm_kernels.distributed import combine_vocab_partials
+from steerlm_kernels.ops.cross_entropy import nll_from_stats
 from steerlm_kernels.ops.linear_chunks import linear_grads, linear_stats, linear_stats_and_grads
 from steerlm_kernels.validation import check_label_range
 
@@ -101,9 +107,9 @@ def linear_ce_forward_op(
     strategy: str,
     chunk_rows: int,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    """``(lse[N], target[N])`` float32 of ``logits = hidden @ lm_head_weight.T + bias``; labels are
-    checked against ``V`` first when ``check_labels``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m[N], lse[N], target[N])`` float32 of ``logits = hidden @ lm_head_weight.T + bias``; labels
+    are checked against ``V`` first when ``check_labels``."""
     if check_labels:
         check_label_range(labels, lm_head_weight.shape[0], ignore_index)
     tiles = _tile_kernels(strategy, backend)
@@ -115,7 +121,7 @@ def linear_ce_forward_op(
 @linear_ce_forward_op.register_fake
 def _(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy, chunk_rows, backend):
     n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("steerlm_kernels::linear_ce_backward", mutates_args=())
@@ -124,6 +130,7 @@ def linear_ce_backward_op(
     lm_head_weight: Tensor,
     bias: Tensor | None,
     labels: Tensor,
+    m: Tensor,
     lse: Tensor,
     coef: Tensor,
     ignore_index: int,
@@ -137,15 +144,15 @@ def linear_ce_backward_op(
     """Gradient of ``sum(coef * nll)`` w.r.t. ``(hidden, lm_head_weight, bias)``, recomputing the logits."""
     tiles = _tile_kernels(strategy, backend)
     if tiles is not None:
-        grads = tiles.linear_tiles_backward(hidden, lm_head_weight, bias, labels, lse, coef, ignore_index,
+        grads = tiles.linear_tiles_backward(hidden, lm_head_weight, bias, labels, m, lse, coef, ignore_index,
                                             need_h, need_lm, need_b)
         return _rounded(grads, hidden, lm_head_weight)
-    return linear_grads(hidden, lm_head_weight, bias, labels, lse, coef, ignore_index, chunk_rows, backend,
+    return linear_grads(hidden, lm_head_weight, bias, labels, m, lse, coef, ignore_index, chunk_rows, backend,
                         (need_h, need_lm, need_b))
 
 
 @linear_ce_backward_op.register_fake
-def _(hidden, lm_head_weight, bias, labels, lse, coef, ignore_index, strategy, chunk_rows, backend, need_h,
+def _(hidden, lm_head_weight, bias, labels, m, lse, coef, ignore_index, strategy, chunk_rows, backend, need_h,
       need_lm, need_b):
     return _grad_shapes(hidden, lm_head_weight, bias, need_h, need_lm, need_b)
 
@@ -165,17 +172,17 @@ def linear_ce_fused_op(
     need_h: bool,
     need_lm: bool,
     need_b: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward statistics and the gradient of ``sum(coef * nll)`` in one call (``coef`` known at
-    forward time): ``(lse, target, grad_hidden, grad_lm_head, grad_bias)``."""
+    forward time): ``(m, lse, target, grad_hidden, grad_lm_head, grad_bias)``."""
     if check_labels:
         check_label_range(labels, lm_head_weight.shape[0], ignore_index)
     tiles = _tile_kernels(strategy, backend)
     if tiles is not None:
-        lse, target = tiles.linear_tiles_forward(hidden, lm_head_weight, bias, labels, ignore_index)
-        grads = tiles.linear_tiles_backward(hidden, lm_head_weight, bias, labels, lse, coef, ignore_index,
+        m, lse, target = tiles.linear_tiles_forward(hidden, lm_head_weight, bias, labels, ignore_index)
+        grads = tiles.linear_tiles_backward(hidden, lm_head_weight, bias, labels, m, lse, coef, ignore_index,
                                             need_h, need_lm, need_b)
-        return (lse, target, *_rounded(grads, hidden, lm_head_weight))
+        return (m, lse, target, *_rounded(grads, hidden, lm_head_weight))
     return linear_stats_and_grads(hidden, lm_head_weight, bias, labels, coef, ignore_index, chunk_rows, backend,
                                   (need_h, need_lm, need_b))
 
@@ -184,17 +191,13 @@ def linear_ce_fused_op(
 def _(hidden, lm_head_weight, bias, labels, coef, ignore_index, check_labels, strategy, chunk_rows, backend,
       need_h, need_lm, need_b):
     n = hidden.shape[0]
-    stats = (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32))
+    stats = tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
     return (*stats, *_grad_shapes(hidden, lm_head_weight, bias, need_h, need_lm, need_b))
 
 
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
-
-
-def _nll(lse: Tensor, target: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    return torch.where(labels == ignore_index, 0.0, lse - target)
 
 
 def shard_labels(labels: Tensor, vocab_start: int, n_local: int, ignore_index: int) -> Tensor:
@@ -211,14 +214,14 @@ def shard_labels(labels: Tensor, vocab_start: int, n_local: int, ignore_index: i
 
 def _linear_stats(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
                   check_labels: bool, strategy: str, chunk_rows: int, backend: str,
-                  process_group: Any) -> tuple[Tensor, Tensor]:
-    """Global ``(lse [N], target [N])``: the forward op, plus (with ``process_group``) the one
-    collective combining every shard's partials."""
-    lse, target = linear_ce_forward_op(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy,
-                                       chunk_rows, backend)
+                  process_group: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Global ``(m [N], lse [N], target [N])``: the forward op, plus (with ``process_group``) the
+    one collective combining every shard's partials."""
+    stats = linear_ce_forward_op(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy,
+                                 chunk_rows, backend)
     if process_group is not None:
-        lse, target = combine_vocab_partials(lse, target, lm_head_weight.shape[0], process_group)
-    return lse, target
+        stats = combine_vocab_partials(*stats, lm_head_weight.shape[0], process_group)
+    return stats
 
 
 class LinearTokenNLLFunction(torch.autograd.Function):
@@ -226,25 +229,26 @@ class LinearTokenNLLFunction(torch.autograd.Function):
     hidden, lm_head_weight and bias. Saves the inputs (no copies) and ``lse [N]``; the backward
     recomputes the logits chunk by chunk (tile by tile with the tile kernels). With
     ``process_group``, ``lm_head_weight`` / ``bias`` are this rank's vocabulary shard, ``labels``
-    shard-local (:func:`shard_labels`), the saved ``lse`` is the global one, and
+    shard-local (:func:`shard_labels`), the saved ``(m, lse)`` are the global ones, and
     ``grad_hidden`` is this rank's partial (see the module notes)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
                 check_labels: bool, strategy: str, chunk_rows: int, backend: str, process_group: Any) -> Tensor:
-        lse, target = _linear_stats(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy,
-                                    chunk_rows, backend, process_group)
-        ctx.save_for_backward(hidden, lm_head_weight, bias, labels, lse)
+        m, lse, target = _linear_stats(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy,
+                                       chunk_rows, backend, process_group)
+        ctx.save_for_backward(hidden, lm_head_weight, bias, labels, m, lse)
         ctx.ignore_index, ctx.strategy, ctx.chunk_rows, ctx.backend = ignore_index, strategy, chunk_rows, backend
-        return _nll(lse, target, labels, ignore_index)
+        return nll_from_stats(m, lse, target, labels, ignore_index)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_nll: Tensor):
-        hidden, lm_head_weight, bias, labels, lse = ctx.saved_tensors
+        hidden, lm_head_weight, bias, labels, m, lse = ctx.saved_tensors
         need_h, need_lm, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         gh, glm, gb = linear_ce_backward_op(
-            hidden, lm_head_weight, bias, labels, lse, grad_nll.float().contiguous(), ctx.ignore_index,
+            hidden, lm_head_weight, bias, labels, m, lse, grad_nll.float().contiguous(), ctx.ignore_index,
             ctx.strategy, ctx.chunk_rows, ctx.backend, need_h, need_lm, need_b,
         )
         return (gh if need_h else None, glm if need_lm else None, gb if need_b else None,
@@ -278,19 +282,21 @@ class LinearGradCarrierFunction(torch.autograd.Function):
         coef32 = coef.detach().float().contiguous()
         run = (strategy, chunk_rows, backend, need_h, need_lm, need_b)
         if process_group is None:
-            lse, target, gh, glm, gb = linear_ce_fused_op(hidden, lm_head_weight, bias, labels, coef32, ignore_index,
-                                                          check_labels, *run)
+            m, lse, target, gh, glm, gb = linear_ce_fused_op(hidden, lm_head_weight, bias, labels, coef32,
+                                                             ignore_index, check_labels, *run)
         else:
-            lse, target = _linear_stats(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy,
-                                        chunk_rows, backend, process_group)
-            gh, glm, gb = linear_ce_backward_op(hidden, lm_head_weight, bias, labels, lse, coef32, ignore_index, *run)
-        nll = _nll(lse, target, labels, ignore_index)
+            m, lse, target = _linear_stats(hidden, lm_head_weight, bias, labels, ignore_index, check_labels,
+                                           strategy, chunk_rows, backend, process_group)
+            gh, glm, gb = linear_ce_backward_op(hidden, lm_head_weight, bias, labels, m, lse, coef32, ignore_index,
+                                                *run)
+        nll = nll_from_stats(m, lse, target, labels, ignore_index)
         ctx.save_for_backward(gh, glm, gb)
         ctx.need = (need_h, need_lm, need_b)
         ctx.mark_non_differentiable(nll)
         return lse.new_zeros(()), nll
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_carrier: Tensor, grad_nll: Tensor | None):
         g = grad_carrier.float()
         scaled = [(x * g).to(x.dtype) if need else None for x, need in zip(ctx.saved_tensors, ctx.need, strict=True)]
@@ -312,8 +318,7 @@ def linear_token_nll(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None
     args = (ignore_index, check_labels, strategy, chunk_rows, backend, process_group)
     if _needs_grad(hidden, lm_head_weight, bias):
         return LinearTokenNLLFunction.apply(hidden, lm_head_weight, bias, labels, *args)
-    lse, target = _linear_stats(hidden, lm_head_weight, bias, labels, *args)
-    return _nll(lse, target, labels, ignore_index)
+    return nll_from_stats(*_linear_stats(hidden, lm_head_weight, bias, labels, *args), labels, ignore_index)
 
 
 def linear_nll_with_grad(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
@@ -327,5 +332,5 @@ def linear_nll_with_grad(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | 
     if _needs_grad(hidden, lm_head_weight, bias):
         carrier, nll = LinearGradCarrierFunction.apply(hidden, lm_head_weight, bias, labels, coef, *args)
         return nll, carrier
-    lse, target = _linear_stats(hidden, lm_head_weight, bias, labels, *args)
-    return _nll(lse, target, labels, ignore_index), None
+    stats = _linear_stats(hidden, lm_head_weight, bias, labels, *args)
+    return nll_from_stats(*stats, labels, ignore_index), None
