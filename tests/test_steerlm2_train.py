@@ -1,124 +1,221 @@
-"""``train``: the embedded default halves the distance; options, outputs and errors."""
+"""``steerlm-kernels train``: outputs (checkpoints, final/ that from_pretrained loads, strict
+metrics.jsonl), resume equality, signals, several processes, and one-line failures."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from steerlm_kernels.steerlm2 import train
-from steerlm_kernels.steerlm2.data import sample_data_path
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from steerlm_kernels.steerlm2 import train  # noqa: E402
+from steerlm_kernels.steerlm2.data import sample_data_path  # noqa: E402
+
+FAST = ["--groups-per-step", "2", "--backend", "torch", "--max-seq-length", "4096"]
+KEYS = ("step", "loss", "distance", "lr", "grad_norm", "tokens")
 
 
-def parse(*argv: str) -> argparse.Namespace:
-    return train.add_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def has_matplotlib() -> bool:
+def env() -> dict[str, str]:
+    """The children's environment: one thread each, no Triton interpreter (a CPU run has no triton)."""
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "steerlm_kernels", "train", *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env())
+
+
+def strict_lines(path: Path) -> list[dict]:
+    def reject(constant: str) -> None:
+        raise AssertionError(f"{path}: non-strict JSON constant {constant}")
+
+    return [json.loads(line, parse_constant=reject) for line in path.read_text().splitlines()]
+
+
+def steps_of(out: Path) -> list[dict]:
+    return [{k: r[k] for k in KEYS} for r in strict_lines(out / "metrics.jsonl") if "loss" in r]
+
+
+def test_options_have_nemo_defaults_for_model_directories():
+    parse = train.add_arguments(argparse.ArgumentParser()).parse_args
+    nemo = train._settings(parse(["--model", "some/dir"]))
+    assert nemo["lr"] == 3e-5 and nemo["min_lr"] == 9e-7 and nemo["warmup_steps"] == 10
+    assert nemo["lr_schedule"] == "cosine" and nemo["weight_decay"] == 0.01 and nemo["adam_betas"] == (0.9, 0.98)
+    assert nemo["grad_clip"] == 1.0 and nemo["save_every"] == 100 and nemo["save_total_limit"] == 5
+    tiny = train._settings(parse(["--lr", "1e-3"]))
+    assert tiny["lr"] == 1e-3 and tiny["steps"] == 120 and tiny["lr_schedule"] == "constant"
+    assert parse([]).max_seq_length >= 4096 and parse([]).template == "nemo"
+
+
+def test_run_writes_checkpoints_final_and_strict_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(sample_data_path().read_text().splitlines(keepends=True)[:3]))
+    assert train.main([*FAST, "--steps", "4", "--save-every", "2", "--save-total-limit", "1", "--eval-every", "2",
+                       "--val-data", str(val), "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4/4" in text and "tok/s" in text and "validation at step 4" in text
+    records = strict_lines(out / "metrics.jsonl")
+    train_lines = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3, 4]
+    for r in train_lines:
+        assert set(r) >= {"step", "loss", "distance", "lr", "grad_norm", "tokens_per_s"}
+        assert r["distance"] >= 0 and r["tokens_per_s"] > 0 and r["lr"] == pytest.approx(3e-3)
+    assert [(r["step"], set(r)) for r in records if "val_loss" in r] == [(2, {"step", "val_loss", "val_distance"}),
+                                                                         (4, {"step", "val_loss", "val_distance"})]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["summary"]["steps"] == 4 and summary["config"]["template"] == "nemo"
     try:
         import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
-
-def check_outputs(out: Path, steps: int) -> dict:
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["steps"]) == steps
-    assert set(metrics["steps"][0]) >= {"step", "loss", "distance", "tokens", "seconds", "tokens_per_s"}
-    assert metrics["summary"]["steps"] == steps
-    if has_matplotlib():
         assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    else:
-        assert not (out / "metrics.png").exists()
-    return metrics
+    except ImportError:
+        pass
+    # final/ is a Hugging Face directory: from_pretrained gives the trained model's logits
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = transformers.AutoTokenizer.from_pretrained(out / "final")
+    ckpt = transformers.AutoModelForCausalLM.from_pretrained(out / "checkpoint-4")
+    ids = torch.tensor([tok.encode("<extra_id_1>User\nhello\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ckpt(ids).logits, rtol=0, atol=0)
+    from steerlm_kernels.steerlm2.hf_models import build_tiny
+
+    init, _ = build_tiny(0)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, init(ids).logits)  # trained, not the initial weights
 
 
-SHORT_STEPS = 60
+def test_three_steps_resumed_to_six_equal_six(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train.main([*FAST, "--steps", "6", "--output", str(full)]) == 0
+    assert train.main([*FAST, "--steps", "3", "--save-every", "3", "--output", str(cut)]) == 0
+    assert train.main([*FAST, "--steps", "6", "--resume", "auto", "--output", str(cut)]) == 0
+    a, b = steps_of(full), steps_of(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a[3:], b[3:]):
+        assert x == pytest.approx(y, rel=1e-6)
+    m1 = transformers.AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
+    m2 = transformers.AutoModelForCausalLM.from_pretrained(cut / "final").state_dict()
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-@pytest.mark.slow
-def test_default_run_halves_the_distance(tmp_path, capsys):
-    """Acceptance: the embedded default (bundled sample + tiny model, CPU) brings the mean
-    distance of the last steps below half of the first step's. Shortened to its first half: the
-    learning rate is constant, so this is exactly a prefix of the default run."""
-    assert train.DEFAULTS["steps"] >= SHORT_STEPS
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_run_checkpoints_and_resumes(tmp_path, signum):
     out = tmp_path / "run"
-    assert train.run(parse("--output", str(out), "--steps", str(SHORT_STEPS))) == 0
-    metrics = check_outputs(out, SHORT_STEPS)
-    s = metrics["summary"]
-    assert s["last_distance_mean"] < 0.5 * s["first_distance"], s
-    assert metrics["config"]["model"] == "tiny" and metrics["config"]["device"] == "cpu"
-    text = capsys.readouterr().out
-    assert f"{SHORT_STEPS}/{SHORT_STEPS}" in text and "distance" in text
-    assert "tok/s" in text and "wrote" in text
+    proc = subprocess.Popen([sys.executable, "-m", "steerlm_kernels", "train", *FAST, "--steps", "200",
+                             "--save-every", "1000", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signum, (stdout, stderr)
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stderr
+    steps = [r["step"] for r in strict_lines(out / "metrics.jsonl") if "loss" in r]
+    last = steps[-1]
+    assert steps == list(range(1, last + 1)) and last < 200
+    assert (out / f"checkpoint-{last}" / "trainer_state.json").is_file()
+    assert not (out / "final").exists()
+    done = cli(*FAST, "--steps", str(last + 1), "--resume", "auto", "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in strict_lines(out / "metrics.jsonl") if "loss" in r] == list(range(1, last + 2))
+    assert (out / "final" / "config.json").is_file()
 
 
-def test_short_run_with_options(tmp_path, capsys):
-    out = tmp_path / "short"
-    argv = ["--steps", "3", "--groups-per-step", "3", "--micro-batch-size", "5", "--forward-micro-batch-size", "7",
-            "--backend", "torch", "--lr", "1e-3", "--seed", "3", "--output", str(out)]
-    assert train.main(argv) == 0
-    metrics = check_outputs(out, 3)
-    cfg = metrics["config"]
-    assert cfg["micro_batch_size"] == 5 and cfg["forward_micro_batch_size"] == 7 and cfg["backend"] == "torch"
-    assert cfg["data"] == str(sample_data_path())
-    for step in metrics["steps"]:
-        assert step["responses"] >= 3 * 4  # 3 groups of 4-8 responses
-        assert step["distance"] >= 0
-    assert "3/3" in capsys.readouterr().out
+def test_two_processes_equal_one(tmp_path):
+    """torchrun, 2 CPU processes (gloo) with 1 group each = 1 process with 2 groups per step."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    argv = [*FAST, "--steps", "3", "--device", "cpu"]
+    assert train.main([*argv, "--output", str(one)]) == 0
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "steerlm_kernels", "train", *argv, "--output", str(two)],
+                         capture_output=True, text=True, timeout=400, env=env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "x 2" in run.stdout  # on cpu x 2 processes
+    a, b = steps_of(one), steps_of(two)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, rel=2e-5, abs=1e-6)
+    m1 = transformers.AutoModelForCausalLM.from_pretrained(one / "final").state_dict()
+    m2 = transformers.AutoModelForCausalLM.from_pretrained(two / "final").state_dict()
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k], rtol=1e-4, atol=1e-5, msg=k)  # Adam steps ~ lr = 3e-3
 
 
-def test_custom_data(tmp_path):
-    records = [
-        {"system": "", "prompt_turns": [{"from": "User", "value": f"Question {i}?"}], "label": "helpfulness:4",
-         "responses": [{"value": "yes." * (j + 1), "log(P(a|x,y))": -1.0 * j, "log(P(y|x))": -3.0 - j,
-                        "log(Q(y|a,x))": -2.5 - j} for j in range(2 + i % 3)]}
-        for i in range(6)
+def test_non_finite_loss_never_exits_zero(tmp_path):
+    from steerlm_kernels.steerlm2.hf_models import build_tiny
+
+    model, tok = build_tiny(0)
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    tok.save_pretrained(tmp_path / "nan")
+    out = tmp_path / "out"
+    code = train.main([*FAST, "--model", str(tmp_path / "nan"), "--steps", "3", "--device", "cpu",
+                       "--precision", "fp32", "--output", str(out)])
+    assert code == train.EXIT_NO_TRAINING
+    assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
+    assert strict_lines(out / "metrics.jsonl")[0]["loss"] is None
+
+
+def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    afile = tmp_path / "a_file"
+    afile.write_text("keep me\n")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(sample_data_path().read_text().splitlines()[0] + "\n{not json\n")
+    cases = [
+        (["--output", str(afile)], "--output"),
+        (["--output", "/proc/x"], "--output"),
+        (["--output", "/dev/null/sub"], "--output"),
+        (["--steps", "0"], "--steps"),
+        (["--lr", "nan"], "--lr"),
+        (["--val-fraction", "2"], "--val-fraction"),
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["--data", str(bad_json)], "bad.jsonl"),
+        (["--model", str(tmp_path / "no_model")], "--model"),
+        (["--resume", str(tmp_path)], "--resume"),
+        (["--groups-per-step", "1000"], "--groups-per-step"),
     ]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = tmp_path / "o"
-    assert train.main(["--data", str(data), "--steps", "4", "--groups-per-step", "2", "--output", str(out)]) == 0
-    metrics = check_outputs(out, 4)
-    assert metrics["config"]["data"] == str(data)
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "--device"), (["--backend", "triton"], "--backend triton"),
+                  (["--precision", "fp16"], "--precision")]
+    return cases
 
 
-def test_bad_options(tmp_path, capsys):
-    assert train.main(["--steps", "0", "--output", str(tmp_path / "a")]) == 2
-    assert "--steps" in capsys.readouterr().err
-    assert train.main(["--model", str(tmp_path / "nope"), "--output", str(tmp_path / "b")]) == 2
-    assert "neither a built-in model" in capsys.readouterr().err
-    assert train.main(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "c")]) == 2
-    assert not (tmp_path / "a").exists()
-
-
-def test_hugging_face_model_directory(tmp_path):
-    """``--model DIR``: a tiny Llama and a word-level tokenizer saved locally (no download)."""
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    words = set()
-    for line in sample_data_path().read_text().splitlines():
-        rec = json.loads(line)
-        texts = [rec["system"], *(t["value"] for t in rec["prompt_turns"]), *(r["value"] for r in rec["responses"])]
-        for text in texts + ["User: Assistant [helpfulness:0,verbosity:0]: System:"]:
-            words.update(text.replace(".", " . ").replace("?", " ? ").replace(":", " : ").replace(",", " , ")
-                         .replace("[", " [ ").replace("]", " ] ").split())
-    vocab = {w: i for i, w in enumerate(["[UNK]", "[PAD]", "[BOS]", "[EOS]", *sorted(words)])}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-                                               bos_token="[BOS]", eos_token="[EOS]")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, bos_token_id=2, eos_token_id=3, pad_token_id=1)
-    model_dir = tmp_path / "llama"
-    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    out = tmp_path / "o"
-    assert train.main(["--model", str(model_dir), "--steps", "2", "--groups-per-step", "2", "--device", "cpu",
-                       "--output", str(out)]) == 0
-    metrics = check_outputs(out, 2)
-    assert metrics["config"]["model"] == str(model_dir)
+def test_every_failure_is_one_line(tmp_path):
+    for argv, names in bad_cases(tmp_path):
+        out = tmp_path / "o" if "--output" not in argv else None
+        full = argv + (["--output", str(out)] if out else [])
+        result = cli(*full)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode not in (0, None), (argv, result.stdout)
+        assert len(lines) == 1 and "Traceback" not in result.stderr, (argv, result.stderr)
+        assert names in lines[0], (argv, lines[0])
+        if out is not None:
+            assert not (out / "final").exists()
+    assert (tmp_path / "a_file").read_text() == "keep me\n"  # nothing already there is lost

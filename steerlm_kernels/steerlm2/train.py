@@ -1,16 +1,25 @@
-"""``steerlm-kernels train``: SteerLM 2.0 training on a JSONL file and a causal LM.
+"""``steerlm-kernels train``: SteerLM 2.0 training, a thin command over :class:`SteerLM2Trainer`.
 
 With no arguments it runs an embedded default - the bundled sample data
-(:func:`~steerlm_kernels.steerlm2.records.sample_data_path`) and a
-:class:`~steerlm_kernels.steerlm2.tiny_lm.TinyCausalLM` with the byte tokenizer, on CPU, in about a
-minute - printing loss, distance and tokens/s per step with a progress bar, then a summary. It
-writes ``metrics.json`` and (when matplotlib is installed: ``pip install 'steerlm-kernels[plot]'``)
-``metrics.png`` to ``--output``.
+(:func:`~steerlm_kernels.steerlm2.records.sample_data_path`) and the built-in tiny Llama
+(:func:`~steerlm_kernels.steerlm2.hf_models.build_tiny`) on CPU in about a minute - printing loss,
+distance and tokens/s per step with a progress bar.
 
-Each step takes ``--groups-per-step`` whole prompt groups, runs
-:meth:`GPTSteerLMModel.get_loss_and_metrics` (baseline phase, then the weighted loss with
-gradient accumulation over micro-batches) and one AdamW step (gradient norm clipped to 1).
-The ``distance`` of a step is ``KL(ws || baseline)`` of the model *before* that step's update.
+``--output DIR`` (checked and created before anything is trained) receives ``checkpoint-<step>/``
+every ``--save-every`` steps (the newest ``--save-total-limit`` kept; resumable with ``--resume
+auto|PATH``), ``final/`` (a Hugging Face model directory with its tokenizer), ``metrics.jsonl`` (one
+strict-JSON line per step and per evaluation), ``summary.json`` and ``metrics.png`` (matplotlib).
+
+Defaults: for a model directory NeMo-Aligner's (``gpt_sft.yaml``: lr 3e-5 cosine to 9e-7 after 10
+warm-up steps, weight decay 0.01, betas 0.9/0.98, gradient clip 1.0, bf16 on CUDA, one epoch, checkpoints
+and validation every 100 steps, 5 kept); for the built-in models a preset tuned to show learning in a
+minute on CPU (lr 3e-3 constant, no weight decay, betas 0.9/0.95, fp32, 120 steps).
+
+Exit status: 0 done; 2 bad option or data (one line naming it); 3 no usable training (non-finite
+loss); 1 another error (one line; ``STEERLM_KERNELS_DEBUG=1`` shows the traceback); 128 + the signal
+number after SIGTERM (143) or SIGINT (130), which stop training after the current step and write a
+checkpoint first. Several processes: ``torchrun --nproc_per_node N -m steerlm_kernels train ...``
+(``--groups-per-step`` is the global batch, split over the ranks).
 """
 
 from __future__ import annotations
@@ -18,252 +27,385 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-__all__ = ["DEFAULTS", "add_arguments", "load_model", "run"]
+__all__ = ["BUILTIN_PRESET", "NEMO_PRESET", "TrainError", "add_arguments", "main", "run"]
 
-#: The embedded default run, tuned on the bundled sample: the mean distance of the last steps falls
-#: to about a tenth of the first step's (below half after 60 steps already); about 15 s on 2 idle
-#: CPU cores, a minute or more when the cores are shared. The learning rate is constant, so a run
-#: with fewer ``--steps`` is exactly a prefix of the default run.
-DEFAULTS: dict[str, Any] = {
-    "model": "tiny",
-    "steps": 120,
-    "lr": 3e-3,
-    "groups_per_step": 8,
-    "micro_batch_size": 16,
-    "forward_micro_batch_size": 32,
-    "max_seq_length": 512,
-    "seed": 0,
-    "backend": "auto",
-    "device": "auto",
+#: Defaults for a Hugging Face model directory: NeMo-Aligner's gpt_sft.yaml (SteerLM 2.0 trains with it).
+NEMO_PRESET: dict[str, Any] = {
+    "steps": None, "lr": 3e-5, "min_lr": 9e-7, "warmup_steps": 10, "lr_schedule": "cosine", "weight_decay": 0.01,
+    "adam_betas": (0.9, 0.98), "grad_clip": 1.0, "precision": "auto", "save_every": 100, "eval_every": 100,
+    "save_total_limit": 5,
 }
-#: Number of final steps whose mean distance the summary compares with the first step's.
+#: Defaults for the built-in models (the embedded default run): the mean distance of the last steps
+#: falls well below the first step's; constant lr, so a run with fewer ``--steps`` is a prefix of it.
+BUILTIN_PRESET: dict[str, Any] = {
+    "steps": 120, "lr": 3e-3, "min_lr": 0.0, "warmup_steps": 0, "lr_schedule": "constant", "weight_decay": 0.0,
+    "adam_betas": (0.9, 0.95), "grad_clip": 1.0, "precision": "fp32", "save_every": 60, "eval_every": 20,
+    "save_total_limit": 2,
+}
+#: Final steps whose mean distance the summary compares with the first step's.
 LAST_STEPS = 5
+EXIT_BAD_INPUT, EXIT_NO_TRAINING, EXIT_ERROR = 2, 3, 1
+
+
+class TrainError(Exception):
+    """A failure reported as one line (``code``: the exit status)."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``train`` options to ``parser`` (a sub-command parser); returns it."""
-    d = DEFAULTS
-    parser.description = ("SteerLM 2.0 training on a JSONL file and a causal LM; with no arguments, the bundled "
-                          "sample and a tiny model on CPU (about a minute).")
-    parser.add_argument("--data", default=None,
-                        help="SteerLM 2.0 JSONL file (default: the bundled sample, 40 prompts)")
-    parser.add_argument("--model", default=d["model"],
-                        help="a Hugging Face model directory (AutoModelForCausalLM + AutoTokenizer; needs "
-                             "transformers) or a built-in tiny model: tiny, small (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate (default: %(default)s)")
-    parser.add_argument("--groups-per-step", type=int, default=d["groups_per_step"],
-                        help="prompt groups (with all their responses) per step (default: %(default)s)")
-    parser.add_argument("--micro-batch-size", type=int, default=d["micro_batch_size"],
-                        help="responses per training micro-batch (cfg.steerlm2.micro_batch_size; "
-                             "default: %(default)s)")
-    parser.add_argument("--forward-micro-batch-size", type=int, default=d["forward_micro_batch_size"],
-                        help="responses per baseline-phase forward (cfg.steerlm2.forward_micro_batch_size; "
-                             "default: %(default)s)")
-    parser.add_argument("--max-seq-length", type=int, default=d["max_seq_length"],
-                        help="longest sequence; longer groups are dropped, never truncated (default: %(default)s)")
-    parser.add_argument("--device", default=d["device"],
-                        help="torch device; auto = cpu for the built-in tiny models, else cuda when available")
-    parser.add_argument("--backend", default=d["backend"], choices=("auto", "triton", "cpp", "torch"),
-                        help="kernel backend (default: %(default)s)")
-    parser.add_argument("--output", default=None, help="output directory (default: runs/<timestamp>)")
-    parser.add_argument("--seed", type=int, default=d["seed"], help="seed of the model init and data order")
+    parser.description = ("SteerLM 2.0 training (Hugging Face Trainer) on a JSONL file and a causal LM; with no "
+                          "arguments, the bundled sample and the tiny model on CPU (about a minute).")
+    a = parser.add_argument
+    a("--data", default=None, help="SteerLM 2.0 JSONL file (default: the bundled sample, 40 prompts)")
+    a("--val-data", default=None, help="validation JSONL file (loss and distance every --eval-every steps)")
+    a("--val-fraction", type=float, default=None, help="hold out this fraction of --data's groups for validation")
+    a("--eval-every", type=int, default=None, help="steps between validations (NeMo: 100; tiny: 20)")
+    a("--model", default="tiny", help="a local Hugging Face model directory, or a built-in model: tiny, small")
+    a("--template", default="nemo", choices=("nemo", "chat", "plain"),
+      help="prompt format: nemo (NeMo-Aligner's SteerLM2Dataset), chat (the tokenizer's chat template), plain")
+    a("--steps", type=int, default=None, help="optimizer steps (default: 120 for the built-in models, else 1 epoch)")
+    a("--groups-per-step", type=int, default=8,
+      help="prompt groups (with all their responses) per step, over all ranks (default: %(default)s)")
+    a("--micro-batch-size", type=int, default=16, help="responses per training micro-batch (default: %(default)s)")
+    a("--forward-micro-batch-size", type=int, default=32,
+      help="responses per baseline-phase forward (default: %(default)s)")
+    a("--max-seq-length", type=int, default=4096,
+      help="longest sequence; longer groups are dropped (counted), never truncated (default: %(default)s)")
+    a("--lr", type=float, default=None, help="peak learning rate (NeMo: 3e-5; tiny: 3e-3)")
+    a("--min-lr", type=float, default=None, help="final learning rate of the cosine schedule (NeMo: 9e-7)")
+    a("--warmup-steps", type=int, default=None, help="linear warm-up steps (NeMo: 10)")
+    a("--lr-schedule", choices=("constant", "cosine"), default=None, help="after warm-up (NeMo: cosine)")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay (NeMo: 0.01)")
+    a("--adam-betas", type=float, nargs=2, default=None, metavar=("B1", "B2"), help="AdamW betas (NeMo: 0.9 0.98)")
+    a("--grad-clip", type=float, default=None, help="gradient-norm clip, 0 = off (NeMo: 1.0)")
+    a("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+      help="autocast precision; weights keep their loaded dtype (auto: bf16 on CUDA, else fp32)")
+    a("--save-every", type=int, default=None, help="steps between checkpoints (NeMo: 100)")
+    a("--save-total-limit", type=int, default=None, help="newest checkpoints kept (NeMo: 5)")
+    a("--resume", default=None, help="a checkpoint directory, or auto: the newest in --output")
+    a("--fsdp", default=None, help="Trainer's FSDP option, e.g. 'full_shard auto_wrap' (CUDA, torchrun)")
+    a("--device", default="auto", help="auto (cpu for the built-in models, else cuda when available), cpu, cuda")
+    a("--backend", default="auto", choices=("auto", "triton", "cpp", "torch", "cuda"), help="kernel backend")
+    a("--output", default=None, help="output directory (default: runs/<timestamp>)")
+    a("--seed", type=int, default=0, help="seed of the model init and data order (default: %(default)s)")
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"steerlm-kernels train: error: {message}", file=sys.stderr)
-    return 2
+def _is_builtin(spec: str) -> bool:
+    return spec in ("tiny", "small")
 
 
-def load_model(spec: str, device: torch.device, seed: int, max_seq_len: int) -> tuple[nn.Module, Any, str]:
-    """Build the model and its tokenizer from ``spec``.
-
-    ``spec``: a built-in name of :data:`steerlm_kernels.steerlm2.tiny_lm.TINY_CONFIGS` (byte tokenizer,
-    deterministic init from ``seed``, ``max_seq_len`` learned positions) or a Hugging Face model
-    directory (loaded in float32). Returns ``(model on device, tokenizer, description)``.
-    """
-    from steerlm_kernels.steerlm2.tiny_lm import TINY_CONFIGS, TinyCausalLM
-    from steerlm_kernels.steerlm2.tokenization import ByteTokenizer
-
-    if spec in TINY_CONFIGS:
-        tok = ByteTokenizer()
-        cfg = TINY_CONFIGS[spec]
-        model = TinyCausalLM(tok.vocab_size, max_seq_len=max_seq_len, seed=seed, **cfg)
-        desc = f"TinyCausalLM '{spec}' ({', '.join(f'{k}={v}' for k, v in cfg.items())}), byte tokenizer"
-        return model.to(device), tok, desc
-    path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(f"--model {spec!r} is neither a built-in model ({', '.join(TINY_CONFIGS)}) nor a directory")
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError(f"--model {spec!r} is a Hugging Face directory: pip install transformers") from None
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
-    tok = transformers.AutoTokenizer.from_pretrained(str(path))
-    return model.to(device=device, dtype=torch.float32), tok, f"{type(model).__name__} from {path}"
+def _settings(ns: argparse.Namespace) -> dict[str, Any]:
+    """The options with the preset filled in, checked (TrainError naming the option)."""
+    preset = BUILTIN_PRESET if _is_builtin(ns.model) else NEMO_PRESET
+    s = {k: (preset[k] if getattr(ns, k, None) is None else getattr(ns, k)) for k in preset}
+    s["adam_betas"] = tuple(s["adam_betas"])
+    for name in ("groups_per_step", "micro_batch_size", "forward_micro_batch_size", "max_seq_length"):
+        s[name] = getattr(ns, name)
+    for name in ("steps", "groups_per_step", "micro_batch_size", "forward_micro_batch_size", "max_seq_length",
+                 "save_every", "eval_every", "save_total_limit"):
+        if s[name] is not None and s[name] < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {s[name]}")
+    if s["warmup_steps"] < 0:
+        raise TrainError(f"--warmup-steps must be >= 0, got {s['warmup_steps']}")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        if not (math.isfinite(s[name]) and s[name] >= 0) or (name == "lr" and s[name] == 0):
+            raise TrainError(f"--{name.replace('_', '-')} must be a finite number {'> 0' if name == 'lr' else '>= 0'}"
+                             f", got {s[name]}")
+    if not all(0 <= b < 1 for b in s["adam_betas"]):
+        raise TrainError(f"--adam-betas must be in [0, 1), got {s['adam_betas']}")
+    if ns.val_fraction is not None and not 0 < ns.val_fraction < 1:
+        raise TrainError(f"--val-fraction must be in (0, 1), got {ns.val_fraction}")
+    if ns.val_fraction is not None and ns.val_data is not None:
+        raise TrainError("--val-data and --val-fraction exclude each other")
+    return s
 
 
-class _Progress:
-    """A dependency-free progress line per step: ``[#####-----] k/n`` with metrics and ETA."""
+def _device(ns: argparse.Namespace, precision: str) -> tuple[torch.device, str]:
+    """The device and the resolved precision; TrainError for a device / backend this machine lacks."""
+    import steerlm_kernels as sk
 
-    def __init__(self, total: int, width: int = 24) -> None:
-        self.total = total
-        self.width = width
-        self.start = time.perf_counter()
-
-    def step(self, k: int, text: str) -> None:
-        done = round(self.width * k / max(self.total, 1))
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / k * (self.total - k) if k else 0.0
-        digits = len(str(self.total))
-        print(f"[{'#' * done}{'-' * (self.width - done)}] {k:>{digits}}/{self.total} {text} "
-              f"| {elapsed:5.1f}s eta {eta:4.0f}s", flush=True)
-
-
-def _plot(steps: list[dict[str, float]], path: Path, title: str) -> str | None:
-    """Write the loss / distance curves to ``path``; returns why not when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install 'steerlm-kernels[plot]')"
-    xs = [s["step"] for s in steps]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax1.plot(xs, [s["loss"] for s in steps], color="tab:blue")
-    ax1.set_ylabel("loss")
-    ax1.axhline(0.0, color="grey", lw=0.5)
-    ax2.plot(xs, [s["distance"] for s in steps], color="tab:red")
-    ax2.set_ylabel("distance KL(ws || baseline)")
-    ax2.set_xlabel("step")
-    ax1.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
-
-
-def _resolve_device(name: str, model_spec: str) -> torch.device:
-    from steerlm_kernels.steerlm2.tiny_lm import TINY_CONFIGS
-
+    name = ns.device
     if name == "auto":
-        if model_spec in TINY_CONFIGS or not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda")
-    return torch.device(name)
+        name = "cpu" if _is_builtin(ns.model) or not torch.cuda.is_available() else "cuda"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise TrainError(f"--device {ns.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {ns.device}: CUDA is not available here (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device {ns.device!r}: only cpu and cuda are supported")
+    if ns.backend != "auto":
+        status = sk.backends().get(ns.backend)
+        interpreted = ns.backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+        if status is not None and not status.available and not interpreted:
+            raise TrainError(f"--backend {ns.backend}: not available here ({status.reason})")
+        if ns.backend in ("triton", "cuda") and device.type != "cuda" and not interpreted:
+            raise TrainError(f"--backend {ns.backend} needs a CUDA device, this run is on {device}")
+        if ns.backend == "cpp" and device.type != "cpu":
+            raise TrainError(f"--backend cpp runs on CPU tensors, this run is on {device}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return device, precision
+
+
+def _datasets(ns: argparse.Namespace, tokenizer: Any, rank0: bool) -> tuple[Any, Any, str]:
+    """``(train, validation or None, description)``; TrainError for unusable data."""
+    import inspect
+
+    from steerlm_kernels.steerlm2.data import SteerLM2Dataset, SteerLMDataWarning, sample_data_path
+
+    kwargs: dict[str, Any] = {"tokenizer": tokenizer, "max_seq_length": ns.max_seq_length}
+    if "template" in inspect.signature(SteerLM2Dataset).parameters:
+        kwargs["template"] = ns.template
+
+    def load(path: Any, option: str) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SteerLMDataWarning)
+            try:
+                ds = SteerLM2Dataset(path, **kwargs)
+            except (ValueError, OSError, RecursionError, OverflowError) as exc:
+                raise TrainError(f"{option}: {exc}") from None
+        if rank0:
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
+        return ds
+
+    train = load(ns.data if ns.data is not None else sample_data_path(), "--data")
+    desc = (f"{train.source}: {len(train)} prompt groups, {train.num_responses_total} responses"
+            + (f" ({train.num_dropped} groups dropped: longer than --max-seq-length {ns.max_seq_length})"
+               if train.num_dropped else ""))
+    val = None
+    if ns.val_data is not None:
+        val = load(ns.val_data, "--val-data")
+        desc += f"; validation {val.source}: {len(val)} groups"
+    elif ns.val_fraction is not None:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(ns.seed)).tolist()
+        n_val = max(1, round(ns.val_fraction * len(train)))
+        if n_val >= len(train):
+            raise TrainError(f"--val-fraction {ns.val_fraction} leaves no training group of {len(train)}")
+        val = torch.utils.data.Subset(train, sorted(order[:n_val]))
+        kept = torch.utils.data.Subset(train, sorted(order[n_val:]))
+        kept.source, kept.pad_id, kept.label_pad_id = train.source, train.pad_id, train.label_pad_id
+        kept.max_seq_length, kept.pad_to_multiple_of = train.max_seq_length, train.pad_to_multiple_of
+        desc += f"; validation: {n_val} held-out groups (--val-fraction {ns.val_fraction})"
+        train = kept
+    return train, val, desc
+
+
+def _training_arguments(ns: argparse.Namespace, s: dict[str, Any], out: Path, device: torch.device,
+                        precision: str, world: int, has_val: bool, steps: int) -> Any:
+    import transformers
+
+    per_device = s["groups_per_step"] // world
+    kwargs: dict[str, Any] = {}
+    if s["lr_schedule"] == "cosine":
+        kwargs.update(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": s["min_lr"]})
+    else:
+        kwargs.update(lr_scheduler_type="constant_with_warmup")
+    if has_val:
+        kwargs.update(eval_strategy="steps", eval_steps=s["eval_every"], per_device_eval_batch_size=per_device)
+    if ns.fsdp:
+        kwargs.update(fsdp=ns.fsdp)
+    if device.type == "cpu" and world > 1:
+        kwargs.update(ddp_backend="gloo")
+    return transformers.TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=1, learning_rate=s["lr"], warmup_steps=s["warmup_steps"],
+        weight_decay=s["weight_decay"], adam_beta1=s["adam_betas"][0], adam_beta2=s["adam_betas"][1],
+        max_grad_norm=s["grad_clip"], bf16=precision == "bf16", fp16=precision == "fp16",
+        logging_steps=1, save_strategy="steps", save_steps=s["save_every"], save_total_limit=s["save_total_limit"],
+        report_to=[], use_cpu=device.type == "cpu", dataloader_pin_memory=device.type == "cuda",
+        dataloader_drop_last=True, remove_unused_columns=False, disable_tqdm=True, seed=ns.seed,
+        data_seed=ns.seed, ddp_broadcast_buffers=False, log_level="warning", **kwargs)
+
+
+def _progress_callback(total: int, trainer_ref: list[Any]) -> Any:
+    import transformers
+
+    class Progress(transformers.TrainerCallback):
+        """One line per step: ``[#####-----] k/n loss distance tok/s | elapsed eta``."""
+
+        start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+            trainer = trainer_ref[0]
+            if not state.is_world_process_zero or logs is None:
+                return
+            k = state.global_step
+            if "eval_loss" in logs:
+                print(f"  validation at step {k}: loss {logs['eval_loss']:+.4f}  distance "
+                      f"{logs.get('eval_distance', float('nan')):7.4f}", flush=True)
+            elif "distance" in logs and trainer.steerlm_history:
+                r = trainer.steerlm_history[-1]
+                done = round(24 * k / max(total, 1))
+                elapsed = time.perf_counter() - self.start
+                eta = elapsed / max(k - self.first, 1) * (total - k)
+                print(f"[{'#' * done}{'-' * (24 - done)}] {k:>{len(str(total))}}/{total} loss {r['loss']:+.4f}  "
+                      f"distance {r['distance']:7.4f}  {r['tokens_per_s']:7.0f} tok/s | {elapsed:5.1f}s eta "
+                      f"{eta:4.0f}s", flush=True)
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            self.first = state.global_step
+            self.start = time.perf_counter()
+
+    return Progress()
+
+
+def _resume_path(ns: argparse.Namespace, out: Path) -> str | None:
+    if ns.resume is None:
+        return None
+    if ns.resume == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = get_last_checkpoint(str(out))
+        if found is None:
+            print(f"--resume auto: no checkpoint in {out}, starting from step 0")
+        return found
+    path = Path(ns.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise TrainError(f"--resume {ns.resume!r} is not a checkpoint directory (no trainer_state.json)")
+    return str(path)
+
+
+def _save_final(trainer: Any, out: Path) -> Path:
+    """The model and tokenizer to ``out/final`` through a temporary directory and a rename."""
+    final, tmp = out / "final", out / ".final-tmp"
+    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    return final
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from steerlm_kernels.steerlm2.metrics import check_output_dir, plot_metrics, read_metrics, strict
+
+    s = _settings(ns)
+    device, precision = _device(ns, s["precision"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if s["groups_per_step"] % world:
+        raise TrainError(f"--groups-per-step {s['groups_per_step']} is not a multiple of the {world} processes")
+    out = Path(ns.output) if ns.output else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out = check_output_dir(out) if rank0 else out
+    resume = _resume_path(ns, out)
+
+    import transformers
+
+    from steerlm_kernels.steerlm2.hf_models import load_model_and_tokenizer
+    from steerlm_kernels.steerlm2.trainer import SteerLM2Trainer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+
+    try:
+        model, tokenizer = load_model_and_tokenizer(ns.model, device="cpu", seed=ns.seed)
+    except (ValueError, ImportError, OSError) as exc:
+        raise TrainError(f"--model: {exc}") from None
+    model.train()
+    train_ds, val_ds, data_desc = _datasets(ns, tokenizer, rank0)
+    steps = s["steps"] or max(1, len(train_ds) // s["groups_per_step"])
+    if len(train_ds) < s["groups_per_step"]:
+        raise TrainError(f"--groups-per-step {s['groups_per_step']} exceeds the {len(train_ds)} training groups")
+    args = _training_arguments(ns, s, out, device, precision, world, val_ds is not None, steps)
+    trainer_ref: list[Any] = []
+    trainer = SteerLM2Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+        steerlm2={"forward_micro_batch_size": s["forward_micro_batch_size"],
+                  "micro_batch_size": s["micro_batch_size"], "backend": ns.backend},
+        callbacks=[_progress_callback(steps, trainer_ref)])
+    trainer_ref.append(trainer)
+    trainer.remove_callback(transformers.PrinterCallback)  # our progress line replaces its dict per log
+    n_params = sum(p.numel() for p in model.parameters())
+    if rank0:
+        print(f"model: {type(model).__name__} from {ns.model}, {n_params / 1e6:.2f}M parameters "
+              f"({next(model.parameters()).dtype}), on {args.device} x {world}, backend {ns.backend}, "
+              f"precision {precision}, template {ns.template}")
+        print(f"data: {data_desc}")
+        print(f"steps {steps} x {s['groups_per_step']} groups, lr {s['lr']} ({s['lr_schedule']}, warm-up "
+              f"{s['warmup_steps']}), micro-batches {s['forward_micro_batch_size']} (baseline) / "
+              f"{s['micro_batch_size']} (training), output {out}" + (f", resuming from {resume}" if resume else ""))
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    history = trainer.steerlm_history
+    if trainer.failure is not None:
+        raise TrainError(f"{trainer.failure}; see {out / 'metrics.jsonl'}", EXIT_NO_TRAINING)
+    if trainer.stop_signal is not None:
+        step = trainer.state.global_step
+        if rank0:
+            print(f"stopped by {signal.Signals(trainer.stop_signal).name} after step {step}: checkpoint "
+                  f"{out / f'checkpoint-{step}'}; continue with --resume auto --output {out}", file=sys.stderr)
+        return 128 + int(trainer.stop_signal)
+    final = _save_final(trainer, out)
+    if not rank0:
+        return 0
+    records = read_metrics(out / "metrics.jsonl")
+    steps_done = [r for r in records if "loss" in r]
+    first = steps_done[0]["distance"] if steps_done else None
+    last = [r["distance"] for r in steps_done[-LAST_STEPS:] if r["distance"] is not None]
+    last_mean = sum(last) / len(last) if last else None
+    tokens = sum(r["tokens"] for r in history)
+    summary = {"steps": trainer.state.global_step, "seconds": seconds, "first_distance": first,
+               "last_distance_mean": last_mean, "last_steps": len(last),
+               "distance_ratio": last_mean / first if first and last_mean is not None else None,
+               "final_loss": steps_done[-1]["loss"] if steps_done else None,
+               "tokens_per_s": tokens / seconds if seconds > 0 else None}
+    config = {k: v for k, v in vars(ns).items() if k != "func"}
+    config.update(s, precision=precision, device=str(args.device), world_size=world, parameters=n_params,
+                  data=str(getattr(train_ds, "source", ns.data)), output=str(out), resumed_from=resume)
+    (out / "summary.json").write_text(json.dumps(strict({"config": config, "summary": summary}), indent=1,
+                                                 allow_nan=False, default=str) + "\n")
+    why_not = plot_metrics(records, out / "metrics.png", f"SteerLM 2.0: {Path(ns.model).name} on "
+                           f"{Path(config['data']).name}")
+    print()
+    print(f"done: {summary['steps']} steps in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.0f} tokens/s)")
+    if first is not None and last_mean is not None:
+        print(f"distance: first step {first:.4f} -> mean of the last {len(last)} steps {last_mean:.4f} "
+              f"({last_mean / first if first else float('nan'):.2f}x)")
+    print(f"wrote {final}/ (from_pretrained), {out / 'metrics.jsonl'}, {out / 'summary.json'}")
+    print(f"wrote {out / 'metrics.png'}" if why_not is None else f"no plot: {why_not}")
+    return 0
 
 
 def run(ns: argparse.Namespace) -> int:
-    """Run the ``train`` sub-command with the parsed options; returns the exit status."""
-    from steerlm_kernels.steerlm2.data import GroupBatchSampler, SteerLM2Dataset, sample_data_path
-    from steerlm_kernels.steerlm2.model import GPTSteerLMModel
-
-    for name in ("steps", "groups_per_step", "micro_batch_size", "forward_micro_batch_size", "max_seq_length"):
-        if getattr(ns, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be positive, got {getattr(ns, name)}")
-    if not (ns.lr > 0 and math.isfinite(ns.lr)):
-        return _fail(f"--lr must be positive, got {ns.lr}")
+    """Run the ``train`` sub-command with the parsed options; returns the exit status (module notes)."""
     try:
-        device = _resolve_device(ns.device, ns.model)
-    except RuntimeError as exc:
-        return _fail(f"--device: {exc}")
-    out_dir = Path(ns.output) if ns.output else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    torch.manual_seed(ns.seed)
-
-    try:
-        model, tokenizer, model_desc = load_model(ns.model, device, ns.seed, ns.max_seq_length)
-        data_path = ns.data if ns.data is not None else sample_data_path()
-        dataset = SteerLM2Dataset(data_path, tokenizer=tokenizer, max_seq_length=ns.max_seq_length)
-    except (ValueError, OSError) as exc:
-        return _fail(str(exc))
-
-    cfg = {"steerlm2": {"forward_micro_batch_size": ns.forward_micro_batch_size,
-                        "micro_batch_size": ns.micro_batch_size}}
-    wrapper = GPTSteerLMModel(model, cfg, backend=ns.backend)
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ns.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sampler = GroupBatchSampler(dataset, groups_per_step=min(ns.groups_per_step, len(dataset)), shuffle=True,
-                                seed=ns.seed, drop_last=True)
-
-    print(f"model: {model_desc}, {n_params / 1e6:.2f}M parameters, on {device}, backend {ns.backend}")
-    print(f"data: {dataset.source}: {len(dataset)} prompt groups, {dataset.num_responses_total} responses"
-          + (f" ({dataset.num_dropped} groups dropped: too long)" if dataset.num_dropped else ""))
-    print(f"steps {ns.steps} x {sampler.groups_per_step} groups, lr {ns.lr}, micro-batches "
-          f"{ns.forward_micro_batch_size} (baseline) / {ns.micro_batch_size} (training), threads "
-          f"{torch.get_num_threads()}, output {out_dir}")
-
-    history: list[dict[str, float]] = []
-    progress = _Progress(ns.steps)
-    t_start = time.perf_counter()
-    batches = iter(())
-    for step in range(1, ns.steps + 1):
-        indices = next(batches, None)
-        if indices is None:
-            batches = iter(sampler)
-            indices = next(batches)
-        batch = dataset.collate_fn([dataset[i] for i in indices])
-        t0 = time.perf_counter()
-        loss, metrics = wrapper.get_loss_and_metrics(batch, forward_only=False)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        tokens = int(batch["attention_mask"].sum())
-        record = {"step": step, "loss": loss, "distance": metrics["distance"], "grad_norm": grad_norm,
-                  "responses": int(batch["tokens"].shape[0]), "tokens": tokens, "seconds": seconds,
-                  "tokens_per_s": tokens / seconds}
-        history.append(record)
-        progress.step(step, f"loss {loss:+.4f}  distance {metrics['distance']:7.4f}  {tokens / seconds:7.0f} tok/s")
-        if not math.isfinite(loss):
-            print("stopping: the loss is not finite", file=sys.stderr)
-            break
-    total = time.perf_counter() - t_start
-
-    first = history[0]["distance"]
-    last = history[-LAST_STEPS:]
-    last_mean = sum(s["distance"] for s in last) / len(last)
-    summary = {
-        "steps": len(history),
-        "seconds": total,
-        "first_distance": first,
-        "last_distance_mean": last_mean,
-        "last_steps": len(last),
-        "distance_ratio": last_mean / first if first else float("nan"),
-        "final_loss": history[-1]["loss"],
-        "tokens": sum(s["tokens"] for s in history),
-        "tokens_per_s": sum(s["tokens"] for s in history) / total,
-    }
-    config = {k: (str(x) if isinstance(x, Path) else x) for k, x in vars(ns).items() if k != "func"}
-    config.update(data=str(dataset.source), output=str(out_dir), device=str(device), parameters=n_params)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "metrics.json"
-    json_path.write_text(json.dumps({"config": config, "summary": summary, "steps": history}, indent=1) + "\n")
-    png_path = out_dir / "metrics.png"
-    why_not = _plot(history, png_path, f"SteerLM 2.0: {Path(ns.model).name} on {Path(dataset.source).name}")
-
-    print()
-    print(f"done: {len(history)} steps in {total:.1f}s ({summary['tokens_per_s']:.0f} tokens/s)")
-    print(f"distance: first step {first:.4f} -> mean of the last {len(last)} steps {last_mean:.4f} "
-          f"({summary['distance_ratio']:.2f}x)")
-    print(f"loss: first step {history[0]['loss']:+.4f} -> last step {history[-1]['loss']:+.4f}")
-    print(f"wrote {json_path}")
-    print(f"wrote {png_path}" if why_not is None else f"no plot: {why_not}")
-    return 0
+        return _train(ns)
+    except TrainError as exc:
+        print(f"steerlm-kernels train: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("steerlm-kernels train: interrupted (a second SIGINT stops without a checkpoint)", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
+    except Exception as exc:  # noqa: BLE001 - the CLI ends in one line, never a traceback
+        if os.environ.get("STEERLM_KERNELS_DEBUG") == "1":
+            raise
+        print(f"steerlm-kernels train: error: {type(exc).__name__}: {exc} (STEERLM_KERNELS_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
