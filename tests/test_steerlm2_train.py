@@ -219,3 +219,16 @@ def test_every_failure_is_one_line(tmp_path):
         if out is not None:
             assert not (out / "final").exists()
     assert (tmp_path / "a_file").read_text() == "keep me\n"  # nothing already there is lost
+
+
+@pytest.mark.slow
+def test_default_run_halves_the_distance(tmp_path, capsys):
+    """Acceptance: the embedded default (bundled sample + tiny Llama, CPU), shortened to its first half
+    (constant lr: a prefix of the default run), brings the mean distance of the last 5 steps below
+    half of the first step's (0.41x measured)."""
+    out = tmp_path / "run"
+    assert train.main(["--steps", "60", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert summary["last_distance_mean"] < 0.5 * summary["first_distance"], summary
+    assert "60/60" in capsys.readouterr().out
+    assert (out / "final" / "model.safetensors").is_file()
