@@ -2,7 +2,7 @@
 
 Work: summed log-probabilities of ``R`` responses (``P`` prompt tokens + ``Y`` response tokens
 each; the response tokens are scored) under a causal LM whose LM head dominates - a small Llama
-built from its config (hidden size ``H``, 2 layers) with a vocabulary ``V >= 32k`` - in padded
+built from its config (hidden size ``H``, 1 layer on CPU, 2 on GPU) with a vocabulary ``V >= 32k`` - in padded
 batches of at most ``T`` tokens, the same batches for both implementations:
 
 ``plain HF loop``  what users write: ``model(...).logits`` (``[B, S, V]``), ``log_softmax`` in
@@ -43,11 +43,11 @@ __all__ = ["CPU", "GPU", "QUICK", "ScoreWorkload", "make_score_workload", "markd
            "run_score"]
 
 #: Shapes: vocabulary, hidden size, responses, prompt / response tokens, token budget per batch.
-CPU: dict[str, Any] = {"v": 32000, "h": 64, "responses": 64, "prompt": 48, "response": 80, "budget": 2048,
-                       "dtype": "fp32", "repeats": 3}
-GPU: dict[str, Any] = {"v": 128256, "h": 1024, "responses": 512, "prompt": 256, "response": 256, "budget": 16384,
-                       "dtype": "bf16", "repeats": 5}
-QUICK: dict[str, Any] = {"v": 1000, "h": 32, "responses": 8, "prompt": 6, "response": 10, "budget": 64,
+CPU: dict[str, Any] = {"v": 32000, "h": 64, "layers": 1, "responses": 64, "prompt": 48, "response": 80,
+                       "budget": 2048, "dtype": "fp32", "repeats": 3}
+GPU: dict[str, Any] = {"v": 128256, "h": 1024, "layers": 2, "responses": 512, "prompt": 256, "response": 256,
+                       "budget": 16384, "dtype": "bf16", "repeats": 5}
+QUICK: dict[str, Any] = {"v": 1000, "h": 32, "layers": 1, "responses": 8, "prompt": 6, "response": 10, "budget": 64,
                          "dtype": "fp32", "repeats": 1}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,12 +69,12 @@ class ScoreWorkload:
 
 
 def make_score_workload(v: int, h: int, responses: int, prompt: int, response: int, budget: int,
-                        device: torch.device, dtype: torch.dtype, seed: int = 0) -> ScoreWorkload:
-    """A 2-layer Llama of hidden size ``h`` and vocabulary ``v`` (random weights from ``seed``) and
-    ``responses`` random sequences of ``prompt + response`` tokens (responses 1..2 per prompt share it)."""
+                        device: torch.device, dtype: torch.dtype, seed: int = 0, layers: int = 1) -> ScoreWorkload:
+    """A Llama of ``layers`` layers, hidden size ``h`` and vocabulary ``v`` (random weights from
+    ``seed``) and ``responses`` random sequences of ``prompt + response`` tokens."""
     heads = max(1, h // 32)
     model, _ = build_tiny(seed, vocab_size=v, hidden_size=h, num_attention_heads=heads, num_key_value_heads=heads,
-                          intermediate_size=4 * h, num_hidden_layers=2)
+                          intermediate_size=4 * h, num_hidden_layers=layers)
     model = model.to(device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(seed)
     seqs = []
@@ -131,7 +131,7 @@ def run_score(device: torch.device, *, quick: bool = False, shape: dict[str, Any
     cfg.update(shape or {})
     dtype = DTYPES[cfg["dtype"]]
     w = make_score_workload(cfg["v"], cfg["h"], cfg["responses"], cfg["prompt"], cfg["response"], cfg["budget"],
-                            device, dtype, seed)
+                            device, dtype, seed, cfg["layers"])
     scorer = SpanScorer(w.model, 0, "fused")
     impls: dict[str, Callable[[], list[float]]] = {
         "plain HF loop": lambda: _run_all(w, lambda b: plain_hf_batch(w.model, b)),
@@ -180,8 +180,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"#### Scoring (`steerlm-kernels score`) against the plain Hugging Face loop, {result['device']}",
         "",
         f"{c['responses']} responses x ({c['prompt']} prompt + {c['response']} scored tokens) = "
-        f"{result['tokens']:,} tokens, Llama with V={c['v']:,}, H={c['h']}, 2 layers, {c['dtype']}, batches of "
-        f"<= {c['budget']:,} tokens (the same for both). Max |difference| of the sums: "
+        f"{result['tokens']:,} tokens, Llama with V={c['v']:,}, H={c['h']}, {c['layers']} layer(s), {c['dtype']}, "
+        f"batches of <= {c['budget']:,} tokens (the same for both). Max |difference| of the sums: "
         + ("n/a" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.2e}")
         + ("" if result["agrees"] else " **MISMATCH**") + ".",
         "",
