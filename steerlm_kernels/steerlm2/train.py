@@ -171,13 +171,9 @@ def _device(ns: argparse.Namespace, precision: str) -> tuple[torch.device, str]:
 
 def _datasets(ns: argparse.Namespace, tokenizer: Any, rank0: bool) -> tuple[Any, Any, str]:
     """``(train, validation or None, description)``; TrainError for unusable data."""
-    import inspect
-
     from steerlm_kernels.steerlm2.data import SteerLM2Dataset, SteerLMDataWarning, sample_data_path
 
-    kwargs: dict[str, Any] = {"tokenizer": tokenizer, "max_seq_length": ns.max_seq_length}
-    if "template" in inspect.signature(SteerLM2Dataset).parameters:
-        kwargs["template"] = ns.template
+    kwargs: dict[str, Any] = {"tokenizer": tokenizer, "max_seq_length": ns.max_seq_length, "template": ns.template}
 
     def load(path: Any, option: str) -> Any:
         with warnings.catch_warnings(record=True) as caught:
