@@ -79,9 +79,28 @@ def _cuda_archs(torch) -> None:
         _log(f"no GPU visible and TORCH_CUDA_ARCH_LIST unset: building CUDA code for {DEFAULT_CUDA_ARCHS}")
 
 
+def _cuda_home() -> None:
+    """Point ``CUDA_HOME`` at a CUDA toolkit when torch would guess wrong: with no
+    ``CUDA_HOME``/``CUDA_PATH`` torch takes the grandparent of the ``nvcc`` on PATH, which for a
+    wrapper in ``/usr/local/bin`` is ``/usr/local`` (no ``cuda_runtime.h`` there); then use
+    ``/usr/local/cuda`` or the newest ``/usr/local/cuda-*`` that has the headers."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or (Path(nvcc).resolve().parents[1] / "include" / "cuda_runtime.h").is_file():
+        return
+    candidates = [Path("/usr/local/cuda"), *sorted(Path("/usr/local").glob("cuda-*"), reverse=True)]
+    for home in candidates:
+        if (home / "include" / "cuda_runtime.h").is_file() and (home / "bin" / "nvcc").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            _log(f"CUDA_HOME unset and {nvcc} is not inside a toolkit: using {home}")
+            return
+
+
 def extension_setup() -> dict:
     """``ext_modules`` and ``cmdclass`` for setup(); only ``build_py`` when torch is not importable."""
     cmdclass: dict = {"build_py": BuildPyWithSources}
+    _cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -124,7 +143,11 @@ def extension_setup() -> dict:
                     return
                 _log(f"WARNING: the CUDA part of the extension failed to build ({exc}); "
                      "rebuilding with the CPU sources only")
-            self.extensions = [cpu_ext]
+            # the same Extension object (setuptools has annotated it), with the CPU-only settings
+            for attr in ("sources", "include_dirs", "define_macros", "library_dirs", "libraries",
+                         "runtime_library_dirs", "extra_objects", "extra_compile_args", "extra_link_args"):
+                setattr(ext, attr, getattr(cpu_ext, attr))
+            self.compiler = None  # run() made a compiler object of the name; let it make a fresh one
             try:
                 super().run()
             except Exception as exc:
