@@ -42,8 +42,8 @@ from steerlm_kernels.steerlm2.jsonl_stream import (
     count_nonblank_lines,
     iter_objects,
 )
+from steerlm_kernels.steerlm2.loading import load_models, resolve_device, resolve_dtype
 from steerlm_kernels.steerlm2.records import DEFAULT_RESPONSE_ROLE, SteerLM2Record, SteerLMDataError, parse_record
-from steerlm_kernels.steerlm2.score import load_side_models, resolve_device, resolve_dtype
 from steerlm_kernels.steerlm2.templates import TEMPLATES, NemoTokens, encode_prompt
 
 __all__ = ["DEFAULTS", "MAX_DRAWS", "SampleSummary", "add_arguments", "record_seed", "run", "sample_file",
@@ -260,7 +260,7 @@ def run(ns: argparse.Namespace) -> int:
             raise CommandError(f"--prompts {ns.prompts}: no such file")
         device = resolve_device(ns.device, [ns.model])
         dtype = resolve_dtype(ns.precision, device)
-        model, tok = load_side_models({"model": ns.model}, device, dtype, ns.seed)["model"]
+        model, tok = load_models({"model": ns.model}, device, dtype, ns.seed)["model"]
         print(f"sample: {ns.prompts} -> {ns.output}, {ns.num_responses} responses per prompt, template "
               f"{ns.template}, {device}, {dtype}", file=sys.stderr)
         sample_file(ns.prompts, ns.output, model, tok, num_responses=ns.num_responses, template=ns.template,

@@ -37,17 +37,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import importlib.util
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-
-import torch
 
 from steerlm_kernels.steerlm2.jsonl_stream import (
     CommandError,
@@ -57,12 +53,22 @@ from steerlm_kernels.steerlm2.jsonl_stream import (
     count_nonblank_lines,
     iter_objects,
 )
+from steerlm_kernels.steerlm2.loading import (
+    AttributeScorer,
+    call_attribute_scorer,
+    check_log_prob,
+    load_attribute_scorer,
+    load_models,
+    pad_id,
+    resolve_device,
+    resolve_dtype,
+)
 from steerlm_kernels.steerlm2.logprobs import PATHS, SpanScorer, choose_path, score_sequences
 from steerlm_kernels.steerlm2.records import LOG_P_A, LOG_P_Y, LOG_Q, SteerLM2Record, SteerLMDataError, parse_record
 from steerlm_kernels.steerlm2.templates import TEMPLATES, encode_example
 
-__all__ = ["DEFAULTS", "WINDOW_BATCHES", "ScoreSummary", "Side", "add_arguments", "load_attribute_scorer",
-           "load_side_models", "resolve_device", "resolve_dtype", "run", "score_file"]
+__all__ = ["DEFAULTS", "WINDOW_BATCHES", "ScoreSummary", "Side", "add_arguments", "load_attribute_scorer", "run",
+           "score_file"]
 
 DEFAULTS: dict[str, Any] = {
     "template": "nemo",
@@ -78,9 +84,6 @@ DEFAULTS: dict[str, Any] = {
 WINDOW_BATCHES = 4
 #: At most this many line numbers are listed per kind of report in the summary.
 LIST_LINES = 20
-
-AttributeScorer = Callable[[list[dict[str, Any]]], Sequence[Sequence[float]]]
-
 
 @dataclass
 class Side:
@@ -156,41 +159,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # pieces
 
 
-def load_attribute_scorer(spec: str) -> AttributeScorer:
-    """The callable named by ``module:function`` (``module`` dotted, or a path to a ``.py`` file)."""
-    module_name, sep, func_name = spec.rpartition(":")
-    if not sep or not module_name or not func_name:
-        raise CommandError(f"--attribute-scorer {spec!r}: expected MODULE:FUNCTION")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise CommandError(f"--attribute-scorer {spec!r}: no file {module_name}")
-            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
-            if loader_spec is None or loader_spec.loader is None:
-                raise CommandError(f"--attribute-scorer {spec!r}: cannot load {module_name}")
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except CommandError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a user module can fail in any way; report one line
-        raise CommandError(f"--attribute-scorer {spec!r}: import failed: {type(exc).__name__}: {exc}") from None
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise CommandError(f"--attribute-scorer {spec!r}: {module_name} has no callable {func_name!r}")
-    return fn
-
-
-def _check_log_prob(x: Any) -> str | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return f"must be a number, got {type(x).__name__}"
-    if not math.isfinite(x) or x > 0:
-        return f"must be a finite log-probability <= 0, got {x}"
-    return None
-
-
 def _parse(obj: Any, source: str, lineno: int) -> SteerLM2Record:
     """Validate a record whose responses may lack scores (they are filled here)."""
     if isinstance(obj, dict) and isinstance(obj.get("responses"), list):
@@ -200,7 +168,7 @@ def _parse(obj: Any, source: str, lineno: int) -> SteerLM2Record:
             if isinstance(r, dict):
                 r = {**r, LOG_P_Y: 0.0, LOG_Q: 0.0}
                 if LOG_P_A in r:
-                    problem = _check_log_prob(r[LOG_P_A])
+                    problem = check_log_prob(r[LOG_P_A])
                     if problem:
                         raise SteerLMDataError(source, lineno, f"responses[{i}].{LOG_P_A}", problem)
                 else:
@@ -245,32 +213,6 @@ def _same_record(out_obj: Any, in_obj: dict[str, Any]) -> bool:
     if not isinstance(out_r, list) or len(out_r) != len(in_r):
         return False
     return all(isinstance(a, dict) and a.get("value") == b.get("value") for a, b in zip(out_r, in_r))
-
-
-def _call_attribute_scorer(fn: AttributeScorer, objs: list[dict[str, Any]], items: list[_Item],
-                           source: str) -> None:
-    """Fill the missing ``log(P(a|x,y))`` of ``objs`` (the output dicts of ``items``)."""
-    lines = ", ".join(str(it.lineno) for it in items[:5]) + ("..." if len(items) > 5 else "")
-    try:
-        result = fn(copy.deepcopy(objs))
-    except Exception as exc:  # noqa: BLE001 - user code; one line naming the records
-        raise CommandError(f"{source}, lines {lines}: --attribute-scorer raised {type(exc).__name__}: {exc}") from None
-    try:
-        result = [list(r) for r in result]
-    except TypeError:
-        raise CommandError(f"--attribute-scorer returned {type(result).__name__}, expected a list of lists") from None
-    if len(result) != len(objs):
-        raise CommandError(f"{source}, lines {lines}: --attribute-scorer returned {len(result)} lists for "
-                           f"{len(objs)} records")
-    for obj, item, values in zip(objs, items, result):
-        if len(values) != len(obj["responses"]):
-            raise CommandError(f"{source}, line {item.lineno}: --attribute-scorer returned {len(values)} values for "
-                               f"{len(obj['responses'])} responses")
-        for i, (resp, x) in enumerate(zip(obj["responses"], values)):
-            problem = _check_log_prob(x)
-            if problem:
-                raise CommandError(f"{source}, line {item.lineno}: --attribute-scorer, responses[{i}]: {problem}")
-            resp.setdefault(LOG_P_A, float(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +263,8 @@ def _score_window(items: list[_Item], sides: list[Side], max_tokens: int, attrib
                 need_attr.append((obj, it))
         outs.append(obj)
     if need_attr and attribute_scorer is not None:
-        _call_attribute_scorer(attribute_scorer, [o for o, _ in need_attr], [it for _, it in need_attr], source)
+        call_attribute_scorer(attribute_scorer, [o for o, _ in need_attr], [it.lineno for _, it in need_attr],
+                              source)
     summary.missing_attribute += [it.lineno for o, it in need_attr if any(LOG_P_A not in r for r in o["responses"])]
     return outs
 
@@ -453,59 +396,6 @@ def _report(s: ScoreSummary, source: str, output: str | Path, log: TextIO) -> No
 # the command
 
 
-def resolve_device(device: str, specs: Sequence[str]) -> torch.device:
-    """``auto``: cpu when every model is a built-in one, else cuda when available, else cpu."""
-    from steerlm_kernels.steerlm2.hf_models import TINY_MODELS
-
-    if device == "auto":
-        if all(s in TINY_MODELS for s in specs) or not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda")
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as exc:
-        raise CommandError(f"--device {device}: {str(exc).splitlines()[0]}") from None
-    return dev
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``--precision`` as a dtype (``auto``: float32 on CPU, bfloat16 on CUDA where supported)."""
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision in table:
-        return table[precision]
-    if precision != "auto":
-        raise CommandError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def load_side_models(specs: dict[str, str], device: torch.device, dtype: torch.dtype, seed: int
-                     ) -> dict[str, tuple[Any, Any]]:
-    """``{option name: (model, tokenizer)}``; the same spec is loaded once."""
-    from steerlm_kernels.steerlm2.hf_models import load_model_and_tokenizer
-
-    loaded: dict[str, tuple[Any, Any]] = {}
-    out = {}
-    for option, spec in specs.items():
-        if spec not in loaded:
-            try:
-                loaded[spec] = load_model_and_tokenizer(spec, device=device, dtype=dtype, seed=seed)
-            except (ValueError, ImportError, OSError) as exc:
-                raise CommandError(f"--{option}: {exc}") from None
-        out[option] = loaded[spec]
-    return out
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int) and value >= 0:
-            return value
-    return 0
-
-
 def run(ns: argparse.Namespace) -> int:
     """Run ``score`` from parsed options; returns the exit status."""
     try:
@@ -517,7 +407,7 @@ def run(ns: argparse.Namespace) -> int:
             raise CommandError(f"--data {ns.data}: no such file")
         device = resolve_device(ns.device, [ns.sft_model, ns.steerlm_model])
         dtype = resolve_dtype(ns.precision, device)
-        models = load_side_models({"sft-model": ns.sft_model, "steerlm-model": ns.steerlm_model}, device, dtype,
+        models = load_models({"sft-model": ns.sft_model, "steerlm-model": ns.steerlm_model}, device, dtype,
                                   ns.seed)
         sides = []
         for option, name, key, with_label in (("sft-model", "sft", LOG_P_Y, False),
@@ -527,7 +417,7 @@ def run(ns: argparse.Namespace) -> int:
                 path, _ = choose_path(model, ns.path) if ns.path != "auto" else ("auto", "")
             except ValueError as exc:
                 raise CommandError(f"--path {ns.path}: --{option}: {exc}") from None
-            sides.append(Side(name, key, with_label, SpanScorer(model, _pad_id(tok), path, ns.backend), tok, path))
+            sides.append(Side(name, key, with_label, SpanScorer(model, pad_id(tok), path, ns.backend), tok, path))
         print(f"score: {ns.data} -> {ns.output}, template {ns.template}, {device}, {dtype}", file=sys.stderr)
         score_file(ns.data, ns.output, sides, template=ns.template, max_seq_length=ns.max_seq_length,
                    max_tokens_per_batch=ns.max_tokens_per_batch, attribute_scorer=scorer_fn,
