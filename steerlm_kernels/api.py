@@ -109,7 +109,8 @@ def token_nll(
         ignore_index: label value that contributes 0.
         process_group: tensor-parallel group over which the vocabulary is split: ``logits`` is
             then this rank's contiguous shard ``[..., V/tp]`` (Megatron's layout) and ``labels``
-            are global. One collective of ``2N + 1`` floats per call; the backward needs none.
+            are global. One collective of ``3N`` floats per call (after a 32-byte shape
+            check); the backward needs none.
         check_labels: raise ``IndexError`` for labels outside ``[0, V)``.
         inplace_backward: write the gradient into ``logits``' storage (do not reuse the logits).
             Logits whose rows may overlap in memory (an expanded view, a row stride below ``V``)

@@ -35,8 +35,9 @@ Parallelism (``torch.distributed`` groups; gloo on CPU, NCCL on GPU; Megatron-co
 * ``process_group`` (tensor / vocabulary parallelism, Megatron's layout): ``lm_head_weight`` is
   this rank's contiguous shard ``[V/tp, H]`` (rank ``r`` holds rows ``[r V/tp, (r+1) V/tp)``),
   ``bias`` its ``[V/tp]`` shard, ``hidden`` and ``labels`` are replicated (labels global, in
-  ``[0, V)``). Each rank computes its local ``(lse, target)`` per token; ONE all-gather of
-  ``2N + 1`` floats per call combines them. No collective in backward.
+  ``[0, V)``). Each rank computes its local ``(m, lse, target)`` per token; ONE all-gather of
+  ``3N`` floats per call combines them (after a 32-byte shape check, see
+  :mod:`steerlm_kernels.distributed`). No collective in backward.
   **The gradient w.r.t. ``hidden`` is this rank's partial contribution** ``g_r @ W_r``: the full
   gradient is its sum over the group. Reduce it as for Megatron's column-parallel linear (whose
   input passes through ``copy_to_tensor_model_parallel_region``, an all-reduce in backward), or

@@ -1,7 +1,8 @@
 """The communication benchmark: the collectives really issued per call, counted on 2 gloo processes.
 
-Ours must issue exactly one collective in the forward (an all-gather of 2N + 1 float32) and none in
-the backward; megatron-core's (when installed) three all-reduces of N float32. No timing assertions."""
+Ours must issue exactly one data collective in the forward (an all-gather of 3N float32), after the
+fixed-size shape check (an all-reduce of 4 int64), and none in the backward; megatron-core's (when
+installed) three all-reduces of N float32. No timing assertions."""
 
 from __future__ import annotations
 
@@ -27,10 +28,14 @@ def test_ours_one_collective_forward_none_backward_and_matches_megatron() -> Non
     rows = {r["impl"]: r for r in result["rows"]}
     ours = rows["ours"]
     n = s * b
-    assert len(ours["fwd_collectives"]) == 1 and ours["fwd_collectives"][0].startswith("all_gather")
+    # one data collective on [N]-sized tensors (an all-gather of (m, lse, target): 3N float32), preceded by
+    # the fixed-size shape check (an all-reduce of 4 int64: rows and shard width, and their negations)
+    fwd = ours["fwd_collectives"]
+    assert len(fwd) == 2 and fwd[0] == "all_reduce" and fwd[1].startswith("all_gather"), fwd
     assert ours["bwd_collectives"] == []
-    assert ours["payload_bytes"] == (2 * n + 1) * 4
-    assert ours["ring_bytes_sent"] == (2 - 1) * (2 * n + 1) * 4
+    check_bytes = 4 * 8
+    assert ours["payload_bytes"] == 3 * n * 4 + check_bytes
+    assert ours["ring_bytes_sent"] == (2 - 1) * 3 * n * 4 + 2 * (2 - 1) / 2 * check_bytes
     if result["megatron"]:
         pytest.skip(f"megatron-core not run: {result['megatron']}")
     meg = rows["megatron"]

@@ -4,8 +4,9 @@
 a shard ``[s, b, V/tp]`` of the logits and call, once forward and once backward,
 
 ``ours``      :func:`steerlm_kernels.megatron.vocab_parallel_cross_entropy` (the auto backend):
-              one ``all_gather`` of ``2N + 1`` float32 per rank (local log-sum-exp, local target
-              logit, the shard width); nothing in the backward;
+              one ``all_gather`` of ``3N`` float32 per rank (local row max, log-sum-exp relative
+              to it, target logit), preceded by the shape check: one ``all_reduce(MAX)`` of 4
+              int64 (rows and shard width, and their negations); nothing in the backward;
 ``megatron``  megatron-core's own ``vocab_parallel_cross_entropy`` (when installed; run with
               ``parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)``): three
               ``all_reduce`` of ``N`` float32 (max, target logit, sum of exponentials).
