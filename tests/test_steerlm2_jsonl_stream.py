@@ -76,3 +76,22 @@ def test_progress_off_a_terminal_prints_lines_and_the_final_state_once() -> None
     q.update(1, "")
     q.close()
     assert quiet.getvalue() == ""
+
+
+def test_run_command_exit_statuses(capsys):
+    from steerlm_kernels.steerlm2.jsonl_stream import CommandError, run_command
+
+    def fails():
+        raise CommandError("--data x.jsonl: no such file")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_command("score", lambda: None) == 0
+    assert run_command("score", fails) == 2
+    assert capsys.readouterr().err.strip() == "steerlm-kernels score: error: --data x.jsonl: no such file"
+    assert run_command("sample", interrupted) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    with pytest.raises(ValueError):  # anything else is a bug: not swallowed
+        run_command("score", lambda: int("x"))

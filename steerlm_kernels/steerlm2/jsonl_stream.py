@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,6 +31,20 @@ __all__ = ["CommandError", "LineError", "Progress", "ResumableWriter", "count_no
 
 class CommandError(Exception):
     """A failure of a data command, reported as one line (``file, line N: ...`` / ``--option: ...``)."""
+
+
+def run_command(name: str, body: Callable[[], object]) -> int:
+    """Run the body of data command ``name``: exit status 0 when it returns, 2 with one line on
+    stderr for a :class:`CommandError`, 130 on Ctrl-C (the output is resumable: say so)."""
+    try:
+        body()
+    except CommandError as exc:
+        print(f"steerlm-kernels {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"steerlm-kernels {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
 
 
 class LineError(ValueError):

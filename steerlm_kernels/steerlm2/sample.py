@@ -41,6 +41,7 @@ from steerlm_kernels.steerlm2.jsonl_stream import (
     ResumableWriter,
     count_nonblank_lines,
     iter_objects,
+    run_command,
 )
 from steerlm_kernels.steerlm2.loading import load_models, resolve_device, resolve_dtype
 from steerlm_kernels.steerlm2.records import DEFAULT_RESPONSE_ROLE, SteerLM2Record, SteerLMDataError, parse_record
@@ -255,7 +256,8 @@ def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: 
 
 def run(ns: argparse.Namespace) -> int:
     """Run ``sample`` from parsed options; returns the exit status."""
-    try:
+
+    def body() -> None:
         if not Path(ns.prompts).is_file():
             raise CommandError(f"--prompts {ns.prompts}: no such file")
         device = resolve_device(ns.device, [ns.model])
@@ -266,13 +268,8 @@ def run(ns: argparse.Namespace) -> int:
         sample_file(ns.prompts, ns.output, model, tok, num_responses=ns.num_responses, template=ns.template,
                     temperature=ns.temperature, top_p=ns.top_p, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
                     resume=not ns.overwrite, quiet=ns.quiet)
-    except CommandError as exc:
-        print(f"steerlm-kernels sample: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("steerlm-kernels sample: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command("sample", body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

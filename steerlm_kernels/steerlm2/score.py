@@ -52,6 +52,7 @@ from steerlm_kernels.steerlm2.jsonl_stream import (
     ResumableWriter,
     count_nonblank_lines,
     iter_objects,
+    run_command,
 )
 from steerlm_kernels.steerlm2.loading import (
     AttributeScorer,
@@ -398,7 +399,8 @@ def _report(s: ScoreSummary, source: str, output: str | Path, log: TextIO) -> No
 
 def run(ns: argparse.Namespace) -> int:
     """Run ``score`` from parsed options; returns the exit status."""
-    try:
+
+    def body() -> None:
         if ns.attribute_scorer is not None:
             scorer_fn = load_attribute_scorer(ns.attribute_scorer)
         else:
@@ -422,13 +424,8 @@ def run(ns: argparse.Namespace) -> int:
         score_file(ns.data, ns.output, sides, template=ns.template, max_seq_length=ns.max_seq_length,
                    max_tokens_per_batch=ns.max_tokens_per_batch, attribute_scorer=scorer_fn,
                    resume=not ns.overwrite, quiet=ns.quiet)
-    except CommandError as exc:
-        print(f"steerlm-kernels score: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("steerlm-kernels score: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command("score", body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
