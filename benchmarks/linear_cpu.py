@@ -32,8 +32,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from steerlm_kernels import memory
 from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
-from steerlm_kernels.bench import harness
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     seq_w = torch.randn(b)
     norm = torch.full((b,), float(n // b))
     opts = {"backend": args.backend, "chunk_size": args.chunk_size}
-    harness.pin_malloc_mmap_threshold()
+    memory.pin_malloc_mmap_threshold()
 
     def leaves():
         return hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(name: str, make: Callable[[], Callable[[], object]]) -> float:
         ms = median_ms(lambda: make()(), args.reps)
-        extra, _ = harness.measure_extra_memory(make(), torch.device("cpu"))
+        extra, _ = memory.measure_extra_memory(make(), torch.device("cpu"))
         rows.append((name, ms, extra))
         print(f"  {name}: {ms:.1f} ms", flush=True)
         return ms

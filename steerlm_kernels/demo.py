@@ -13,8 +13,6 @@ The full tables (``torch.compile``, every backend, the in-place backward, bandwi
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -25,66 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import steerlm_kernels as sk
+from steerlm_kernels.memory import MIB, malloc_steady_state, measure_extra_memory
 
-MIB = 2.0**20
 VALUE_TOL = 1e-4
 GRAD_TOL = 1e-2  # bfloat16 gradients
-M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -3, -1  # glibc's mallopt parameters
-
-
-def _libc() -> Any:
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-def _malloc_pin(pinned: bool) -> None:
-    """glibc thresholds: pinned low (freed buffers leave RSS), or those of a long-running process."""
-    libc = _libc()
-    if libc is None:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 65536 if pinned else 32 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024 if pinned else 64 << 20)
-    if pinned:
-        libc.malloc_trim(0)
-
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _extra_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Peak memory of one ``fn()`` beyond what was allocated before, MiB (None where unmeasurable)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        del out
-        return (torch.cuda.max_memory_allocated(device) - before) / MIB
-    _malloc_pin(True)
-    before = _status_bytes("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        before = None
-    out = fn()
-    peak = _status_bytes("VmHWM")
-    del out
-    _malloc_pin(False)
-    return None if before is None or peak is None else (peak - before) / MIB
 
 
 def make_batch(n: int, v: int, s: int, device: torch.device, seed: int = 0) -> dict[str, Tensor]:
@@ -145,7 +87,7 @@ def _measure(call: Callable[[Tensor], Any], logits: Tensor, repeats: int) -> dic
     device = logits.device
     try:
         first = call(logits)
-        mem = [_extra_mib(lambda: call(logits), device) for _ in range(3)]
+        mem = [measure_extra_memory(lambda: call(logits), device)[0] for _ in range(3)]
         times = []
         for _ in range(repeats):
             if device.type == "cuda":
@@ -183,7 +125,7 @@ def _fmt_err(x: float | None) -> str:
 
 def demo(n: int = 2048, v: int = 32000, s: int = 512, repeats: int = 3) -> int:
     """Our fused loss beside eager PyTorch on one random batch: values, time and memory ratios."""
-    _malloc_pin(False)
+    malloc_steady_state()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     auto = sk.registry.resolve("auto", device)
     batch = make_batch(n, v, s, device)

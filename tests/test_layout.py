@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, int]] = [
     ("steerlm_kernels.nn", 5),
     ("steerlm_kernels.megatron", 5),
     ("steerlm_kernels", 6),  # the root __init__: the public API
+    ("steerlm_kernels.memory", 6),  # peak extra memory of a call: the demo's and the benchmarks' tool
     ("steerlm_kernels.demo", 7),
     ("steerlm_kernels.steerlm2", 7),
     ("steerlm_kernels.bench", 8),

@@ -489,7 +489,7 @@ def test_out_of_range_labels_raise_index_error(backend, device, bad):
 
 def test_cpu_peak_memory_bounded_by_chunk_not_n_times_v():
     """cpp backend where built (the chunk driver is shared with torch, which is ~4x slower here)."""
-    from steerlm_kernels.bench import harness as bench
+    from steerlm_kernels import memory as bench
 
     backend_name = "cpp" if backend_usable("cpp", torch.device("cpu"))[0] else "torch"
     if bench.memory_method_check("cpu", 64) is None:

@@ -28,9 +28,7 @@ implementation titles, and the table cells (:func:`fmt`,
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import gc
 import math
 import os
 import platform
@@ -46,6 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import steerlm_kernels as sk
+from steerlm_kernels.memory import (
+    measure_extra_memory,
+)
 
 #: Table titles: the logits-in comparators and our backends (the other sections add their own).
 IMPL_TITLES: dict[str, str] = {
@@ -55,6 +56,7 @@ IMPL_TITLES: dict[str, str] = {
     "torch": "sk backend=torch",
     "cpp": "sk backend=cpp",
     "triton": "sk backend=triton",
+    "cuda": "sk backend=cuda",
 }
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -66,79 +68,11 @@ DTYPES: dict[str, torch.dtype] = {
 MEMORY_SAMPLES = 3
 VALUE_TOL = 1e-4
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
-M_TRIM_THRESHOLD = -1
-MIB = 2.0**20
 
 
 # ------------------------------------------------------------------------------------------------
-# Memory measurement
+# Memory measurement: steerlm_kernels.memory (shared with `steerlm-kernels demo`)
 # ------------------------------------------------------------------------------------------------
-
-_LIBC: Any = None
-_LIBC_LOADED = False
-
-
-def _glibc() -> Any:
-    """glibc through ctypes, or None (another libc, or not Linux)."""
-    global _LIBC, _LIBC_LOADED
-    if not _LIBC_LOADED:
-        _LIBC_LOADED = True
-        try:
-            libc = ctypes.CDLL(None)
-            if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
-                _LIBC = libc
-        except OSError:
-            _LIBC = None
-    return _LIBC
-
-
-def pin_malloc_mmap_threshold(threshold: int = 65536) -> bool:
-    """Pin glibc's mmap threshold low (disabling its dynamic growth) so freed buffers leave RSS.
-
-    Every allocation of ``threshold`` bytes or more is then its own ``mmap``, given back to the
-    OS when freed; free heap memory is returned too (``malloc_trim(0)``). Returns True when glibc
-    accepted it. Used for the memory measurements (and the whole run starts pinned).
-    """
-    libc = _glibc()
-    if libc is None:
-        return False
-    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024))
-    libc.malloc_trim(0)
-    return ok
-
-
-def malloc_steady_state() -> None:
-    """Set glibc's thresholds to the values its dynamic adjustment reaches in a long-running process
-    (mmap threshold at its 32 MiB maximum, trim threshold twice that), so timed runs recycle
-    mid-sized buffers the way a training loop does instead of paying fresh page faults for each.
-    Buffers above 32 MiB (every ``[N, V]`` one) are ``mmap``-ed in either mode."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-
-
-def _proc_status_bytes(key: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` in bytes (None where unreadable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS (False where ``clear_refs`` is not writable)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def sync(device: torch.device) -> None:
@@ -146,40 +80,6 @@ def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def measure_extra_memory(fn: Callable[[], Any], device: torch.device) -> tuple[float | None, Any]:
-    """Run ``fn()`` once and return ``(peak extra MiB beyond what was allocated before, result)``.
-
-    CUDA: the caching allocator's peak. CPU: the RSS high-water mark (see the module docstring);
-    ``None`` where ``/proc/self/clear_refs`` cannot be written.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / MIB, out
-    pin_malloc_mmap_threshold()
-    before = _proc_status_bytes("VmRSS")
-    ok = _reset_rss_peak()
-    out = fn()
-    peak = _proc_status_bytes("VmHWM")
-    malloc_steady_state()
-    if not ok or before is None or peak is None:
-        return None, out
-    return (peak - before) / MIB, out
-
-
-def memory_method_check(device: torch.device | str = "cpu", mib: int = 256) -> float | None:
-    """Measured extra MiB of allocating a ``mib`` MiB float32 tensor (should read ~``mib``)."""
-    device = torch.device(device)
-    extra, out = measure_extra_memory(
-        lambda: torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device), device
-    )
-    del out
-    return extra
 
 # ------------------------------------------------------------------------------------------------
 # The random batch

@@ -13,7 +13,7 @@ batches of at most ``T`` tokens, the same batches for both implementations:
                    rows - no ``[tokens, V]`` tensor.
 
 Columns: median seconds over the repeats, tokens/s (all ``R (P + Y)`` tokens / median time),
-peak extra memory of one call (:func:`~steerlm_kernels.bench.harness.measure_extra_memory`: RSS
+peak extra memory of one call (:func:`~steerlm_kernels.memory.measure_extra_memory`: RSS
 high-water mark on CPU, the caching allocator's peak on CUDA), both as ratios to the plain loop,
 and the largest difference of the sums against the plain loop. SPEC target on CPU: >= 2x the
 tokens/s and <= 1/4 of the peak extra memory.
@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from steerlm_kernels.bench.harness import device_name, measure_extra_memory, sync
+from steerlm_kernels.bench.harness import device_name, sync
+from steerlm_kernels.memory import measure_extra_memory
 from steerlm_kernels.steerlm2.hf_models import build_tiny
 from steerlm_kernels.steerlm2.logprobs import SpanScorer, plan_batches, score_batch
 

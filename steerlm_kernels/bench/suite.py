@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 import steerlm_kernels as sk
-from steerlm_kernels import registry
+from steerlm_kernels import memory, registry
 from steerlm_kernels.bench import ce, dist, group, harness, linear, peers, peers_check
 from steerlm_kernels.bench import score as score_section
 from steerlm_kernels.bench.config import SECTIONS, Config, add_arguments, resolve_config
@@ -274,9 +274,9 @@ def benchmark(
 ) -> dict[str, Any]:
     """Run every section of ``cfg``; return ``{"meta", "rows" (dicts), "peers", "table", "_rows"}``."""
     started = time.perf_counter()
-    harness.pin_malloc_mmap_threshold()
+    memory.pin_malloc_mmap_threshold()
     load_before = harness.load_average()
-    mem_check = harness.memory_method_check(cfg.device)
+    mem_check = memory.memory_method_check(cfg.device)
     log(f"memory method check: a 256 MiB float32 tensor reads as "
         f"{'n/a' if mem_check is None else f'{mem_check:.1f} MiB'}")
     timer = harness.Timer(cfg.device)
@@ -375,7 +375,8 @@ def run(ns: argparse.Namespace) -> int:
         print("!" * 78)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        payload = {"meta": result["meta"], "rows": result["rows"], "peers": result["peers"], "dist": result["dist"]}
+        payload = {"meta": result["meta"], "rows": result["rows"], "peers": result["peers"], "dist": result["dist"],
+                   "score": result["score"]}
         (out / "bench.json").write_text(json.dumps(payload, indent=2))
         (out / "bench.md").write_text(result["table"] + "\n")
         plots = write_plots(rows, result["meta"], out) if cfg.plots else []
