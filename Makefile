@@ -21,9 +21,11 @@ GPU_STACK_STAMP := $(GPU_STACK_VENV)/.installed-stamp
 GPU_STACK_PYTHON ?= $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3; do $$p -c "" 2>/dev/null && { echo $$p; break; }; done)
 GPU_STACK_PINS := "torch==2.11.0" "triton==3.6.0" "numpy<2.4"
 # what runs there: the kernels through the interpreter, their AOT compile, cpp, the API, the registry
-# and torch.compile (the whole suite runs on the default stack)
+# and torch.compile, and the cuda backend's CPU-side tests with the compile of csrc/cuda_bindings.cpp
+# against this CUDA torch's headers (the whole suite runs on the default stack)
 GPU_STACK_TESTS ?= tests/test_ops_cross_entropy.py tests/test_ops_group.py tests/test_kernels_aot.py \
-	tests/test_kernels_cpp.py tests/test_api.py tests/test_registry.py tests/test_compile.py
+	tests/test_kernels_cpp.py tests/test_kernels_cuda.py tests/test_api.py tests/test_registry.py \
+	tests/test_compile.py
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -70,8 +72,10 @@ test-gpu-stack: $(GPU_STACK_STAMP)
 clean:
 	rm -rf $(VENV) $(GPU_STACK_VENV) build *.egg-info steerlm_kernels/*.so .pytest_cache .ruff_cache
 
+# On an H100/H200 with python3's torch + triton (no network): `make gpu-check` (full, <= 9 min) or
+# `make gpu-check QUICK=1` (<= 4 min); OUT=DIR for the results (default bench-out/).
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	bash benchmarks/gpu_check.sh $(if $(filter-out 0,$(QUICK)),--quick)
 
 # Wheels of the peers for a GPU machine that cannot download (gpu_check.sh installs .whl/*.whl).
 gpu-wheels:

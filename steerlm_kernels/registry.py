@@ -1,6 +1,6 @@
 """Backend selection, in one place.
 
-Every op has three implementations with the same signature, collected in a
+Every op has four implementations with the same signature, collected in a
 :class:`BackendKernels`:
 
 ========  ==================  ====================================================================
@@ -11,6 +11,9 @@ triton    CUDA tensors        ``steerlm_kernels/kernels/*.py`` Triton kernels (a
 cpp       CPU tensors         ``steerlm_kernels._C`` (``csrc/``), the compiled extension, through
                               ``steerlm_kernels/kernels/cpp.py``
 torch     anywhere            ``steerlm_kernels/kernels/reference.py``: chunked plain PyTorch
+cuda      CUDA tensors        the hand-written CUDA kernels ``csrc/*.cu`` of an extension built with
+                              CUDA, through ``steerlm_kernels/kernels/cuda.py`` (the group ops are
+                              the torch reference's there); chosen only when asked for
 ========  ==================  ====================================================================
 
 ``resolve(backend, device)`` turns the user's ``backend=`` argument (or the environment variable
@@ -65,10 +68,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from steerlm_kernels.kernels import cpp
+from steerlm_kernels.kernels import cpp, cuda
 from steerlm_kernels.kernels._triton import interpreting
 
-BACKENDS: tuple[str, ...] = ("triton", "cpp", "torch")
+BACKENDS: tuple[str, ...] = ("triton", "cpp", "torch", "cuda")
 ENV_VAR = "STEERLM_KERNELS_BACKEND"
 #: How the fused-linear ops run on the Triton backend: ``chunks`` (default) or ``tiles``.
 LINEAR_ENV_VAR = "STEERLM_KERNELS_LINEAR"
@@ -117,6 +120,17 @@ def _refresh_cpp() -> None:
 
 
 _refresh_cpp()
+# the cuda backend: whether the extension holds the CUDA kernels (None) or why not; a CUDA device
+# is implied by the tensors resolve() is asked about, and checked by backends()
+_CUDA: dict[str, str | None] = {"error": None}
+
+
+def _refresh_cuda() -> None:
+    ok, reason = cuda.status()
+    _CUDA.update(error=None if ok else reason, reason=reason)
+
+
+_refresh_cuda()
 
 
 def _triton_import_error() -> str | None:
@@ -142,8 +156,8 @@ def backends() -> dict[str, BackendStatus]:
     """Report every backend: available or not, and why.
 
     Returns:
-        ``{"triton": BackendStatus, "cpp": BackendStatus, "torch": BackendStatus}``; each status
-        is truthy when the backend can run on this machine.
+        ``{"triton": BackendStatus, "cpp": BackendStatus, "torch": BackendStatus,
+        "cuda": BackendStatus}``; each status is truthy when the backend can run on this machine.
     """
     out: dict[str, BackendStatus] = {}
     err = _triton_import_error()
@@ -160,6 +174,12 @@ def backends() -> dict[str, BackendStatus]:
     err = _cpp_import_error()
     out["cpp"] = BackendStatus("cpp", err is None, err or _CPP["reason"])
     out["torch"] = BackendStatus("torch", True, "chunked PyTorch reference, any device")
+    if _CUDA["error"] is not None:
+        out["cuda"] = BackendStatus("cuda", False, str(_CUDA["error"]))
+    elif not torch.cuda.is_available():
+        out["cuda"] = BackendStatus("cuda", False, "no CUDA device")
+    else:
+        out["cuda"] = BackendStatus("cuda", True, f"CUDA tensors on {torch.cuda.get_device_name()}: {_CUDA['reason']}")
     return out
 
 
@@ -167,8 +187,9 @@ def resolve(backend: str, device: torch.device) -> str:
     """Pick the backend name for tensors on ``device``.
 
     ``backend="auto"`` defers to ``$STEERLM_KERNELS_BACKEND`` when set, else picks ``triton`` for
-    CUDA tensors, ``cpp`` for CPU tensors when the extension is built, and ``torch`` otherwise.
-    A forced backend that cannot run on ``device`` raises ``ValueError``.
+    CUDA tensors, ``cpp`` for CPU tensors when the extension is built, and ``torch`` otherwise
+    (``cuda`` is never picked by ``auto``: name it). A forced backend that cannot run on ``device``
+    raises ``ValueError``.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
@@ -200,6 +221,11 @@ def resolve(backend: str, device: torch.device) -> str:
         err = _cpp_import_error(load=True)
         if err is not None:
             raise ValueError(f"{source}='cpp' is unavailable: {err}")
+    elif name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{source}='cuda' runs on CUDA tensors only; got tensors on {device}")
+        if _CUDA["error"] is not None:
+            raise ValueError(f"{source}='cuda' is unavailable: {_CUDA['error']}")
     return name
 
 
@@ -260,4 +286,7 @@ def backend_kernels(name: str) -> BackendKernels:
     if name == "cpp":
         return BackendKernels(name, cpp.ce_forward, cpp.ce_backward, cpp.segment_sum, cpp.group_softmax,
                               cpp.steerlm2_weights)
+    if name == "cuda":
+        return BackendKernels(name, cuda.ce_forward, cuda.ce_backward, cuda.segment_sum, cuda.group_softmax,
+                              cuda.steerlm2_weights)
     raise ValueError(f"unknown backend {name!r}")

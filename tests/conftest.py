@@ -20,7 +20,11 @@ import torch  # noqa: E402
 
 import steerlm_kernels as sk  # noqa: E402
 
-ALL_BACKENDS = ("torch", "cpp", "triton")
+ALL_BACKENDS = ("torch", "cpp", "triton", "cuda")
+#: The backends the ``backend`` fixture runs on this device: the ``cuda`` backend (hand-written CUDA
+#: kernels) takes CUDA tensors only and the ``cpp`` backend CPU tensors only, so neither is
+#: parametrised where it could only skip.
+DEVICE_BACKENDS = ("torch", "triton", "cuda") if DEVICE == "cuda" else ("torch", "cpp", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -42,16 +46,19 @@ def backend_usable(name: str, device: torch.device) -> tuple[bool, str]:
 
 def require_backend(name: str, device: torch.device) -> str:
     """``name`` when it can run on ``device``; else skip the test (fail it for ``cpp`` in CI, where
-    the extension must have been built)."""
+    the extension must have been built, and for ``cuda`` on a GPU when ``$STEERLM_TEST_REQUIRE_CUDA_EXT``
+    is set, as the GPU check does: there the CUDA kernels must have been built)."""
     ok, why = backend_usable(name, device)
     if not ok:
         if name == "cpp" and os.environ.get("CI") and device.type == "cpu":
             pytest.fail(f"the cpp extension must be built in CI: {why}")
+        if name == "cuda" and device.type == "cuda" and os.environ.get("STEERLM_TEST_REQUIRE_CUDA_EXT"):
+            pytest.fail(f"the CUDA kernels of the extension must be built here: {why}")
         pytest.skip(why)
     return name
 
 
-@pytest.fixture(params=ALL_BACKENDS)
+@pytest.fixture(params=DEVICE_BACKENDS)
 def backend(request, device) -> str:
     return require_backend(request.param, device)
 

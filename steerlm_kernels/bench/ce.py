@@ -27,8 +27,11 @@ Implementations:
 ``liger``     (CUDA only, when ``liger_kernel`` is importable) Liger-Kernel's cross entropy with
               ``reduction="none"`` and masked labels set to ``ignore_index``. Liger writes its
               gradient into the logits during the forward, so it gets a fresh copy per iteration.
-``torch`` / ``cpp`` / ``triton``  our public functions with ``backend=`` each backend that
-              :func:`steerlm_kernels.backends` reports available for the device. (Triton on CPU
+``torch`` / ``cpp`` / ``triton`` / ``cuda``  our public functions with ``backend=`` each backend
+              that :func:`steerlm_kernels.backends` reports available for the device: on a GPU
+              ``triton`` (the default) beside ``cuda`` (the hand-written CUDA kernels, row
+              ``sk backend=cuda``, when the extension was built with CUDA) and ``torch``; on CPU
+              ``cpp`` and ``torch`` (``cuda`` is listed as skipped, with the reason). (Triton on CPU
               tensors runs in the interpreter: far too slow to time, so it is only included with
               ``--quick`` or when named in ``--impls``.)
 

@@ -17,6 +17,8 @@ from steerlm_kernels import registry
 from steerlm_kernels.bench import ce, group, harness, linear
 
 SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers", "score")
+#: ``--grid``: the shapes besides the main one (``main``: none; ``make gpu-check QUICK=1`` uses it).
+GRIDS: tuple[str, ...] = ("cross", "product", "main")
 CPU = {
     "n": 2048, "v": 32000, "s": 512, "ns": [1024, 2048, 4096], "vs": [8192, 32000, 65536], "repeats": 5,
     "grid_repeats": 3, "warmup": 1, "grid": "cross",
@@ -67,9 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ns", default=None, help="grid: comma list of N (a single --n alone means no N sweep)")
     parser.add_argument("--vs", default=None, help="grid: comma list of V (a single --v alone means no V sweep)")
     parser.add_argument("--hs", default=None, help="grid: comma list of H for the fused linear")
-    parser.add_argument("--grid", choices=("cross", "product"), default=None,
+    parser.add_argument("--grid", choices=GRIDS, default=None,
                         help="cross: sweep V at the main N and N at the main V (CPU default); "
-                             "product: every (N, V) pair (CUDA default)")
+                             "product: every (N, V) pair (CUDA default); main: the main shapes only")
     parser.add_argument("--dtype", default="bf16", choices=sorted(harness.DTYPES), help="input dtype (default bf16)")
     parser.add_argument("--linear-dtype", default=None, choices=sorted(harness.DTYPES),
                         help="fused linear's dtype (default: --dtype on CUDA; fp32 on CPU, where this torch's bf16 "
@@ -82,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"ce section: comma list of {', '.join(ce.PHASES)}")
     parser.add_argument("--impls", default=None,
                         help="comma list of implementations to run, in every section: eager, compile, liger, "
-                             "cce, lce, torch, cpp, triton (default: all that can run here; the fused linear's "
+                             "cce, lce, torch, cpp, triton, cuda (default: all that can run here; the fused linear's "
                              "bare-matmul floor always runs)")
     parser.add_argument("--output", default="bench-out", metavar="DIR",
                         help="folder for bench.json, bench.md and the plots (default bench-out/)")
@@ -126,8 +128,11 @@ class Config:
 
 
 def _shapes(main: tuple[int, ...], axes: list[list[int]], grid: str) -> list[tuple[int, ...]]:
-    """Main shape first, then the cross (one axis swept at a time) or the full product."""
+    """Main shape first, then the cross (one axis swept at a time) or the full product (nothing
+    more for ``grid="main"``)."""
     out = [main]
+    if grid == "main":
+        return out
     if grid == "product":
         out += [tuple(p) for p in itertools.product(*axes)]
     else:

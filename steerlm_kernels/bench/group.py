@@ -121,9 +121,12 @@ def build_group_impl(name: str, device: torch.device) -> GroupImpl:
 
 
 def default_group_impls(device: torch.device) -> list[str]:
-    """eager, compile and every backend that runs on ``device`` (Triton interpreted too: O(B) work)."""
+    """eager, compile and every backend that runs on ``device`` (Triton interpreted too: O(B) work),
+    but ``cuda``, whose group ops are the torch backend's (:mod:`steerlm_kernels.kernels.cuda`)."""
     names = ["eager", "compile"]
     for backend in registry.BACKENDS:
+        if backend == "cuda":
+            continue
         try:
             registry.resolve(backend, device)
         except ValueError:
