@@ -210,7 +210,7 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     ]
     if not torch.cuda.is_available():
         cases += [(["--device", "cuda"], "--device"), (["--backend", "triton"], "--backend triton"),
-                  (["--precision", "fp16"], "--precision")]
+                  (["--precision", "fp16"], "--precision"), (["--fsdp", "full_shard"], "--fsdp")]
     return cases
 
 

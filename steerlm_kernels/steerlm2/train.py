@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--save-every", type=int, default=None, help="steps between checkpoints (NeMo: 100)")
     a("--save-total-limit", type=int, default=None, help="newest checkpoints kept (NeMo: 5)")
     a("--resume", default=None, help="a checkpoint directory, or auto: the newest in --output")
-    a("--fsdp", default=None, help="Trainer's FSDP option, e.g. 'full_shard auto_wrap' (CUDA, torchrun)")
+    a("--fsdp", default=None, help="Trainer's FSDP option, e.g. 'full_shard auto_wrap' (CUDA only, torchrun)")
     a("--device", default="auto", help="auto (cpu for the built-in models, else cuda when available), cpu, cuda")
     a("--backend", default="auto", choices=("auto", "triton", "cpp", "torch", "cuda"), help="kernel backend")
     a("--output", default=None, help="output directory (default: runs/<timestamp>)")
@@ -162,6 +162,10 @@ def _device(ns: argparse.Namespace, precision: str) -> tuple[torch.device, str]:
             raise TrainError(f"--backend {ns.backend} needs a CUDA device, this run is on {device}")
         if ns.backend == "cpp" and device.type != "cpu":
             raise TrainError(f"--backend cpp runs on CPU tensors, this run is on {device}")
+    if ns.fsdp and device.type != "cuda":
+        # the Trainer (accelerate) would silently wrap the model in DDP instead on CPU
+        raise TrainError(f"--fsdp {ns.fsdp!r}: FSDP runs on CUDA devices only (on CPU use plain data parallel: "
+                         "torchrun without --fsdp)")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
