@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	# --no-build-isolation uses this venv's setuptools: Python 3.11's has no bdist_wheel without wheel
 	$(PY) -m pip install "setuptools>=70.1" wheel ninja
-	$(PY) -m pip install --no-build-isolation -e ".[test,plot]"
+	$(PY) -m pip install --no-build-isolation -e ".[test,plot,app]"
 	# megatron-core, only for the parity test of sk.megatron (runs on CPU with gloo; optional)
 	$(PY) -m pip install --no-deps "megatron-core>=0.9" || echo "megatron-core not installed: its parity test will skip"
 	# the peers (Liger-Kernel, Cut Cross-Entropy) for the agreement checks and benchmarks (optional; never touches torch/triton)
@@ -60,7 +60,7 @@ $(GPU_STACK_STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(GPU_STACK_PY) || $(GPU_STACK_PYTHON) -m venv $(GPU_STACK_VENV)
 	$(GPU_STACK_PY) -m pip install $(GPU_STACK_PINS) "setuptools>=70.1" wheel ninja
 	# CPU kernels only: nvcc's compile of csrc/*.cu is checked on the default stack
-	STEERLM_KERNELS_NO_CUDA=1 $(GPU_STACK_PY) -m pip install --no-build-isolation -e ".[test]" $(GPU_STACK_PINS)
+	STEERLM_KERNELS_NO_CUDA=1 $(GPU_STACK_PY) -m pip install --no-build-isolation -e ".[test,app]" $(GPU_STACK_PINS)
 	touch $(GPU_STACK_STAMP)
 
 # The whole subset runs there, the AOT spill checks included (test_no_spills_at_default_blocks,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import platform
 import sys
 
@@ -40,8 +41,29 @@ def info() -> int:
     return 0
 
 
+#: What the application's commands (train, sample, score, pipeline) import: the `app` extra.
+APP_DEPENDENCIES = ("transformers", "tokenizers", "accelerate")
+
+
+def missing_app_dependencies() -> list[str]:
+    """The packages of the ``app`` extra that cannot be imported here (found without importing them)."""
+    missing = []
+    for name in APP_DEPENDENCIES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in ("train", "sample", "score", "pipeline") and missing_app_dependencies():
+        print(f"steerlm-kernels {argv[0]}: error: the SteerLM 2.0 application needs "
+              f"{', '.join(missing_app_dependencies())}: pip install 'steerlm-kernels[app]'", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="steerlm-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and backends")
