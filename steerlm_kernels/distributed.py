@@ -75,7 +75,9 @@ def check_same_sizes(group: Any, name: str, sizes: dict[str, int], device: torch
     docstring), always of the same size, so it completes even when the sizes differ."""
     values = list(sizes.values())
     k = len(values)
-    extremes = torch.tensor(values + [-x for x in values], dtype=torch.int64, device=device)
+    extremes = torch.tensor(values + [-x for x in values], dtype=torch.int64)
+    if device.type != "cpu":  # a pageable host-to-device copy would wait for the stream: pin, copy async
+        extremes = extremes.pin_memory().to(device, non_blocking=True)
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
     same = (extremes[:k] == -extremes[k:]).all()
     if device.type == "cpu" and not torch.compiler.is_compiling():
