@@ -44,3 +44,5 @@ def test_attribute_scorer_values_are_checked() -> None:
     with pytest.raises(CommandError, match="lines 5: --attribute-scorer raised RuntimeError: model offline"):
         L.call_attribute_scorer(raises, objs, [5], "in.jsonl")
     assert L.check_log_prob(0) is None and L.check_log_prob(True) and L.check_log_prob(0.1)
+    assert L.check_log_prob(-7) is None and L.check_log_prob(0.005) and L.check_log_prob(None)  # strict: no tolerance
+    assert "integer of about 10^400" in L.check_log_prob(-10**400)  # too large for a float: named, no OverflowError

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from steerlm_kernels.steerlm2.jsonl_stream import CommandError
-from steerlm_kernels.steerlm2.records import LOG_P_A
+from steerlm_kernels.steerlm2.records import LOG_P_A, log_prob_problem
 
 __all__ = ["AttributeScorer", "call_attribute_scorer", "check_log_prob", "load_attribute_scorer", "load_models",
            "pad_id", "resolve_device", "resolve_dtype"]
@@ -53,12 +52,13 @@ def load_attribute_scorer(spec: str) -> AttributeScorer:
     return fn
 
 def check_log_prob(x: Any) -> str | None:
-    """Why ``x`` is not a log-probability (a finite number <= 0), or None."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return f"must be a number, got {type(x).__name__}"
-    if not math.isfinite(x) or x > 0:
+    """Why ``x`` is not a log-probability (a finite number <= 0), or None: the records' check
+    (:func:`~steerlm_kernels.steerlm2.records.log_prob_problem`: a number, finite as a float, an
+    integer too large for one named) without its rounding tolerance above 0."""
+    problem = log_prob_problem(x)
+    if (problem is not None and isinstance(x, float)) or (problem is None and x > 0):  # nan, inf, > 0
         return f"must be a finite log-probability <= 0, got {x}"
-    return None
+    return problem
 
 def call_attribute_scorer(fn: AttributeScorer, objs: list[dict[str, Any]], linenos: list[int], source: str) -> None:
     """Fill the missing ``log(P(a|x,y))`` of ``objs`` (records of input lines ``linenos``) with ``fn``'s
