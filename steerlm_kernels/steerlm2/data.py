@@ -53,6 +53,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from steerlm_kernels.steerlm2.collate import GroupBatchSampler, PromptGroup, causal_attention_mask, collate_fn
+from steerlm_kernels.steerlm2.model_helpers import BATCH_KEYS
 from steerlm_kernels.steerlm2.records import (
     DEFAULT_RESPONSE_ROLE,
     LOG_P_A,
@@ -94,8 +95,6 @@ __all__ = [
     "render_prompt",
     "sample_data_path",
 ]
-
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids", "ws", LOG_Q, "num_responses")
 
 
 # ----------------------------------------------------------------------------------------------
