@@ -22,6 +22,7 @@ backend-parametrised test of the ops and the API runs on it.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -307,6 +308,12 @@ def test_public_api_through_the_environment_variable(gpu, monkeypatch):
 
 
 def test_gpu_tests_are_selected_on_a_gpu():
-    """The GPU tests above run exactly when the suite runs on CUDA tensors."""
+    """The GPU tests above run exactly when the suite runs on CUDA tensors: each test that takes the
+    ``gpu`` fixture carries ``on_gpu`` and each ``on_gpu`` test takes it (one without the mark would
+    be skipped by ``require_backend`` on CPU; one without the fixture would run unchecked)."""
     assert (on_gpu.args[0] is False) == (DEVICE == "cuda")
     assert ("cuda" in DEVICE_BACKENDS) == (DEVICE == "cuda")
+    tests = {name: fn for name, fn in globals().items() if name.startswith("test_") and callable(fn)}
+    marked = {name for name, fn in tests.items() if on_gpu.mark in getattr(fn, "pytestmark", [])}
+    with_fixture = {name for name, fn in tests.items() if "gpu" in inspect.signature(fn).parameters}
+    assert marked == with_fixture and len(marked) >= 5, (sorted(marked), sorted(with_fixture))
