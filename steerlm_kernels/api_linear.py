@@ -88,7 +88,7 @@ def _prepare(
     None, cu_seqlens or None, (strategy, chunk_rows, backend))``."""
     hidden = v.check_hidden(hidden)
     lm_head_weight, bias = v.check_lm_head(lm_head_weight, bias, hidden)
-    labels = v.check_hidden_labels(labels, hidden)
+    labels = v.check_labels(labels, hidden, "hidden")
     v.check_int("ignore_index", ignore_index)
     chunk_rows = v.check_chunk_size(chunk_size)
     cu = v.check_sequences(labels, cu_seqlens)

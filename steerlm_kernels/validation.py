@@ -32,29 +32,36 @@ def check_tensor(name: str, value: object) -> Tensor:
     return value
 
 
+def check_rows_input(name: str, value: object, last: str) -> Tensor:
+    """``value`` (``logits`` or ``hidden``): ``[N, last]`` or ``[B, S, last]``, float32 / bfloat16 /
+    float16, with a non-empty last dimension (the vocabulary ``V`` or the hidden size ``H``)."""
+    value = check_tensor(name, value)
+    if value.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {value.dtype}")
+    if value.dim() < 2:
+        raise ValueError(f"{name} must be [N, {last}] or [B, S, {last}], got shape {tuple(value.shape)}")
+    if value.shape[-1] < 1:
+        raise ValueError(f"{name} must have a non-empty last dimension ({last}), got shape {tuple(value.shape)}")
+    return value
+
+
 def check_logits(logits: object) -> Tensor:
-    logits = check_tensor("logits", logits)
-    if logits.dtype not in LOGITS_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    if logits.dim() < 2:
-        raise ValueError(f"logits must be [N, V] or [B, S, V], got shape {tuple(logits.shape)}")
-    if logits.shape[-1] < 1:
-        raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
-    return logits
+    return check_rows_input("logits", logits, "V")
 
 
-def check_labels(labels: object, logits: Tensor) -> Tensor:
-    """``labels`` must be int32/int64, on ``logits``' device, with one label per logits row:
-    shape ``logits.shape[:-1]``, or any shape with as many elements when ``logits`` is ``[N, V]``."""
+def check_labels(labels: object, rows_of: Tensor, rows_name: str = "logits") -> Tensor:
+    """``labels`` must be int32/int64, on the device of ``rows_of`` (``logits`` or ``hidden``),
+    with one label per row: shape ``rows_of.shape[:-1]``, or any shape with as many elements when
+    ``rows_of`` is 2-D."""
     labels = check_tensor("labels", labels)
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
-    rows = logits.shape[:-1]
-    if labels.shape != rows and not (logits.dim() == 2 and labels.numel() == rows[0]):
+    if labels.device != rows_of.device:
+        raise ValueError(f"labels is on {labels.device} but {rows_name} is on {rows_of.device}")
+    rows = rows_of.shape[:-1]
+    if labels.shape != rows and not (rows_of.dim() == 2 and labels.numel() == rows[0]):
         raise ValueError(
-            f"labels must have shape {tuple(rows)} (logits.shape[:-1]), got {tuple(labels.shape)}"
+            f"labels must have shape {tuple(rows)} ({rows_name}.shape[:-1]), got {tuple(labels.shape)}"
         )
     return labels
 
@@ -249,15 +256,7 @@ def group_offsets(
 
 
 def check_hidden(hidden: object) -> Tensor:
-    """``hidden``: ``[B, S, H]`` or ``[N, H]``, float32 / bfloat16 / float16, ``H >= 1``."""
-    hidden = check_tensor("hidden", hidden)
-    if hidden.dtype not in LOGITS_DTYPES:
-        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden must be [N, H] or [B, S, H], got shape {tuple(hidden.shape)}")
-    if hidden.shape[-1] < 1:
-        raise ValueError(f"hidden must have a non-empty hidden dimension, got shape {tuple(hidden.shape)}")
-    return hidden
+    return check_rows_input("hidden", hidden, "H")
 
 
 def check_lm_head(weight: object, bias: object, hidden: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -284,20 +283,6 @@ def check_lm_head(weight: object, bias: object, hidden: Tensor) -> tuple[Tensor,
     if bias.device != hidden.device:
         raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
     return weight, bias
-
-
-def check_hidden_labels(labels: object, hidden: Tensor) -> Tensor:
-    """``labels``: int32/int64 on ``hidden``'s device, shape ``hidden.shape[:-1]`` (or any shape
-    of ``N`` elements when ``hidden`` is ``[N, H]``)."""
-    labels = check_tensor("labels", labels)
-    if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
-    if labels.device != hidden.device:
-        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
-    rows = hidden.shape[:-1]
-    if labels.shape != rows and not (hidden.dim() == 2 and labels.numel() == rows[0]):
-        raise ValueError(f"labels must have shape {tuple(rows)} (hidden.shape[:-1]), got {tuple(labels.shape)}")
-    return labels
 
 
 def check_chunk_size(chunk_size: object) -> int:
