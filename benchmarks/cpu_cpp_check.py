@@ -148,7 +148,7 @@ def main() -> None:
     from steerlm_kernels.kernels import cpp
 
     print(f"N={args.n} (B={B}, S={S}), V={V}, bf16 logits, masked share {args.prompt_frac:.2f}, "
-          f"threads={torch.get_num_threads()}, cpp SIMD={cpp.SIMD}")
+          f"threads={torch.get_num_threads()}, cpp SIMD={cpp.simd()}")
     print(f"{'phase':<25}{'impl':<22}{'median ms':>10}{'vs compile':>12}{'vs eager':>10}{'+peak MiB':>11}")
     for (phase, impl), (ms, mem) in results.items():
         comp, eager = results[(phase, "torch.compile")][0], results[(phase, "eager")][0]

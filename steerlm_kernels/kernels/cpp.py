@@ -124,9 +124,3 @@ def steerlm2_weights(
     over group ``g``. See :mod:`steerlm_kernels.ops.group`."""
     weight, baseline, kl = extension().steerlm2_weights(seq_nll, log_q, ws, cu_groups)
     return weight, baseline, kl
-
-
-def __getattr__(name: str) -> str:
-    if name == "SIMD":  # the SIMD flavour, read lazily (loading the extension may build it)
-        return simd()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
