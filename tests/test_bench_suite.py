@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from steerlm_kernels import registry
-from steerlm_kernels.bench import ce, group, harness, linear, suite
+from steerlm_kernels.bench import ce, group, harness, linear, suite, summary
 
 
 def _usable_backends(device: torch.device) -> list[str]:
@@ -59,6 +59,11 @@ def test_ce_section_lists_every_backend_and_agrees(device: torch.device, tmp_pat
     assert result["meta"]["memory_method_check_mib_of_256"] is None or (
         abs(result["meta"]["memory_method_check_mib_of_256"] - 256) < 0.15 * 256
     )
+    # the gpu-check summary reads this run's bench.json (its own tests use hand-built samples)
+    (head,) = summary.headlines(result)
+    assert (head.section, head.shape, head.check) == ("ce", "train N=64 V=300 bfloat16", "agrees")
+    assert head.headline.startswith(f"{auto} (auto) ") and "n/a" not in head.headline
+    assert all(f"{name} " in head.headline for name in backends)
 
 
 def test_linear_and_group_sections(device: torch.device, tmp_path) -> None:
@@ -94,6 +99,10 @@ def test_linear_and_group_sections(device: torch.device, tmp_path) -> None:
     table = (tmp_path / "bench.md").read_text()
     assert "### Hidden states in" in table and "### SteerLM 2.0 group ops" in table
     assert "% matmul rate" in table and "bare matmuls (floor)" in table
+    heads = {h.section: h for h in summary.headlines(result)}
+    assert set(heads) == {"linear", "group"} and all(h.check == "agrees" for h in heads.values())
+    assert heads["linear"].shape == "train N=64 V=300 H=32 float32" and "n/a" not in heads["linear"].headline
+    assert heads["group"].shape.startswith("steerlm2_weights") and "n/a" not in heads["group"].headline
 
 
 def test_grid_writes_plots(tmp_path) -> None:
