@@ -108,3 +108,22 @@ def test_bad_spans_are_refused(tiny) -> None:
         L.score_batch(L.SpanScorer(tiny), [([1, 2, 3], 3)])
     with pytest.raises(ValueError, match="scored span must start"):
         L.score_batch(L.SpanScorer(tiny), [([1, 2, 3], 0)])
+
+
+def test_logits_path_reads_any_model_output(tiny) -> None:
+    """The logits path reads outputs as the wrapper does (tensor, ``.logits``, tuple); refuses non-[B, S, V]."""
+    seqs = [(list(range(1, 12)), 4), (list(range(5, 14)), 2)]
+    expected = L.score_batch(L.SpanScorer(tiny, path="logits"), seqs)
+
+    class Returns(torch.nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.inner, self.wrap = tiny, wrap
+
+        def forward(self, **kw):
+            return self.wrap(self.inner(**kw).logits)
+
+    for wrap in (lambda x: x, lambda x: (x, None)):
+        assert L.score_batch(L.SpanScorer(Returns(wrap), path="logits"), seqs) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(TypeError, match=r"logits \[B, S, V\], got shape"):
+        L.score_batch(L.SpanScorer(Returns(lambda x: x[0]), path="logits"), seqs)

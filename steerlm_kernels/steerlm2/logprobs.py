@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import steerlm_kernels as sk
 from steerlm_kernels.steerlm2.hf_models import final_hidden_states, lm_head_of
+from steerlm_kernels.steerlm2.model_helpers import logits_of
 
 __all__ = ["PATHS", "SpanScorer", "choose_path", "plan_batches", "score_batch", "score_sequences"]
 
@@ -129,15 +129,6 @@ def _pack(seqs: Sequence[tuple[Sequence[int], int]], pad_id: int, device: torch.
     return inp.to(device), att.to(device), lab.to(device)
 
 
-def _logits_of(out: Any) -> Tensor:
-    logits = out.logits if hasattr(out, "logits") else out
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    if not isinstance(logits, Tensor) or logits.dim() != 3:
-        raise TypeError(f"the model must return logits [B, S, V] or an object with .logits, got {type(out).__name__}")
-    return logits
-
-
 @torch.no_grad()
 def score_batch(scorer: SpanScorer, seqs: Sequence[tuple[Sequence[int], int]]) -> list[float]:
     """Summed log-probabilities of the scored spans of ``seqs`` (one padded batch).
@@ -155,8 +146,8 @@ def score_batch(scorer: SpanScorer, seqs: Sequence[tuple[Sequence[int], int]]) -
     device = next(model.parameters()).device
     inp, att, lab = _pack(seqs, scorer.pad_id, device)
     if scorer.path == "fused":
-        weight, bias = _fused_parts(model)
-        hidden = final_hidden_states(model, inp, att)  # [B, L-1, H]
+        weight, bias = lm_head_of(model)
+        hidden = final_hidden_states(model, inp, att)  # [B, L-1, H] (ValueError without a base model)
         sel = lab != -100
         counts = sel.sum(dim=1)
         cu = torch.zeros(len(seqs) + 1, dtype=torch.long, device=device)
@@ -165,7 +156,9 @@ def score_batch(scorer: SpanScorer, seqs: Sequence[tuple[Sequence[int], int]]) -
         nll = sk.linear_sequence_nll(rows.to(weight.dtype), weight, lab[sel], bias=bias, cu_seqlens=cu,
                                      chunk_size=_chunk_rows(scorer, weight), backend=scorer.backend)
     elif scorer.path == "logits":
-        logits = _logits_of(model(input_ids=inp, attention_mask=att))
+        logits = logits_of(model(input_ids=inp, attention_mask=att))  # the wrapper's reading of an output
+        if logits.dim() != 3:
+            raise TypeError(f"the model must return logits [B, S, V], got shape {tuple(logits.shape)}")
         nll = sk.sequence_nll(logits, lab, backend=scorer.backend)
     else:
         raise ValueError(f"path must be 'fused' or 'logits', got {scorer.path!r}")
