@@ -229,6 +229,11 @@ def encode_prompt(
     :func:`encode_example` for ``chat`` / ``plain``, and NeMo's ``prompt_tokens`` for ``nemo``."""
     prompt, _ = render_text(tokenizer, template, system, prompt_turns, label, "", nemo_tokens=nemo_tokens,
                             response_role=response_role)
+    return _prompt_ids(tokenizer, template, prompt, add_bos)
+
+
+def _prompt_ids(tokenizer: Any, template: str, prompt: str, add_bos: bool) -> list[int]:
+    """The ids of a rendered prompt: ``encode(prompt)``, after bos for ``plain`` with ``add_bos``."""
     ids = encode_ids(tokenizer, prompt)
     if template == "plain" and add_bos:
         bos = special_token_id(tokenizer, "bos_token_id", "bos_id")
@@ -271,17 +276,12 @@ def encode_example(
     """
     prompt, scored = render_text(tokenizer, template, system, prompt_turns, label, response,
                                  nemo_tokens=nemo_tokens, response_role=response_role)
+    prompt_ids = _prompt_ids(tokenizer, template, prompt, add_bos)
+    start = len(prompt_ids)
     if template == "nemo":  # NeMo: text_to_ids(prompt) and text_to_ids(prompt + scored), positional mask
-        start = len(encode_ids(tokenizer, prompt))
         ids = encode_ids(tokenizer, prompt + scored)
     else:
-        ids = encode_ids(tokenizer, prompt)
-        if template == "plain" and add_bos:
-            bos = special_token_id(tokenizer, "bos_token_id", "bos_id")
-            if bos is not None:
-                ids.insert(0, bos)
-        start = len(ids)
-        ids += encode_ids(tokenizer, scored)
+        ids = prompt_ids + encode_ids(tokenizer, scored)
         if template == "plain" and add_eos:
             eos = special_token_id(tokenizer, "eos_token_id", "eos_id")
             if eos is not None:
