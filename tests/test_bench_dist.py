@@ -10,6 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from steerlm_kernels.bench import dist as bench_dist
+from steerlm_kernels.bench import summary
 
 
 def test_counter_wraps_and_restores_and_models_ring_bytes() -> None:
@@ -36,6 +37,9 @@ def test_ours_one_collective_forward_none_backward_and_matches_megatron() -> Non
     check_bytes = 4 * 8
     assert ours["payload_bytes"] == 3 * n * 4 + check_bytes
     assert ours["ring_bytes_sent"] == (2 - 1) * 3 * n * 4 + 2 * (2 - 1) / 2 * check_bytes
+    head = summary.dist_headline({"dist": result})  # the gpu-check summary reads this result
+    assert head is not None and head.shape == f"tp=2 N={n} V={v}" and head.headline.startswith("ours 2 collectives")
+    assert head.check == "agrees"
     if result["megatron"]:
         pytest.skip(f"megatron-core not run: {result['megatron']}")
     meg = rows["megatron"]

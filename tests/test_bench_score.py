@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 
 from steerlm_kernels.bench import score as B  # noqa: E402
-from steerlm_kernels.bench import suite  # noqa: E402
+from steerlm_kernels.bench import suite, summary  # noqa: E402
 
 
 def test_plain_loop_and_ours_equal_float64() -> None:
@@ -41,6 +41,9 @@ def test_run_score_quick_rows_and_table() -> None:
     table = "\n".join(B.markdown(result))
     assert "| ours (score) |" in table and "MISMATCH" not in table
     assert result["shape"]["v"] == B.QUICK["v"] and B.CPU["v"] >= 32000  # the real CPU shape: V >= 32k
+    head = summary.score_headline({"score": result})  # the gpu-check summary reads this result
+    assert head is not None and head.check == "agrees" and head.shape == f"V={B.QUICK['v']} H={B.QUICK['h']} fp32"
+    assert f"ours {result['rows'][1]['speedup']:.2f}x the plain HF loop's tokens/s" in head.headline
 
 
 def test_mismatch_and_error_are_shown() -> None:
