@@ -31,13 +31,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import os
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from steerlm_kernels import registry
 
 __all__ = [
     "PEERS", "available", "cce_linear_token_nll", "check_peer", "interpreting", "linear_token_nll_adapter",
@@ -59,7 +60,7 @@ _PACKAGES: dict[str, tuple[str, str]] = {
 
 def interpreting() -> bool:
     """Whether Triton kernels decorated from now on run in the interpreter (``TRITON_INTERPRET``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return registry.triton_interpreting()
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

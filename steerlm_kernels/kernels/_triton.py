@@ -28,8 +28,9 @@ except ImportError:  # pragma: no cover - Linux x86_64 always has it (a dependen
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when ``TRITON_INTERPRET`` asks for the interpreter, parsed as Triton parses it (``1``,
+    ``true``, ``on``, ``yes``): Triton kernels decorated from then on run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 __all__ = ["HAS_TRITON", "interpreting", "tl", "triton"]

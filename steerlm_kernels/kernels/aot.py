@@ -41,6 +41,8 @@ from multiprocessing import get_context
 from types import ModuleType
 from typing import Any
 
+from steerlm_kernels.kernels._triton import interpreting
+
 ARCHS: tuple[int, ...] = (80, 90)
 DTYPES: tuple[str, ...] = ("bf16", "fp16", "fp32")
 PACKAGE = "steerlm_kernels.kernels"
@@ -97,11 +99,6 @@ class Result:
     def spills(self) -> bool:
         """Whether ptxas put anything in local memory or on the stack."""
         return self.local > 0 or self.stack > 0
-
-
-def interpreter_active() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for the interpreter (parsed as Triton parses it)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 def _jit_function(obj: Any) -> Any | None:
@@ -174,7 +171,7 @@ def discover(package: str = PACKAGE) -> dict[str, dict[str, list[dict]]]:
 
     Every problem of every module is collected before raising :class:`AotSpecError`.
     """
-    if interpreter_active():
+    if interpreting():
         raise RuntimeError(_INTERPRETER_MESSAGE)
     pkg = importlib.import_module(package)
     found: dict[str, dict[str, list[dict]]] = {}
@@ -310,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--discover-only", action="store_true", help="list kernels and variants, compile nothing")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
-    if interpreter_active():
+    if interpreting():
         print(f"error: {_INTERPRETER_MESSAGE}", file=sys.stderr)
         return 2
     try:
