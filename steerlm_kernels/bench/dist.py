@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from steerlm_kernels.bench.harness import error_text
+
 #: (name in torch.distributed, ring bytes SENT per rank for a payload of m bytes in a group of tp)
 COLLECTIVES: dict[str, Callable[[int, int], float]] = {
     "all_reduce": lambda m, tp: 2.0 * (tp - 1) / tp * m,
@@ -114,7 +116,7 @@ def _worker(rank: int, world: int, port: int, s: int, b: int, v: int, repeats: i
         impls["megatron"] = lambda x: megatron_ce(x, target)
         have_megatron = ""
     except Exception as exc:  # not installed, or an incompatible version
-        have_megatron = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        have_megatron = error_text(exc, 200)
     rows = []
     losses = {}
     for name, fn in impls.items():

@@ -244,6 +244,11 @@ def grad_rel_err(g: Tensor, ref: Tensor) -> float:
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
+def error_text(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of ``exc``, its first line, at most ``limit`` characters (a table cell)."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:limit]
+
+
 def measure(
     row: Row, prepare: Callable[[], Any], call: Callable[[Any], Any], device: torch.device, timer: Timer,
     repeats: int, warmup: int, check: Callable[[Any], None] | None = None, warmup_extra: int = 0,
@@ -273,7 +278,7 @@ def measure(
         row.times_ms = timer(prepare, call, repeats)
         row.median_ms = statistics.median(row.times_ms)
     except Exception as exc:  # reported in the table, loudly
-        row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        row.error = error_text(exc)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row

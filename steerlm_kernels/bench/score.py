@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from steerlm_kernels.bench.harness import device_name, sync
+from steerlm_kernels.bench.harness import device_name, error_text, sync
 from steerlm_kernels.memory import measure_extra_memory
 from steerlm_kernels.steerlm2.hf_models import build_tiny
 from steerlm_kernels.steerlm2.logprobs import SpanScorer, plan_batches, score_batch
@@ -152,7 +152,7 @@ def run_score(device: torch.device, *, quick: bool = False, shape: dict[str, Any
             rows.append({"impl": name, "median_s": med, "times_s": times, "tokens_per_s": w.tokens / med,
                          "extra_mib": extra})
         except Exception as exc:  # noqa: BLE001 - a failing comparator is reported in its row
-            rows.append({"impl": name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]})
+            rows.append({"impl": name, "error": error_text(exc, 200)})
         log(f"score: {name}: " + (f"{rows[-1]['median_s']:.3f} s, extra {rows[-1]['extra_mib']} MiB"
                                   if "error" not in rows[-1] else rows[-1]["error"]))
     base = rows[0] if "error" not in rows[0] else None

@@ -310,14 +310,14 @@ def benchmark(
         try:
             dist_result = dist.run_dist(tps=tps, s=s_, b=b_, v=cfg.v - cfg.v % 4, repeats=cfg.repeats)
         except Exception as exc:
-            dist_result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+            dist_result = {"error": harness.error_text(exc)}
     peers_result = run_peers(cfg, log) if "peers" in cfg.sections and not ses.out_of_time("peers") else None
     score_result = None
     if "score" in cfg.sections and not ses.out_of_time("score"):
         try:
             score_result = score_section.run_score(cfg.device, quick=cfg.quick, seed=cfg.seed, log=log)
         except Exception as exc:
-            score_result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+            score_result = {"error": harness.error_text(exc)}
     if "ce" in cfg.sections:
         run_ce(ses, grid=True)
     if "linear" in cfg.sections:
