@@ -39,6 +39,9 @@ from typing import Any
 
 import torch
 
+from steerlm_kernels.steerlm2.hf_models import TINY_MODELS
+from steerlm_kernels.steerlm2.templates import TEMPLATES
+
 __all__ = ["BUILTIN_PRESET", "NEMO_PRESET", "TrainError", "add_arguments", "main", "run"]
 
 #: Defaults for a Hugging Face model directory: NeMo-Aligner's gpt_sft.yaml (SteerLM 2.0 trains with it).
@@ -77,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--val-fraction", type=float, default=None, help="hold out this fraction of --data's groups for validation")
     a("--eval-every", type=int, default=None, help="steps between validations (NeMo: 100; tiny: 20)")
     a("--model", default="tiny", help="a local Hugging Face model directory, or a built-in model: tiny, small")
-    a("--template", default="nemo", choices=("nemo", "chat", "plain"),
+    a("--template", default="nemo", choices=TEMPLATES,
       help="prompt format: nemo (NeMo-Aligner's SteerLM2Dataset), chat (the tokenizer's chat template), plain")
     a("--steps", type=int, default=None, help="optimizer steps (default: 120 for the built-in models, else 1 epoch)")
     a("--groups-per-step", type=int, default=8,
@@ -108,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _is_builtin(spec: str) -> bool:
-    return spec in ("tiny", "small")
+    return spec in TINY_MODELS
 
 
 def _settings(ns: argparse.Namespace) -> dict[str, Any]:
