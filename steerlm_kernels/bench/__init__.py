@@ -13,7 +13,10 @@ Modules (each imports only those above it in this list, and the library):
 ``linear``       section "linear": hidden states in, the fused linear losses
 ``group``        section "group": ``steerlm2_weights`` and ``segment_softmax``
 ``dist``         section "dist": collectives and bytes of vocabulary-parallel cross entropy
+``score``        section "score": ``steerlm-kernels score``'s engine against the plain Hugging Face loop
 ``config``       the command's options and their device-dependent defaults
 ``report``       the markdown tables and the PNG plots
 ``suite``        the command: every section over its grid, JSON / markdown / plots
+``summary``      the summary table that ends ``make gpu-check`` (standard library only, nothing of the
+                 package: it runs by path where torch is missing)
 """
