@@ -31,6 +31,17 @@ def test_iter_objects_names_bad_lines_and_reads_on(tmp_path) -> None:
         list(iter_objects(tmp_path / "missing.jsonl"))
 
 
+def test_iter_objects_reads_lines_as_train_does(tmp_path) -> None:
+    """A byte-order mark is skipped; JSON too deep for the parser or an integer too long to convert is
+    a named bad line (as records.read_jsonl says), not an exception that ends the command."""
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n" + b"1" * 5000 + b'\n{"b": 2}\n')
+    got = list(iter_objects(p))
+    assert got[0] == (1, {"a": 1}) and got[3] == (4, {"b": 2})
+    assert isinstance(got[1][1], LineError) and "line 2: invalid JSON: nested too deeply" in str(got[1][1])
+    assert isinstance(got[2][1], LineError) and "line 3: invalid JSON" in str(got[2][1])
+
+
 def test_writer_keeps_complete_lines_and_cuts_a_partial_one(tmp_path) -> None:
     p = tmp_path / "out.jsonl"
     with ResumableWriter(p) as w:

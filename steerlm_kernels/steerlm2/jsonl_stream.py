@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from steerlm_kernels.steerlm2.records import SteerLMDataError, decode_json_line
+
 __all__ = ["CommandError", "LineError", "Progress", "ResumableWriter", "count_nonblank_lines", "dumps",
            "iter_objects"]
 
@@ -74,6 +76,8 @@ def iter_objects(path: str | Path) -> Iterator[tuple[int, Any]]:
         raise CommandError(f"{src}: cannot read ({exc.strerror or exc})") from None
     with f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as read_jsonl
+                raw = raw[3:]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -81,10 +85,11 @@ def iter_objects(path: str | Path) -> Iterator[tuple[int, Any]]:
                 continue
             if not text.strip():
                 continue
-            try:
-                yield lineno, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield lineno, LineError(src, lineno, f"invalid JSON: {exc.msg} (column {exc.colno})")
+            try:  # the records' decoder: also JSON nested too deeply and integers too long to convert
+                obj = decode_json_line(text, src, lineno)
+            except SteerLMDataError as exc:
+                obj = LineError(src, lineno, exc.problem)
+            yield lineno, obj
 
 
 def count_nonblank_lines(path: str | Path) -> int:
