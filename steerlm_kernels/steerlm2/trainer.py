@@ -229,13 +229,10 @@ class SteerLM2Trainer(transformers.Trainer):
         t0 = time.perf_counter()
         weights = self.baseline_weights(model, inputs)
         wrapper = self._wrapper(model)
-        n_items = inputs["tokens"].shape[0]
-        m = -(-n_items // self.steerlm2.micro_batch_size)
         batch = dict(inputs)
-        batch["weight"] = weights.weight
-        batch["avg_num_valid_tokens_in_ub"] = avg_num_valid_tokens_in_ub(inputs["loss_mask"],
-                                                                         inputs["num_responses"], m)
+        wrapper.attach_weights(batch, weights)  # NeMo's weight and normalizer for M micro-batches
         chunks = split_batch(batch, self.steerlm2.micro_batch_size)
+        m = len(chunks)
         fwd = wrapper.get_forward_output_and_loss_func()
         accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         scale = m * accumulation
