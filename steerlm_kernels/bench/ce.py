@@ -69,6 +69,8 @@ from steerlm_kernels.bench.harness import (
     VALUE_TOL,
     Row,
     Timer,
+    available_backends,
+    backend_title,
     check_outputs,
     fill_speedups,
     fmt,
@@ -196,8 +198,8 @@ def _liger_impl() -> Impl:
     return Impl("liger", IMPL_TITLES["liger"], seq_nll=seq_nll, loss=loss, fresh_copy=True)
 
 
-def _our_impl(backend: str, auto: str) -> Impl:
-    """Our public functions forced to ``backend`` (titled "(auto)" when ``auto`` picks it)."""
+def _our_impl(backend: str, title: str) -> Impl:
+    """Our public functions forced to ``backend``."""
     def seq_nll(w: Workload, x: Tensor) -> Tensor:
         return sk.sequence_nll(x.view(w.b, w.s, w.v), w.labels, w.loss_mask, backend=backend)
 
@@ -207,21 +209,8 @@ def _our_impl(backend: str, auto: str) -> Impl:
             inplace_backward=inplace, backend=backend,
         )
 
-    title = IMPL_TITLES[backend] + (" (auto)" if backend == auto else "")
     return Impl(backend, title, seq_nll=seq_nll, loss=loss, ours=True,
                 inplace=lambda w, x: loss(w, x, inplace=True))
-
-
-def available_backends(device: torch.device) -> dict[str, str]:
-    """``{backend: ""}`` for each backend that can run on ``device``, else ``{backend: why not}``."""
-    out: dict[str, str] = {}
-    for name in registry.BACKENDS:
-        try:
-            registry.resolve(name, device)
-            out[name] = ""
-        except ValueError as exc:
-            out[name] = str(exc)
-    return out
 
 
 def default_impls(device: torch.device, quick: bool) -> tuple[list[str], dict[str, str]]:
@@ -259,7 +248,7 @@ def build_impl(name: str, device: torch.device) -> Impl:
         return _liger_impl()
     if name in registry.BACKENDS:
         registry.resolve(name, device)  # raises ValueError with the reason
-        return _our_impl(name, registry.resolve("auto", device))
+        return _our_impl(name, backend_title(name, device))
     raise ValueError(f"unknown implementation {name!r}; choose from {COMPARATORS + registry.BACKENDS}")
 
 

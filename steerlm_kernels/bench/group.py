@@ -24,7 +24,15 @@ from torch import Tensor
 
 import steerlm_kernels as sk
 from steerlm_kernels import registry
-from steerlm_kernels.bench.harness import IMPL_TITLES, Row, Timer, fill_speedups, measure, rel_err
+from steerlm_kernels.bench.harness import (
+    Row,
+    Timer,
+    available_backends,
+    backend_title,
+    fill_speedups,
+    measure,
+    rel_err,
+)
 
 OPS: tuple[str, ...] = ("steerlm2_weights", "segment_softmax")
 #: float32 values read + written per response.
@@ -115,24 +123,14 @@ def build_group_impl(name: str, device: torch.device) -> GroupImpl:
                 return sk.segment_softmax(w.seq_nll, w.sizes, backend=name)
             return sk.steerlm2_weights(w.seq_nll, w.log_q, w.ws, w.sizes, backend=name).weight
 
-        auto = registry.resolve("auto", device)
-        return GroupImpl(name, IMPL_TITLES[name] + (" (auto)" if name == auto else ""), call_ours, ours=True)
+        return GroupImpl(name, backend_title(name, device), call_ours, ours=True)
     raise ValueError(f"unknown group implementation {name!r}")
 
 
 def default_group_impls(device: torch.device) -> list[str]:
     """eager, compile and every backend that runs on ``device`` (Triton interpreted too: O(B) work),
     but ``cuda``, whose group ops are the torch backend's (:mod:`steerlm_kernels.kernels.cuda`)."""
-    names = ["eager", "compile"]
-    for backend in registry.BACKENDS:
-        if backend == "cuda":
-            continue
-        try:
-            registry.resolve(backend, device)
-        except ValueError:
-            continue
-        names.append(backend)
-    return names
+    return ["eager", "compile", *(b for b, why in available_backends(device).items() if not why and b != "cuda")]
 
 
 def run_group_case(impl: GroupImpl, op: str, w: GroupWorkload, timer: Timer, repeats: int, warmup: int) -> Row:

@@ -22,7 +22,8 @@ Every section (:mod:`.ce`, :mod:`.linear`, :mod:`.group`) measures through :func
 
 Also here: the random SteerLM-like batch the ``ce`` and ``linear`` sections share
 (:func:`make_batch`) and their eager comparator's formula (:func:`naive_sequence_nll`), the
-implementation titles, and the table cells (:func:`fmt`,
+implementation titles and which of our backends run on a device (:func:`available_backends`,
+:func:`backend_title`), and the table cells (:func:`fmt`,
 :func:`fmt_err`, :func:`table_line`).
 """
 
@@ -44,9 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import steerlm_kernels as sk
-from steerlm_kernels.memory import (
-    measure_extra_memory,
-)
+from steerlm_kernels import registry
+from steerlm_kernels.memory import measure_extra_memory
 
 #: Table titles: the logits-in comparators and our backends (the other sections add their own).
 IMPL_TITLES: dict[str, str] = {
@@ -68,6 +68,23 @@ DTYPES: dict[str, torch.dtype] = {
 MEMORY_SAMPLES = 3
 VALUE_TOL = 1e-4
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def available_backends(device: torch.device) -> dict[str, str]:
+    """``{backend: ""}`` for each backend that can run on ``device``, else ``{backend: why not}``."""
+    out: dict[str, str] = {}
+    for name in registry.BACKENDS:
+        try:
+            registry.resolve(name, device)
+            out[name] = ""
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def backend_title(backend: str, device: torch.device) -> str:
+    """The table title of our ``backend`` ("(auto)" appended when ``auto`` picks it on ``device``)."""
+    return IMPL_TITLES[backend] + (" (auto)" if backend == registry.resolve("auto", device) else "")
 
 
 # ------------------------------------------------------------------------------------------------

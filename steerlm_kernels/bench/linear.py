@@ -42,10 +42,11 @@ from steerlm_kernels import registry
 from steerlm_kernels.bench import peers
 from steerlm_kernels.bench.harness import (
     GRAD_TOL,
-    IMPL_TITLES,
     VALUE_TOL,
     Row,
     Timer,
+    available_backends,
+    backend_title,
     check_outputs,
     fill_speedups,
     make_batch,
@@ -152,7 +153,7 @@ def _linear_strategy(value: str) -> Iterator[None]:
             os.environ[registry.LINEAR_ENV_VAR] = old
 
 
-def _ours(backend: str, auto: str, strategy: str = "chunks") -> LinearImpl:
+def _ours(backend: str, device: torch.device, strategy: str = "chunks") -> LinearImpl:
     def seq_nll(w: LinearWorkload, h: Tensor, W: Tensor) -> Tensor:
         with _linear_strategy(strategy):
             return sk.linear_sequence_nll(h, W, w.labels, w.loss_mask, backend=backend)
@@ -164,8 +165,7 @@ def _ours(backend: str, auto: str, strategy: str = "chunks") -> LinearImpl:
 
     if strategy == "tiles":
         return LinearImpl("triton-tiles", TITLES["triton-tiles"], seq_nll, loss, ours=True)
-    title = IMPL_TITLES[backend] + (" (auto)" if backend == auto else "")
-    return LinearImpl(backend, title, seq_nll, loss, ours=True)
+    return LinearImpl(backend, backend_title(backend, device), seq_nll, loss, ours=True)
 
 
 def _from_seq(name: str, seq_nll: Callable[[LinearWorkload, Tensor, Tensor], Tensor], extra: int = 0) -> LinearImpl:
@@ -205,10 +205,10 @@ def build_linear_impl(name: str, device: torch.device) -> LinearImpl:
             adapter(h.view(-1, w.h), W, w.labels_ignored.view(-1)), w))
     if name in registry.BACKENDS:
         registry.resolve(name, device)
-        return _ours(name, registry.resolve("auto", device))
+        return _ours(name, device)
     if name == "triton-tiles":
         registry.resolve("triton", device)
-        return _ours("triton", registry.resolve("auto", device), strategy="tiles")
+        return _ours("triton", device, strategy="tiles")
     raise ValueError(f"unknown linear implementation {name!r}")
 
 
@@ -217,13 +217,8 @@ def default_linear_impls(device: torch.device) -> list[str]:
     names = ["matmuls", "eager", "compile", "lce"]
     if device.type == "cuda":
         names += list(PEERS)
-    for backend in registry.BACKENDS:
-        try:
-            registry.resolve(backend, device)
-        except ValueError:
-            continue
-        if backend != "triton" or device.type == "cuda":
-            names.append(backend)
+    names += [b for b, why in available_backends(device).items()
+              if not why and (b != "triton" or device.type == "cuda")]
     if "triton" in names:
         names.append("triton-tiles")
     return names
