@@ -7,7 +7,8 @@
   sample in ``sample_data/``) and :mod:`~steerlm_kernels.steerlm2.tokenization` (prompt template,
   byte tokenizer).
 * :mod:`~steerlm_kernels.steerlm2.train`: ``steerlm-kernels train``;
-  :mod:`~steerlm_kernels.steerlm2.tiny_lm`: the built-in tiny causal LM.
+  :mod:`~steerlm_kernels.steerlm2.hf_models`: the built-in tiny Llama of the commands;
+  :mod:`~steerlm_kernels.steerlm2.tiny_lm`: a plain-PyTorch tiny causal LM (``python/example_plain_loop.py``, tests).
 
 Nothing is imported here: ``import steerlm_kernels`` loads the library alone, and the application's
 modules load on first use.

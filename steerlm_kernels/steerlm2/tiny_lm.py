@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 __all__ = ["TINY_CONFIGS", "TinyCausalLM"]
 
-#: Built-in sizes, by name (``train --model tiny``).
+#: Sizes by name (``python/example_plain_loop.py --model``; the commands' ``--model tiny`` is
+#: :data:`~steerlm_kernels.steerlm2.hf_models.TINY_MODELS`).
 TINY_CONFIGS: dict[str, dict[str, int]] = {
     "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4},
     "small": {"d_model": 128, "n_layers": 4, "n_heads": 4},
