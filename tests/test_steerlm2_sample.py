@@ -88,6 +88,13 @@ def test_sample_resumes_to_the_uninterrupted_output(tiny, tmp_path, monkeypatch)
     assert part.read_bytes() == whole.read_bytes()
 
 
+def test_sample_refuses_to_resume_an_output_of_other_prompts(tiny, tmp_path) -> None:
+    other = write_jsonl(tmp_path / "out.jsonl", [{**PROMPTS[1], "responses": [{"value": "y"}]}])
+    with pytest.raises(SM.CommandError, match="line 1: does not hold the prompt of .*line 1"):
+        run_sample(tiny, write_jsonl(tmp_path / "p.jsonl", PROMPTS), other)
+    assert run_sample(tiny, write_jsonl(tmp_path / "p1.jsonl", PROMPTS[1:2]), other).resumed == 1  # same prompt
+
+
 def test_sample_output_is_training_data_after_scoring(tiny, tmp_path) -> None:
     model, tok = tiny
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])

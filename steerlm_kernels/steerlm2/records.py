@@ -66,6 +66,7 @@ __all__ = [
     "log_prob_problem",
     "parse_record",
     "read_jsonl",
+    "same_prompt",
     "sample_data_path",
 ]
 
@@ -261,6 +262,13 @@ def parse_record(obj: Any, source: str = "<records>", line: int = 1) -> SteerLM2
                                           f"{logs[1]!r} - {logs[2]!r}): the importance weight is undefined")
         responses.append(Response(value, logs[0], logs[1], logs[2]))
     return SteerLM2Record(system, tuple(turns), label, role or DEFAULT_RESPONSE_ROLE, tuple(responses), source, line)
+
+
+def same_prompt(a: Any, b: Any) -> bool:
+    """Whether two decoded records hold the same prompt (``system``, ``prompt_turns``, ``label``):
+    how ``sample`` and ``score`` recognise the input record of an earlier run's last output line."""
+    keys = ("system", "prompt_turns", "label")
+    return isinstance(a, Mapping) and isinstance(b, Mapping) and all(a.get(k) == b.get(k) for k in keys)
 
 
 def decode_json_line(text: str, source: str, line: int) -> Any:

@@ -44,7 +44,13 @@ from steerlm_kernels.steerlm2.jsonl_stream import (
     run_command,
 )
 from steerlm_kernels.steerlm2.loading import load_models, resolve_device, resolve_dtype
-from steerlm_kernels.steerlm2.records import DEFAULT_RESPONSE_ROLE, SteerLM2Record, SteerLMDataError, parse_record
+from steerlm_kernels.steerlm2.records import (
+    DEFAULT_RESPONSE_ROLE,
+    SteerLM2Record,
+    SteerLMDataError,
+    parse_record,
+    same_prompt,
+)
 from steerlm_kernels.steerlm2.templates import TEMPLATES, NemoTokens, encode_prompt
 
 __all__ = ["DEFAULTS", "MAX_DRAWS", "SampleSummary", "add_arguments", "record_seed", "run", "sample_file",
@@ -223,9 +229,7 @@ def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: 
                 continue
             if to_skip:
                 to_skip -= 1
-                last = writer.last
-                if to_skip == 0 and (not isinstance(last, dict) or any(
-                        last.get(k) != obj.get(k) for k in ("system", "prompt_turns", "label"))):
+                if to_skip == 0 and not same_prompt(writer.last, obj):
                     raise CommandError(f"--output {output}, line {writer.done}: does not hold the prompt of "
                                        f"{source}, line {lineno} (--overwrite starts afresh)")
                 continue

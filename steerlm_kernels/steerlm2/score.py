@@ -65,7 +65,15 @@ from steerlm_kernels.steerlm2.loading import (
     resolve_dtype,
 )
 from steerlm_kernels.steerlm2.logprobs import PATHS, SpanScorer, choose_path, score_sequences
-from steerlm_kernels.steerlm2.records import LOG_P_A, LOG_P_Y, LOG_Q, SteerLM2Record, SteerLMDataError, parse_record
+from steerlm_kernels.steerlm2.records import (
+    LOG_P_A,
+    LOG_P_Y,
+    LOG_Q,
+    SteerLM2Record,
+    SteerLMDataError,
+    parse_record,
+    same_prompt,
+)
 from steerlm_kernels.steerlm2.templates import TEMPLATES, encode_example
 
 __all__ = ["DEFAULTS", "WINDOW_BATCHES", "ScoreSummary", "Side", "add_arguments", "load_attribute_scorer", "run",
@@ -205,10 +213,7 @@ def _encode(item: _Item, sides: list[Side], template: str, max_seq_length: int) 
 
 def _same_record(out_obj: Any, in_obj: dict[str, Any]) -> bool:
     """Whether an output line of an earlier run holds this input record (prompt and responses)."""
-    if not isinstance(out_obj, dict):
-        return False
-    keys = ("system", "prompt_turns", "label")
-    if any(out_obj.get(k) != in_obj.get(k) for k in keys):
+    if not same_prompt(out_obj, in_obj):
         return False
     out_r, in_r = out_obj.get("responses"), in_obj.get("responses")
     if not isinstance(out_r, list) or len(out_r) != len(in_r):
