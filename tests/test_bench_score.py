@@ -60,3 +60,23 @@ def test_section_is_registered_in_the_suite(tmp_path) -> None:
     out = suite.benchmark(suite.resolve_config(ns), log=lambda _: None)
     assert out["score"]["rows"][1]["impl"] == "ours (score)"
     assert "#### Scoring (`steerlm-kernels score`)" in out["table"]
+
+
+@pytest.mark.parametrize("broken", [{"error": "boom"}, "disagrees"])
+def test_a_failed_or_disagreeing_score_section_fails_the_run(broken, tmp_path, monkeypatch, capsys) -> None:
+    real = B.run_score
+
+    def fake(device, **kwargs):
+        if broken == "disagrees":
+            result = real(device, **{**kwargs, "shape": {"responses": 2}})
+            result["agrees"] = False
+            return result
+        return broken
+
+    monkeypatch.setattr(B, "run_score", fake)
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    ns = parser.parse_args(["--quick", "--sections", "score", "--device", "cpu", "--output", str(tmp_path),
+                            "--no-plots"])
+    assert suite.run(ns) == 1
+    assert "!! score: " in capsys.readouterr().out

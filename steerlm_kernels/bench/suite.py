@@ -357,10 +357,13 @@ def run(ns: argparse.Namespace) -> int:
     bad = [r for r in loud if r.ours]
     peer_bad = [p for p in ((result.get("peers") or {}).get("rows") or []) if not p.get("agrees")]
     dist_res = result.get("dist") or {}
-    dist_bad = ([dist_res["error"]] if dist_res.get("error") else []) + [
-        f"tp={r['tp']} {r['impl']}: loss rel err vs megatron {r['loss_rel_err_vs_megatron']:.1e}"
+    section_bad = ([f"dist: {dist_res['error']}"] if dist_res.get("error") else []) + [
+        f"dist: tp={r['tp']} {r['impl']}: loss rel err vs megatron {r['loss_rel_err_vs_megatron']:.1e}"
         for r in dist_res.get("rows") or [] if (r.get("loss_rel_err_vs_megatron") or 0.0) > 1e-5]
-    if loud or peer_bad or dist_bad:
+    score_res = result.get("score") or {}
+    section_bad += [f"score: {score_res['error']}"] if score_res.get("error") else []
+    section_bad += ["score: ours disagrees with the plain loop"] if score_res.get("agrees") is False else []
+    if loud or peer_bad or section_bad:
         print()
         print("!" * 78)
         for r in loud:
@@ -370,8 +373,8 @@ def run(ns: argparse.Namespace) -> int:
             print(f"!! {r.section} / {r.phase} / {r.title}: {what}")
         for p in peer_bad:
             print(f"!! peers / {p.get('peer')} / {p.get('op')}: disagrees with ours ({p.get('error') or ''})")
-        for what in dist_bad:
-            print(f"!! dist: {what}")
+        for what in section_bad:
+            print(f"!! {what}")
         print("!" * 78)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +387,7 @@ def run(ns: argparse.Namespace) -> int:
             partial.unlink()
         print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}"
               + "".join(f", {p}" for p in plots) + f" ({result['meta']['elapsed_s']:.0f} s)")
-    return 1 if (bad or peer_bad or dist_bad) else 0
+    return 1 if (bad or peer_bad or section_bad) else 0
 
 
 __all__ = ["SECTIONS", "Config", "add_arguments", "benchmark", "render", "resolve_config", "run", "write_plots"]
