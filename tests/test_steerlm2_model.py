@@ -232,14 +232,19 @@ def test_model_returning_logits_attribute():
     check_against_reference(model, GPTSteerLMModel(model, cfg_of(3, 4)), make_batch(groups, seed=15), groups)
 
 
-def test_llama_for_causal_lm():
+def tiny_llama():
+    """A 2-layer LlamaForCausalLM of vocabulary V, float32, eval mode, seeded."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float().eval()
+    return transformers.LlamaForCausalLM(config).float().eval()
+
+
+def test_llama_for_causal_lm():
+    model = tiny_llama()
     groups = (3, 5, 2)
     batch = make_batch(groups, seed=16)
     check_against_reference(model, GPTSteerLMModel(model, cfg_of(4, 3), backend="torch"), batch, groups, 1e-3)
@@ -408,13 +413,7 @@ def test_fused_linear_forward_only():
 
 def test_fused_linear_llama_split_into_trunk_and_head():
     """Hugging Face: LlamaModel (returns .last_hidden_state) + the LlamaForCausalLM head's weight."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float().eval()
+    model = tiny_llama()
     groups = (3, 5, 2)
     batch = make_batch(groups, seed=37)
     wrapper = GPTSteerLMModel(model.model, cfg_of(4, 3), lm_head_weight=model.lm_head.weight, backend="torch")
