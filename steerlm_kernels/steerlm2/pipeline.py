@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from steerlm_kernels.steerlm2 import sample, score
+from steerlm_kernels.steerlm2.jsonl_stream import count_nonblank_lines
 from steerlm_kernels.steerlm2.records import sample_data_path
 from steerlm_kernels.steerlm2.templates import TEMPLATES
 
@@ -72,24 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _train_argv(ns: argparse.Namespace, scored: Path, out: Path) -> tuple[list[str], Any]:
-    """``train``'s argv (only the options its parser knows) and its module."""
+    """``train``'s argv and its module."""
     from steerlm_kernels.steerlm2 import train
 
-    probe = train.add_arguments(argparse.ArgumentParser(prog="steerlm-kernels train", add_help=False))
-    known = {s for action in probe._actions for s in action.option_strings}
+    groups = count_nonblank_lines(scored)  # a small prompt file: every step takes all its groups
     argv = ["--data", str(scored), "--model", ns.model, "--output", str(out), "--steps", str(ns.steps),
-            "--seed", str(ns.seed)]
-    if "--template" in known:
-        argv += ["--template", ns.template]
-    elif ns.template != "nemo":
-        print(f"pipeline: note: this train has no --template; it renders its own format, not {ns.template}",
-              file=sys.stderr)
-    if "--resume" in known:
-        argv += ["--resume", "auto"]
-    if "--groups-per-step" in known:  # a small prompt file: every step takes all its groups
-        with open(scored, "rb") as f:
-            groups = sum(1 for raw in f if raw.strip())
-        argv += ["--groups-per-step", str(max(1, min(GROUPS_PER_STEP, groups)))]
+            "--seed", str(ns.seed), "--template", ns.template, "--resume", "auto",
+            "--groups-per-step", str(max(1, min(GROUPS_PER_STEP, groups)))]
     return argv, train
 
 
