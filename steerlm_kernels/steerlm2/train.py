@@ -158,7 +158,7 @@ def _device(ns: argparse.Namespace, precision: str) -> tuple[torch.device, str]:
         raise TrainError(f"--device {ns.device!r}: only cpu and cuda are supported")
     if ns.backend != "auto":
         status = sk.backends().get(ns.backend)
-        interpreted = ns.backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+        interpreted = ns.backend == "triton" and sk.registry.triton_interpreting()
         if status is not None and not status.available and not interpreted:
             raise TrainError(f"--backend {ns.backend}: not available here ({status.reason})")
         if ns.backend in ("triton", "cuda") and device.type != "cuda" and not interpreted:
