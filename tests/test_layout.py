@@ -38,10 +38,11 @@ LAYERS: list[tuple[str, int]] = [
     ("steerlm_kernels", 6),  # the root __init__: the public API
     ("steerlm_kernels.memory", 6),  # peak extra memory of a call: the demo's and the benchmarks' tool
     ("steerlm_kernels.demo", 7),
-    ("steerlm_kernels.steerlm2", 7),
-    ("steerlm_kernels.bench", 8),
-    ("steerlm_kernels.cli", 9),
-    ("steerlm_kernels.__main__", 9),
+    ("steerlm_kernels.hf", 7),  # Hugging Face / TRL integration: above the library, below the application
+    ("steerlm_kernels.steerlm2", 8),
+    ("steerlm_kernels.bench", 9),
+    ("steerlm_kernels.cli", 10),
+    ("steerlm_kernels.__main__", 10),
 ]
 TOP = {"steerlm_kernels.cli", "steerlm_kernels.__main__"}
 
