@@ -78,16 +78,21 @@ def _masked_token_nll(
     inplace_backward: bool,
     backend: str,
     process_group: Any,
+    softcap: Any = None,
+    logit_scale: Any = None,
 ) -> tuple[Tensor, Tensor, str]:
     """``(mask * nll) [N]`` float32, the original labels, and the resolved backend."""
+    transform = v.check_logit_transform(softcap, logit_scale)
     logits2d, labels, labels1d, name = _flat_inputs(logits, labels, ignore_index, backend)
     mask = v.check_loss_mask(loss_mask, labels)
     if mask is None:
-        nll = token_nll_2d(logits2d, labels1d, ignore_index, check_labels, inplace_backward, name, process_group)
+        nll = token_nll_2d(logits2d, labels1d, ignore_index, check_labels, inplace_backward, name, process_group,
+                           *transform)
         return nll, labels, name
     mask1d = mask.reshape(-1)
     labels1d = labels1d.masked_fill(mask1d == 0, ignore_index)
-    nll = token_nll_2d(logits2d, labels1d, ignore_index, check_labels, inplace_backward, name, process_group)
+    nll = token_nll_2d(logits2d, labels1d, ignore_index, check_labels, inplace_backward, name, process_group,
+                       *transform)
     return nll * mask1d.to(torch.float32), labels, name
 
 
@@ -99,9 +104,12 @@ def token_nll(
     process_group: Any = None,
     check_labels: bool = True,
     inplace_backward: bool = False,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Per-token negative log-likelihood ``-log softmax(logits)[label]``.
+    """Per-token negative log-likelihood ``-log softmax(z')[label]`` of the logits ``z``, or of their
+    transform ``z' = softcap * tanh(logit_scale * z / softcap)`` when asked for.
 
     Args:
         logits: ``[B, S, V]`` or ``[N, V]``, float32 / bfloat16 / float16.
@@ -115,6 +123,13 @@ def token_nll(
         inplace_backward: write the gradient into ``logits``' storage (do not reuse the logits).
             Logits whose rows may overlap in memory (an expanded view, a row stride below ``V``)
             get the out-of-place backward instead: decided from sizes and strides, no data read.
+        softcap: None, or ``c > 0``: the logits are soft-capped to ``c * tanh(z / c)`` before the
+            softmax (Gemma 2 / 3's ``final_logit_softcapping``), inside the kernels (no transformed
+            copy of the logits is made; the backward applies ``dz'/dz``).
+        logit_scale: None, or ``s > 0``: the logits are multiplied by ``s`` before the softmax
+            (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``). With both, the scale
+            comes first: ``z' = c * tanh(s * z / c)``, ``dz'/dz = s * (1 - tanh^2)``. Non-finite
+            or non-positive values raise ``ValueError`` naming the argument.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
@@ -123,7 +138,8 @@ def token_nll(
     """
     check_groups(process_group)
     nll, labels, _ = _masked_token_nll(
-        logits, labels, None, ignore_index, check_labels, inplace_backward, backend, process_group
+        logits, labels, None, ignore_index, check_labels, inplace_backward, backend, process_group, softcap,
+        logit_scale,
     )
     return nll.view(labels.shape)
 
@@ -139,9 +155,12 @@ def sequence_nll(
     cp_group: Any = None,
     check_labels: bool = True,
     inplace_backward: bool = False,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Per-sequence masked NLL ``sum_t loss_mask[b, t] * nll[b, t]``.
+    """Per-sequence masked NLL ``sum_t loss_mask[b, t] * nll[b, t]`` (``softcap`` / ``logit_scale``
+    transform the logits first, as :func:`token_nll`).
 
     Dense input: ``logits [B, S, V]`` (or ``[B*S, V]``), ``labels``/``loss_mask [B, S]`` -> ``[B]``.
     Packed input: ``logits [T, V]``, ``labels``/``loss_mask [T]``, ``cu_seqlens [B + 1]`` (int32 /
@@ -163,7 +182,8 @@ def sequence_nll(
     check_groups(process_group, cp_group)
     cu = v.check_sequences(labels, cu_seqlens)
     nll, labels, name = _masked_token_nll(
-        logits, labels, loss_mask, ignore_index, check_labels, inplace_backward, backend, process_group
+        logits, labels, loss_mask, ignore_index, check_labels, inplace_backward, backend, process_group, softcap,
+        logit_scale,
     )
     seq = segment_sum_op(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
     return sum_over_context(seq, cp_group)
@@ -182,9 +202,12 @@ def weighted_sequence_loss(
     cp_group: Any = None,
     check_labels: bool = True,
     inplace_backward: bool = False,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """SteerLM 2.0 micro-batch loss ``sum_b weight[b] * seq_nll[b] / normalizer[b]``.
+    """SteerLM 2.0 micro-batch loss ``sum_b weight[b] * seq_nll[b] / normalizer[b]`` (``softcap`` /
+    ``logit_scale`` transform the logits first, as :func:`token_nll`).
 
     Args:
         logits, labels, loss_mask, cu_seqlens: as :func:`sequence_nll` (``B`` sequences).
@@ -202,13 +225,14 @@ def weighted_sequence_loss(
         0-d float32 tensor. The backward is one fused pass over the logits.
     """
     # Validate the O(B) arguments before any kernel runs.
+    v.check_logit_transform(softcap, logit_scale)
     labels_t = v.check_tensor("labels", labels)
     weight = v.check_weight(weight, v.count_sequences(labels_t, cu_seqlens), labels_t.device)
     normalizer = v.check_normalizer(normalizer, weight)
     seq = sequence_nll(
         logits, labels, loss_mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
         process_group=process_group, cp_group=cp_group, check_labels=check_labels,
-        inplace_backward=inplace_backward, backend=backend,
+        inplace_backward=inplace_backward, softcap=softcap, logit_scale=logit_scale, backend=backend,
     )
     if seq.shape != weight.shape:
         raise ValueError(f"weight must have one entry per sequence {tuple(seq.shape)}, got {tuple(weight.shape)}")

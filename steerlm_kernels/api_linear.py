@@ -124,6 +124,8 @@ def linear_sequence_nll(
     cp_group: Any = None,
     check_labels: bool = True,
     chunk_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Per-sequence masked NLL of ``logits = hidden @ lm_head_weight.T + bias``, fused.
@@ -144,6 +146,11 @@ def linear_sequence_nll(
             ``labels`` / ``loss_mask`` hold this rank's tokens); the result is the full-sequence sum.
         check_labels: raise ``IndexError`` for labels outside ``[0, V)``.
         chunk_size: rows per logits chunk (default: 256 MiB of float32, at least 4096 rows on CUDA).
+        softcap: None, or ``c > 0``: the logits are soft-capped to ``c * tanh(z / c)`` before the
+            softmax (Gemma 2 / 3's ``final_logit_softcapping``), inside the fused kernels.
+        logit_scale: None, or ``s > 0``: the logits are multiplied by ``s`` (Cohere's
+            ``logit_scale``; Granite's ``1 / logits_scaling``). Both: ``c * tanh(s * z / c)``
+            (scale first). See :func:`steerlm_kernels.token_nll`.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
@@ -153,13 +160,14 @@ def linear_sequence_nll(
         matmuls' worth of work. When no gradient is needed nothing is saved.
     """
     check_groups(process_group, cp_group)
+    transform = v.check_logit_transform(softcap, logit_scale)
     hidden2d, lm_head_weight, bias, labels, labels1d, mask1d, cu, run = _prepare(
         hidden, lm_head_weight, bias, labels, loss_mask, ignore_index, cu_seqlens, chunk_size, backend
     )
     strategy, chunk_rows, name = run
     labels_k, check_k = _local_labels(labels1d, lm_head_weight.shape[0], ignore_index, check_labels, process_group)
     nll = linear_token_nll(hidden2d, lm_head_weight, bias, labels_k, ignore_index, check_k, strategy, chunk_rows,
-                           name, process_group)
+                           name, process_group, *transform)
     if mask1d is not None:
         nll = nll * mask1d
     seq = segment_sum_op(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
@@ -181,13 +189,15 @@ def linear_weighted_sequence_loss(
     cp_group: Any = None,
     check_labels: bool = True,
     chunk_size: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """SteerLM 2.0 micro-batch loss ``sum_b weight[b] * seq_nll[b] / normalizer[b]`` of
     ``logits = hidden @ lm_head_weight.T + bias``, fused.
 
     Args:
-        hidden, lm_head_weight, labels, loss_mask, bias, cu_seqlens, chunk_size: as
+        hidden, lm_head_weight, labels, loss_mask, bias, cu_seqlens, chunk_size, softcap, logit_scale: as
             :func:`linear_sequence_nll` (``B`` sequences).
         weight: ``[B]`` floating tensor (SteerLM's ``ws - baseline``; normally detached).
         normalizer: ``[B]`` tensor or a float; 0 only where ``weight`` is 0.
@@ -206,6 +216,7 @@ def linear_weighted_sequence_loss(
         still no collective in backward, and ``grad_hidden`` is this rank's partial (module notes).
     """
     check_groups(process_group, cp_group)
+    transform = v.check_logit_transform(softcap, logit_scale)
     labels_t = v.check_tensor("labels", labels)
     weight = v.check_weight(weight, v.count_sequences(labels_t, cu_seqlens), labels_t.device)
     normalizer = v.check_normalizer(normalizer, weight)
@@ -234,7 +245,7 @@ def linear_weighted_sequence_loss(
     strategy, chunk_rows, name = run
     labels_k, check_k = _local_labels(labels1d, lm_head_weight.shape[0], ignore_index, check_labels, process_group)
     nll, carrier = linear_nll_with_grad(hidden2d, lm_head_weight, bias, labels_k, coef, ignore_index, check_k,
-                                        strategy, chunk_rows, name, process_group)
+                                        strategy, chunk_rows, name, process_group, *transform)
     if mask1d is not None:
         nll = nll * mask1d
     seq = segment_sum_op(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)

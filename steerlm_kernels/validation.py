@@ -8,6 +8,8 @@ exception at once; on CUDA tensors and under ``torch.compile`` they become a dev
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -293,3 +295,29 @@ def check_chunk_size(chunk_size: object) -> int:
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     return chunk_size  # type: ignore[return-value]
+
+
+def check_logit_transform(softcap: object, logit_scale: object) -> tuple[float | None, float | None]:
+    """``(softcap, logit_scale)`` as Python floats or None, for ``z' = softcap * tanh(logit_scale *
+    z / softcap)`` (scale first, then cap; either may be None).
+
+    ``softcap``: None or a finite positive real number (Gemma 2/3's ``final_logit_softcapping``).
+    ``logit_scale``: None or a finite positive real number (Cohere's ``logit_scale``; Granite's
+    ``1 / logits_scaling``). A negative scale would reverse the vocabulary's order (no model does
+    that; it is taken as a sign bug) and 0 would make every distribution uniform: both are refused.
+    A scale of exactly 1 is the identity and is returned as None (the untransformed kernels run).
+    bools, tensors and strings raise ``TypeError``; non-finite or non-positive values ``ValueError``.
+    """
+    out: list[float | None] = []
+    for name, value in (("softcap", softcap), ("logit_scale", logit_scale)):
+        if value is None:
+            out.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number or None, got {type(value).__name__}")
+        x = float(value)
+        if not math.isfinite(x) or x <= 0.0:
+            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        out.append(x)
+    softcap_f, scale_f = out
+    return softcap_f, None if scale_f == 1.0 else scale_f

@@ -8,9 +8,22 @@ import torch
 from torch import Tensor
 
 
-def token_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """``-log softmax(logits)[label]`` in float64; 0 where ``labels == ignore_index``."""
+def transform(logits: Tensor, softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+    """SPEC's logit transforms in float64: ``logit_scale`` multiplies, then ``softcap`` caps to
+    ``c * tanh(z / c)``; differentiable (autograd gives ``s * (1 - tanh^2)``)."""
     x = logits.double()
+    if logit_scale is not None:
+        x = x * logit_scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x
+
+
+def token_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100, softcap: float | None = None,
+              logit_scale: float | None = None) -> Tensor:
+    """``-log softmax(z')[label]`` in float64 of the (transformed, :func:`transform`) logits; 0 where
+    ``labels == ignore_index``."""
+    x = transform(logits, softcap, logit_scale)
     logp = x - torch.logsumexp(x, dim=-1, keepdim=True)
     ignored = labels == ignore_index
     picked = logp.gather(-1, labels.masked_fill(ignored, 0).long().unsqueeze(-1)).squeeze(-1)
@@ -18,9 +31,10 @@ def token_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tenso
 
 
 def sequence_nll(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None, ignore_index: int = -100,
-                 cu_seqlens: Tensor | None = None) -> Tensor:
+                 cu_seqlens: Tensor | None = None, softcap: float | None = None,
+                 logit_scale: float | None = None) -> Tensor:
     """``sum_t mask * nll`` per sequence, float64. Masked tokens contribute exactly 0."""
-    nll = token_nll(logits, labels, ignore_index)
+    nll = token_nll(logits, labels, ignore_index, softcap, logit_scale)
     if loss_mask is not None:
         m = loss_mask.double()
         nll = torch.where(m == 0, torch.zeros_like(nll), nll * m)
@@ -32,8 +46,9 @@ def sequence_nll(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None
 
 def weighted_sequence_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | None, weight: Tensor,
                            normalizer: Tensor | float, ignore_index: int = -100,
-                           cu_seqlens: Tensor | None = None) -> Tensor:
-    seq = sequence_nll(logits, labels, loss_mask, ignore_index, cu_seqlens)
+                           cu_seqlens: Tensor | None = None, softcap: float | None = None,
+                           logit_scale: float | None = None) -> Tensor:
+    seq = sequence_nll(logits, labels, loss_mask, ignore_index, cu_seqlens, softcap, logit_scale)
     w = weight.double()
     n = torch.as_tensor(normalizer, dtype=torch.float64).expand_as(w)
     terms = torch.where(w == 0, torch.zeros_like(seq), w * seq / torch.where(w == 0, torch.ones_like(n), n))

@@ -86,21 +86,26 @@ def simd() -> str:
     return str(getattr(extension(), "simd", "unknown"))
 
 
-def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int, softcap: float | None = None,
+               scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(m[N], lse[N], target[N])`` float32 of CPU ``logits [N, V]`` (unit column stride, any row
     stride): row max, log-sum-exp relative to it, target logit; ignored rows are not read and
     get 0/0/0. See :mod:`steerlm_kernels.registry`."""
+    if softcap is not None or scale is not None:
+        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     m, lse, target = extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index))
     return m, lse, target
 
 
 def ce_backward(
     logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int,
-    out: Tensor,
+    out: Tensor, softcap: float | None = None, scale: float | None = None,
 ) -> None:
     """``out = (exp((logits - m) - lse) - onehot) * coef`` row by row, rounded once to ``out.dtype``;
     rows with ``coef == 0`` or an ignored label are zeroed without reading ``logits``. ``out``
     may be ``logits`` itself (in place)."""
+    if softcap is not None or scale is not None:
+        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     extension().ce_backward(logits, labels, m, lse, coef, int(vocab_start), int(ignore_index), out)
 
 

@@ -139,8 +139,11 @@ def launch_config(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int, softcap: float | None = None,
+               scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(m[N], lse[N], target[N])`` float32 of ``logits [N, V]`` (see :mod:`steerlm_kernels.registry`)."""
+    if softcap is not None or scale is not None:
+        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     n_rows, n_cols = logits.shape
     m, lse, target = (torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n_rows == 0:
@@ -155,9 +158,11 @@ def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: i
 
 def ce_backward(
     logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int,
-    out: Tensor,
+    out: Tensor, softcap: float | None = None, scale: float | None = None,
 ) -> None:
     """``out = (exp((logits - m) - lse) - onehot) * coef`` row by row; ``out`` may be ``logits`` (in place)."""
+    if softcap is not None or scale is not None:
+        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return

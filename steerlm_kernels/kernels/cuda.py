@@ -61,23 +61,28 @@ def check_cuda(*tensors: Tensor) -> None:
             raise ValueError(f"the cuda backend runs on CUDA tensors only; got a tensor on {t.device}")
 
 
-def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int, softcap: float | None = None,
+               scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(m[N], lse[N], target[N])`` float32 of CUDA ``logits [N, V]`` (float32/bf16/fp16, unit
     column stride, any row stride; ``labels [N]`` int32/int64): row max, log-sum-exp relative to
     it, target logit; ignored rows are not read and get 0/0/0. See :mod:`steerlm_kernels.registry`."""
     check_cuda(logits, labels)
+    if softcap is not None or scale is not None:
+        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     m, lse, target = cpp.extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index))
     return m, lse, target
 
 
 def ce_backward(
     logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int,
-    out: Tensor,
+    out: Tensor, softcap: float | None = None, scale: float | None = None,
 ) -> None:
     """``out = (exp((logits - m) - lse) - onehot) * coef`` row by row on CUDA, float32 math rounded
     once to ``out.dtype`` (``[N, V]``, the logits' dtype); rows with ``coef == 0`` or an ignored
     label are zeroed without reading ``logits``. ``out`` may be ``logits`` itself (in place)."""
     check_cuda(logits, labels, m, lse, coef, out)
+    if softcap is not None or scale is not None:
+        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     cpp.extension().ce_backward(logits, labels, m, lse, coef, int(vocab_start), int(ignore_index), out)
 
 

@@ -248,10 +248,13 @@ def _row_major(x: Tensor) -> Tensor:
 
 
 def linear_ce_forward(
-    hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int
+    hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+    softcap: float | None = None, scale: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(m[N], lse[N], target[N])`` float32 with the Triton kernel (the backend contract's
     ``ce_forward`` of the logits ``hidden @ lm_head_weight.T + bias``); ignored rows give 0 / 0 / 0."""
+    if softcap is not None or scale is not None:
+        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     hidden, lm_head_weight = _row_major(hidden), _row_major(lm_head_weight)
     n_rows, n_hidden = hidden.shape
     n_vocab = lm_head_weight.shape[0]
@@ -280,9 +283,12 @@ def linear_ce_forward(
 def linear_ce_backward(
     hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, m: Tensor, lse: Tensor,
     coef: Tensor, ignore_index: int, need_h: bool, need_lm: bool, need_b: bool,
+    softcap: float | None = None, scale: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """float32 gradient accumulators ``(grad_hidden [N, H], grad_lm_head [V, H], grad_bias [V])``
     of ``sum(coef * nll)`` from the forward's ``(m, lse)`` (``[0]`` where not needed)."""
+    if softcap is not None or scale is not None:
+        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     hidden, lm_head_weight = _row_major(hidden), _row_major(lm_head_weight)
     n_rows, n_hidden = hidden.shape
     n_vocab = lm_head_weight.shape[0]

@@ -32,15 +32,43 @@ def _local_target(labels: Tensor, vocab_start: int, n_cols: int, ignore_index: i
     return local.clamp(0, n_cols - 1), in_shard
 
 
-def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(m, lse, target)``: the row max (0 for a row of ``-inf`` only), the log-sum-exp
-    relative to it and the target logit; see the backend contract."""
+def transform_factors(softcap: float | None, scale: float | None) -> tuple[float, float]:
+    """``(pre, cap)`` of the logit transform ``z' = cap * tanh(pre * z)`` (with ``softcap``) or
+    ``z' = pre * z`` (without; ``cap = 0``): ``pre = scale / softcap`` or ``scale`` (1 when None).
+    Every backend takes these two numbers (``pre`` rounded once to float32)."""
+    s = 1.0 if scale is None else float(scale)
+    if softcap is None:
+        return s, 0.0
+    return s / float(softcap), float(softcap)
+
+
+def transform_logits(x: Tensor, softcap: float | None, scale: float | None) -> tuple[Tensor, Tensor | None]:
+    """``(z', dz'/dz)`` of float32 logits ``x``: ``z' = c * tanh(s * x / c)`` with ``softcap = c``
+    (scale first, then cap), ``s * x`` without; the slope is ``s * (1 - tanh^2)`` (None when no
+    transform; ``s`` alone for a scale only: returned as a 0-d tensor). New tensors, never ``x``
+    itself when a transform applies."""
+    if softcap is None and scale is None:
+        return x, None
+    pre, cap = transform_factors(softcap, scale)
+    pre32 = torch.tensor(pre, dtype=torch.float32, device=x.device)
+    if softcap is None:
+        return x * pre32, torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    t = torch.tanh(x * pre32)
+    slope = (1.0 - t * t).mul_(1.0 if scale is None else float(scale))
+    return t.mul_(cap), slope
+
+
+def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int, softcap: float | None = None,
+               scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(m, lse, target)`` of the (transformed, see :func:`transform_logits`) logits: the
+    row max (0 for a row of ``-inf`` only), the log-sum-exp relative to it and the target logit;
+    see the backend contract."""
     n_rows, n_cols = logits.shape
     m = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     target = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     for rows in _row_chunks(n_rows, n_cols):
-        x = logits[rows].float()
+        x = transform_logits(logits[rows].float(), softcap, scale)[0]
         active = labels[rows] != ignore_index
         local, in_shard = _local_target(labels[rows], vocab_start, n_cols, ignore_index)
         # max-shifted by hand rather than torch.logsumexp: a +inf logit must give NaN, as
@@ -65,16 +93,22 @@ def ce_backward(
     vocab_start: int,
     ignore_index: int,
     out: Tensor,
+    softcap: float | None = None,
+    scale: float | None = None,
 ) -> None:
-    """``out = (exp((logits - m) - lse) - onehot) * coef`` row by row; ``out`` may alias ``logits``."""
+    """``out = (exp((z' - m) - lse) - onehot) * coef * dz'/dz`` row by row, ``z'`` the transformed
+    logits (:func:`transform_logits`); ``out`` may alias ``logits``."""
     n_rows, n_cols = logits.shape
     for rows in _row_chunks(n_rows, n_cols):
         c = torch.where(labels[rows] == ignore_index, 0.0, coef[rows].float())
         local, in_shard = _local_target(labels[rows], vocab_start, n_cols, ignore_index)
-        g = logits[rows].float() - m[rows].unsqueeze(1)  # a new buffer: never aliases logits
+        z, slope = transform_logits(logits[rows].float(), softcap, scale)
+        g = z - m[rows].unsqueeze(1)  # a new buffer: never aliases logits
         g.sub_(lse[rows].unsqueeze(1)).exp_()
         g.scatter_add_(1, local.unsqueeze(1), -in_shard.float().unsqueeze(1))
         g.mul_(c.unsqueeze(1))
+        if slope is not None:
+            g.mul_(slope)
         g.masked_fill_((c == 0).unsqueeze(1), 0.0)
         out[rows].copy_(g)
 

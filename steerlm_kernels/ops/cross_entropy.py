@@ -50,16 +50,19 @@ def ce_forward_op(
     ignore_index: int,
     check_labels: bool,
     backend: str,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(m[N], lse[N], target[N])`` float32 of ``logits [N, V_shard]`` (see the registry's
-    contract); checks labels against the full ``vocab_size`` first when ``check_labels``."""
+    """``(m[N], lse[N], target[N])`` float32 of the (transformed) ``logits [N, V_shard]`` (see the
+    registry's contract); checks labels against the full ``vocab_size`` first when ``check_labels``."""
     if check_labels:
         check_label_range(labels, vocab_size, ignore_index)
-    return registry.backend_kernels(backend).ce_forward(logits, labels, vocab_start, ignore_index)
+    return registry.backend_kernels(backend).ce_forward(logits, labels, vocab_start, ignore_index, softcap,
+                                                        logit_scale)
 
 
 @ce_forward_op.register_fake
-def _(logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend):
+def _(logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend, softcap=None, logit_scale=None):
     n = logits.shape[0]
     return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
 
@@ -67,31 +70,33 @@ def _(logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backe
 @torch.library.custom_op("steerlm_kernels::ce_backward", mutates_args=())
 def ce_backward_op(
     logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int,
-    backend: str,
+    backend: str, softcap: float | None = None, logit_scale: float | None = None,
 ) -> Tensor:
-    """Gradient of ``sum(coef * nll)`` w.r.t. ``logits``, in a new contiguous tensor."""
+    """Gradient of ``sum(coef * nll)`` w.r.t. ``logits`` (through the transform), in a new contiguous tensor."""
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    registry.backend_kernels(backend).ce_backward(logits, labels, m, lse, coef, vocab_start, ignore_index, out)
+    registry.backend_kernels(backend).ce_backward(logits, labels, m, lse, coef, vocab_start, ignore_index, out,
+                                                  softcap, logit_scale)
     return out
 
 
 @ce_backward_op.register_fake
-def _(logits, labels, m, lse, coef, vocab_start, ignore_index, backend):
+def _(logits, labels, m, lse, coef, vocab_start, ignore_index, backend, softcap=None, logit_scale=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("steerlm_kernels::ce_backward_", mutates_args=("logits",))
 def ce_backward_inplace_op(
     logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor, coef: Tensor, vocab_start: int, ignore_index: int,
-    backend: str,
+    backend: str, softcap: float | None = None, logit_scale: float | None = None,
 ) -> None:
     """In-place form of :func:`ce_backward_op`: overwrites ``logits`` (whose rows must not
     overlap in memory) with the gradient."""
-    registry.backend_kernels(backend).ce_backward(logits, labels, m, lse, coef, vocab_start, ignore_index, logits)
+    registry.backend_kernels(backend).ce_backward(logits, labels, m, lse, coef, vocab_start, ignore_index, logits,
+                                                  softcap, logit_scale)
 
 
 @ce_backward_inplace_op.register_fake
-def _(logits, labels, m, lse, coef, vocab_start, ignore_index, backend):
+def _(logits, labels, m, lse, coef, vocab_start, ignore_index, backend, softcap=None, logit_scale=None):
     return None
 
 
@@ -121,10 +126,13 @@ class TokenNLLFunction(torch.autograd.Function):
         inplace_backward: bool,
         backend: str,
         process_group: Any,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
     ) -> Tensor:
         nll, m, lse, vocab_start = _token_nll_forward(logits, labels, ignore_index, check_labels, backend,
-                                                      process_group)
+                                                      process_group, softcap, logit_scale)
         ctx.save_for_backward(logits, labels, m, lse)
+        ctx.transform = (softcap, logit_scale)
         ctx.vocab_start = vocab_start
         ctx.ignore_index = ignore_index
         ctx.inplace_backward = inplace_backward and not rows_may_overlap(logits)
@@ -136,13 +144,13 @@ class TokenNLLFunction(torch.autograd.Function):
     def backward(ctx, grad_nll: Tensor):
         logits, labels, m, lse = ctx.saved_tensors
         coef = grad_nll.float().contiguous()
-        args = (labels, m, lse, coef, ctx.vocab_start, ctx.ignore_index, ctx.backend)
+        args = (labels, m, lse, coef, ctx.vocab_start, ctx.ignore_index, ctx.backend, *ctx.transform)
         if ctx.inplace_backward:
             ce_backward_inplace_op(logits, *args)
             grad = logits
         else:
             grad = ce_backward_op(logits, *args)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def nll_from_stats(m: Tensor, lse: Tensor, target: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -152,13 +160,15 @@ def nll_from_stats(m: Tensor, lse: Tensor, target: Tensor, labels: Tensor, ignor
 
 
 def _token_nll_forward(
-    logits: Tensor, labels: Tensor, ignore_index: int, check_labels: bool, backend: str, process_group: Any
+    logits: Tensor, labels: Tensor, ignore_index: int, check_labels: bool, backend: str, process_group: Any,
+    softcap: float | None = None, logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """``(nll [N], m [N], lse [N], vocab_start)``: the forward op, plus the vocabulary-parallel combine."""
+    """``(nll [N], m [N], lse [N], vocab_start)``: the forward op, plus the vocabulary-parallel combine
+    (the transform is elementwise, so each shard's statistics of its transformed logits merge as before)."""
     n_cols = logits.shape[1]
     vocab_start, vocab_size = vocab_shard(n_cols, process_group)
     m, lse, target = ce_forward_op(
-        logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend
+        logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend, softcap, logit_scale
     )
     if process_group is not None:
         m, lse, target = combine_vocab_partials(m, lse, target, n_cols, process_group)
@@ -173,15 +183,21 @@ def token_nll_2d(
     inplace_backward: bool,
     backend: str,
     process_group: Any = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> Tensor:
     """Per-token NLL ``[N]`` float32 of validated ``logits [N, V]`` (or a vocabulary shard of
-    them, with ``process_group``) and ``labels [N]``.
+    them, with ``process_group``) and ``labels [N]``, after the logit transform
+    ``z' = softcap * tanh(logit_scale * z / softcap)`` (either part optional; both None: none;
+    validated numbers, see :func:`steerlm_kernels.validation.check_logit_transform`).
 
     Goes through autograd only when a gradient is needed; otherwise (baseline phase) it calls
     the forward op directly and keeps nothing alive.
     """
     if torch.is_grad_enabled() and logits.requires_grad:
         return TokenNLLFunction.apply(
-            logits, labels, ignore_index, check_labels, inplace_backward, backend, process_group
+            logits, labels, ignore_index, check_labels, inplace_backward, backend, process_group, softcap,
+            logit_scale,
         )
-    return _token_nll_forward(logits, labels, ignore_index, check_labels, backend, process_group)[0]
+    return _token_nll_forward(logits, labels, ignore_index, check_labels, backend, process_group, softcap,
+                              logit_scale)[0]

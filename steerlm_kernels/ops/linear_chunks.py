@@ -182,7 +182,8 @@ def _stats_buffers(n_rows: int, device: torch.device) -> tuple[Tensor, Tensor, T
 
 
 def linear_stats(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-                 chunk_rows: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                 chunk_rows: int, backend: str, softcap: float | None = None,
+                 scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(m [N], lse [N], target [N])`` float32 of ``logits = hidden @ lm_head_weight.T + bias``
     (row max, log-sum-exp relative to it, target logit); ignored rows give 0 / 0 / 0.
 
@@ -191,6 +192,7 @@ def linear_stats(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, la
         labels: ``[N]`` int32/int64, ``ignore_index`` for ignored rows.
         chunk_rows: rows per logits chunk (``<= 0``: :func:`default_chunk_rows`).
         backend: whose ``ce_forward`` runs on the chunks (the GEMMs are torch's).
+        softcap, scale: the logit transform, applied by the backend's kernels (see the registry).
     """
     kernels = registry.backend_kernels(backend)
     n_rows = hidden.shape[0]
@@ -198,14 +200,14 @@ def linear_stats(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, la
     if n_rows == 0:
         return stats
     for sel, _, y_c, logits in _Chunks(hidden, lm_head_weight, bias, labels, labels != ignore_index, chunk_rows):
-        for dst, src in zip(stats, kernels.ce_forward(logits, y_c, 0, ignore_index), strict=True):
+        for dst, src in zip(stats, kernels.ce_forward(logits, y_c, 0, ignore_index, softcap, scale), strict=True):
             _put(dst, sel, src)
     return stats
 
 
 def linear_grads(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, m: Tensor,
                  lse: Tensor, coef: Tensor, ignore_index: int, chunk_rows: int, backend: str,
-                 need: Need) -> tuple[Tensor, Tensor, Tensor]:
+                 need: Need, softcap: float | None = None, scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of ``sum(coef * nll)`` w.r.t. ``(hidden, lm_head_weight, bias)`` from the forward's
     ``(m [N], lse [N])``, recomputing the logits; rows with ``coef == 0`` or an ignored label are
     skipped.
@@ -219,14 +221,16 @@ def linear_grads(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, la
     rows = (labels != ignore_index) & (coef != 0)
     chunks = _Chunks(hidden, lm_head_weight, bias, labels, rows, chunk_rows)
     for sel, h_c, y_c, logits in chunks:
-        _ce_backward_in_place(kernels, logits, y_c, _take(m, sel), _take(lse, sel), _take(coef, sel), ignore_index)
+        _ce_backward_in_place(kernels, logits, y_c, _take(m, sel), _take(lse, sel), _take(coef, sel), ignore_index,
+                              softcap, scale)
         grads.add(sel, h_c, logits, chunks.lm_head)
     return grads.result()
 
 
 def linear_stats_and_grads(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor,
-                           coef: Tensor, ignore_index: int, chunk_rows: int, backend: str,
-                           need: Need) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           coef: Tensor, ignore_index: int, chunk_rows: int, backend: str, need: Need,
+                           softcap: float | None = None,
+                           scale: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(m, lse, target, grad_hidden, grad_lm_head, grad_bias)``: :func:`linear_stats` and
     :func:`linear_grads` from one computation of each chunk's logits (``coef`` known now)."""
     kernels = registry.backend_kernels(backend)
@@ -237,16 +241,16 @@ def linear_stats_and_grads(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor 
         return (*stats, *grads.result())
     chunks = _Chunks(hidden, lm_head_weight, bias, labels, labels != ignore_index, chunk_rows)
     for sel, h_c, y_c, logits in chunks:
-        m_c, lse_c, target_c = kernels.ce_forward(logits, y_c, 0, ignore_index)
+        m_c, lse_c, target_c = kernels.ce_forward(logits, y_c, 0, ignore_index, softcap, scale)
         for dst, src in zip(stats, (m_c, lse_c, target_c), strict=True):
             _put(dst, sel, src)
         if grads.any:
-            _ce_backward_in_place(kernels, logits, y_c, m_c, lse_c, _take(coef, sel), ignore_index)
+            _ce_backward_in_place(kernels, logits, y_c, m_c, lse_c, _take(coef, sel), ignore_index, softcap, scale)
             grads.add(sel, h_c, logits, chunks.lm_head)
     return (*stats, *grads.result())
 
 
 def _ce_backward_in_place(kernels: registry.BackendKernels, logits: Tensor, labels: Tensor, m: Tensor, lse: Tensor,
-                          coef: Tensor, ignore_index: int) -> None:
-    """Turn a chunk's logits into ``d sum(coef * nll) / d logits`` in place."""
-    kernels.ce_backward(logits, labels, m, lse, coef.float().contiguous(), 0, ignore_index, logits)
+                          coef: Tensor, ignore_index: int, softcap: float | None, scale: float | None) -> None:
+    """Turn a chunk's logits into ``d sum(coef * nll) / d logits`` (through the transform) in place."""
+    kernels.ce_backward(logits, labels, m, lse, coef.float().contiguous(), 0, ignore_index, logits, softcap, scale)

@@ -107,19 +107,24 @@ def linear_ce_forward_op(
     strategy: str,
     chunk_rows: int,
     backend: str,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(m[N], lse[N], target[N])`` float32 of ``logits = hidden @ lm_head_weight.T + bias``; labels
-    are checked against ``V`` first when ``check_labels``."""
+    """``(m[N], lse[N], target[N])`` float32 of ``logits = hidden @ lm_head_weight.T + bias`` after the
+    logit transform (``softcap`` / ``logit_scale``); labels are checked against ``V`` first when
+    ``check_labels``."""
     if check_labels:
         check_label_range(labels, lm_head_weight.shape[0], ignore_index)
     tiles = _tile_kernels(strategy, backend)
     if tiles is not None:
-        return tiles.linear_tiles_forward(hidden, lm_head_weight, bias, labels, ignore_index)
-    return linear_stats(hidden, lm_head_weight, bias, labels, ignore_index, chunk_rows, backend)
+        return tiles.linear_tiles_forward(hidden, lm_head_weight, bias, labels, ignore_index, softcap, logit_scale)
+    return linear_stats(hidden, lm_head_weight, bias, labels, ignore_index, chunk_rows, backend, softcap,
+                        logit_scale)
 
 
 @linear_ce_forward_op.register_fake
-def _(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy, chunk_rows, backend):
+def _(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy, chunk_rows, backend, softcap=None,
+      logit_scale=None):
     n = hidden.shape[0]
     return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
 
@@ -140,20 +145,23 @@ def linear_ce_backward_op(
     need_h: bool,
     need_lm: bool,
     need_b: bool,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradient of ``sum(coef * nll)`` w.r.t. ``(hidden, lm_head_weight, bias)``, recomputing the logits."""
+    """Gradient of ``sum(coef * nll)`` w.r.t. ``(hidden, lm_head_weight, bias)``, recomputing the
+    (transformed) logits."""
     tiles = _tile_kernels(strategy, backend)
     if tiles is not None:
         grads = tiles.linear_tiles_backward(hidden, lm_head_weight, bias, labels, m, lse, coef, ignore_index,
-                                            need_h, need_lm, need_b)
+                                            need_h, need_lm, need_b, softcap, logit_scale)
         return _rounded(grads, hidden, lm_head_weight)
     return linear_grads(hidden, lm_head_weight, bias, labels, m, lse, coef, ignore_index, chunk_rows, backend,
-                        (need_h, need_lm, need_b))
+                        (need_h, need_lm, need_b), softcap, logit_scale)
 
 
 @linear_ce_backward_op.register_fake
 def _(hidden, lm_head_weight, bias, labels, m, lse, coef, ignore_index, strategy, chunk_rows, backend, need_h,
-      need_lm, need_b):
+      need_lm, need_b, softcap=None, logit_scale=None):
     return _grad_shapes(hidden, lm_head_weight, bias, need_h, need_lm, need_b)
 
 
@@ -172,24 +180,27 @@ def linear_ce_fused_op(
     need_h: bool,
     need_lm: bool,
     need_b: bool,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward statistics and the gradient of ``sum(coef * nll)`` in one call (``coef`` known at
     forward time): ``(m, lse, target, grad_hidden, grad_lm_head, grad_bias)``."""
     if check_labels:
         check_label_range(labels, lm_head_weight.shape[0], ignore_index)
     tiles = _tile_kernels(strategy, backend)
+    transform = (softcap, logit_scale)
     if tiles is not None:
-        m, lse, target = tiles.linear_tiles_forward(hidden, lm_head_weight, bias, labels, ignore_index)
+        m, lse, target = tiles.linear_tiles_forward(hidden, lm_head_weight, bias, labels, ignore_index, *transform)
         grads = tiles.linear_tiles_backward(hidden, lm_head_weight, bias, labels, m, lse, coef, ignore_index,
-                                            need_h, need_lm, need_b)
+                                            need_h, need_lm, need_b, *transform)
         return (m, lse, target, *_rounded(grads, hidden, lm_head_weight))
     return linear_stats_and_grads(hidden, lm_head_weight, bias, labels, coef, ignore_index, chunk_rows, backend,
-                                  (need_h, need_lm, need_b))
+                                  (need_h, need_lm, need_b), *transform)
 
 
 @linear_ce_fused_op.register_fake
 def _(hidden, lm_head_weight, bias, labels, coef, ignore_index, check_labels, strategy, chunk_rows, backend,
-      need_h, need_lm, need_b):
+      need_h, need_lm, need_b, softcap=None, logit_scale=None):
     n = hidden.shape[0]
     stats = tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
     return (*stats, *_grad_shapes(hidden, lm_head_weight, bias, need_h, need_lm, need_b))
@@ -214,11 +225,13 @@ def shard_labels(labels: Tensor, vocab_start: int, n_local: int, ignore_index: i
 
 def _linear_stats(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
                   check_labels: bool, strategy: str, chunk_rows: int, backend: str,
-                  process_group: Any) -> tuple[Tensor, Tensor, Tensor]:
+                  process_group: Any, softcap: float | None = None,
+                  logit_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Global ``(m [N], lse [N], target [N])``: the forward op, plus (with ``process_group``) the
-    one collective combining every shard's partials."""
+    one collective combining every shard's partials (of the transformed logits: the transform is
+    elementwise, so the shards' statistics merge as before)."""
     stats = linear_ce_forward_op(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy,
-                                 chunk_rows, backend)
+                                 chunk_rows, backend, softcap, logit_scale)
     if process_group is not None:
         stats = combine_vocab_partials(*stats, lm_head_weight.shape[0], process_group)
     return stats
@@ -234,10 +247,12 @@ class LinearTokenNLLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-                check_labels: bool, strategy: str, chunk_rows: int, backend: str, process_group: Any) -> Tensor:
+                check_labels: bool, strategy: str, chunk_rows: int, backend: str, process_group: Any,
+                softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
         m, lse, target = _linear_stats(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy,
-                                       chunk_rows, backend, process_group)
+                                       chunk_rows, backend, process_group, softcap, logit_scale)
         ctx.save_for_backward(hidden, lm_head_weight, bias, labels, m, lse)
+        ctx.transform = (softcap, logit_scale)
         ctx.ignore_index, ctx.strategy, ctx.chunk_rows, ctx.backend = ignore_index, strategy, chunk_rows, backend
         return nll_from_stats(m, lse, target, labels, ignore_index)
 
@@ -249,10 +264,10 @@ class LinearTokenNLLFunction(torch.autograd.Function):
         need_b = need_b and bias is not None
         gh, glm, gb = linear_ce_backward_op(
             hidden, lm_head_weight, bias, labels, m, lse, grad_nll.float().contiguous(), ctx.ignore_index,
-            ctx.strategy, ctx.chunk_rows, ctx.backend, need_h, need_lm, need_b,
+            ctx.strategy, ctx.chunk_rows, ctx.backend, need_h, need_lm, need_b, *ctx.transform,
         )
         return (gh if need_h else None, glm if need_lm else None, gb if need_b else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 class LinearGradCarrierFunction(torch.autograd.Function):
@@ -276,17 +291,18 @@ class LinearGradCarrierFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
                 ignore_index: int, check_labels: bool, strategy: str, chunk_rows: int, backend: str,
-                process_group: Any) -> tuple[Tensor, Tensor]:
+                process_group: Any, softcap: float | None = None,
+                logit_scale: float | None = None) -> tuple[Tensor, Tensor]:
         need_h, need_lm, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         coef32 = coef.detach().float().contiguous()
-        run = (strategy, chunk_rows, backend, need_h, need_lm, need_b)
+        run = (strategy, chunk_rows, backend, need_h, need_lm, need_b, softcap, logit_scale)
         if process_group is None:
             m, lse, target, gh, glm, gb = linear_ce_fused_op(hidden, lm_head_weight, bias, labels, coef32,
                                                              ignore_index, check_labels, *run)
         else:
             m, lse, target = _linear_stats(hidden, lm_head_weight, bias, labels, ignore_index, check_labels,
-                                           strategy, chunk_rows, backend, process_group)
+                                           strategy, chunk_rows, backend, process_group, softcap, logit_scale)
             gh, glm, gb = linear_ce_backward_op(hidden, lm_head_weight, bias, labels, m, lse, coef32, ignore_index,
                                                 *run)
         nll = nll_from_stats(m, lse, target, labels, ignore_index)
@@ -300,7 +316,7 @@ class LinearGradCarrierFunction(torch.autograd.Function):
     def backward(ctx, grad_carrier: Tensor, grad_nll: Tensor | None):
         g = grad_carrier.float()
         scaled = [(x * g).to(x.dtype) if need else None for x, need in zip(ctx.saved_tensors, ctx.need, strict=True)]
-        return (*scaled, None, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None, None, None)
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -309,13 +325,15 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 def linear_token_nll(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
                      check_labels: bool, strategy: str, chunk_rows: int, backend: str,
-                     process_group: Any = None) -> Tensor:
+                     process_group: Any = None, softcap: float | None = None,
+                     logit_scale: float | None = None) -> Tensor:
     """Per-token NLL ``[N]`` float32 of validated ``hidden [N, H]``, ``lm_head_weight [V, H]``,
     ``bias [V]`` and ``labels [N]``. Goes through autograd only when a gradient is needed (nothing
     is saved in the baseline phase). With ``process_group``: ``lm_head_weight [V/tp, H]`` /
     ``bias [V/tp]`` are this rank's shard and ``labels`` are shard-local (:func:`shard_labels`);
-    one collective per call."""
-    args = (ignore_index, check_labels, strategy, chunk_rows, backend, process_group)
+    one collective per call. ``softcap`` / ``logit_scale``: the logit transform
+    ``z' = softcap * tanh(logit_scale * z / softcap)`` (validated; None: none)."""
+    args = (ignore_index, check_labels, strategy, chunk_rows, backend, process_group, softcap, logit_scale)
     if _needs_grad(hidden, lm_head_weight, bias):
         return LinearTokenNLLFunction.apply(hidden, lm_head_weight, bias, labels, *args)
     return nll_from_stats(*_linear_stats(hidden, lm_head_weight, bias, labels, *args), labels, ignore_index)
@@ -323,12 +341,13 @@ def linear_token_nll(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None
 
 def linear_nll_with_grad(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
                          ignore_index: int, check_labels: bool, strategy: str, chunk_rows: int, backend: str,
-                         process_group: Any = None) -> tuple[Tensor, Tensor | None]:
+                         process_group: Any = None, softcap: float | None = None,
+                         logit_scale: float | None = None) -> tuple[Tensor, Tensor | None]:
     """``(nll [N] float32, carrier)`` for a loss linear in ``nll`` with coefficients ``coef [N]``
     known now (see :class:`LinearGradCarrierFunction`). ``carrier`` is None when no gradient
     w.r.t. hidden / lm_head_weight / bias is needed (then only the forward op and, with
-    ``process_group``, its collective run)."""
-    args = (ignore_index, check_labels, strategy, chunk_rows, backend, process_group)
+    ``process_group``, its collective run). ``softcap`` / ``logit_scale`` as :func:`linear_token_nll`."""
+    args = (ignore_index, check_labels, strategy, chunk_rows, backend, process_group, softcap, logit_scale)
     if _needs_grad(hidden, lm_head_weight, bias):
         carrier, nll = LinearGradCarrierFunction.apply(hidden, lm_head_weight, bias, labels, coef, *args)
         return nll, carrier
