@@ -9,6 +9,8 @@ Public API (see SPEC and each docstring)::
     sk.steerlm2_weights(seq_nll, log_q, ws, num_responses)  # (weight, baseline, distance)
     sk.backends()                                        # what can run here, and why not
     sk.linear_weighted_sequence_loss(hidden, lm_head_weight, labels, loss_mask, weight, normalizer)
+    sk.linear_cross_entropy(hidden, lm_head_weight, target, reduction="mean")  # drop-in losses
+    sk.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4)
     sk.nn.SequenceNLL(), sk.nn.WeightedSequenceLoss()    # module forms
     sk.megatron.vocab_parallel_cross_entropy(...)
     sk.GPTSteerLMModel(model, cfg).get_loss_and_metrics(batch, forward_only=False)  # the application,
@@ -24,6 +26,7 @@ from steerlm_kernels.api import (
     token_nll,
     weighted_sequence_loss,
 )
+from steerlm_kernels.api_dropin import cross_entropy, linear_cross_entropy
 from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
 from steerlm_kernels.registry import BACKENDS, BackendStatus, backends
 
@@ -35,7 +38,9 @@ __all__ = [
     "GPTSteerLMModel",
     "__version__",
     "backends",
+    "cross_entropy",
     "data",
+    "linear_cross_entropy",
     "linear_sequence_nll",
     "linear_weighted_sequence_loss",
     "megatron",

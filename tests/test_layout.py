@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, int]] = [
     ("steerlm_kernels.ops", 3),
     ("steerlm_kernels.api", 4),
     ("steerlm_kernels.api_linear", 4),
+    ("steerlm_kernels.api_dropin", 4),
     ("steerlm_kernels.nn", 5),
     ("steerlm_kernels.megatron", 5),
     ("steerlm_kernels", 6),  # the root __init__: the public API

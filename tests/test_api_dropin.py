@@ -1,0 +1,281 @@
+"""The drop-in cross entropies ``sk.linear_cross_entropy`` / ``sk.cross_entropy`` against a float64
+reference written from their documented formula (and against PyTorch's ``F.cross_entropy`` where
+it has the option): every option and the combinations that matter, values and gradients, every
+backend; reductions, ``num_items``, all-ignored batches, ``shift``, ``return_lse``; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import steerlm_kernels as sk
+from tests.reference import grad_tolerances
+
+IGNORE = -100
+
+
+def ref_loss(z: torch.Tensor, y: torch.Tensor, *, eps=0.0, z_loss=0.0, w=None, reduction="mean", shift=False,
+             softcap=None, scale=None, num_items=None, ignore_index=IGNORE, return_lse=False):
+    """The documented per-token loss and reduction, float64, from the logits ``z [..., V]``."""
+    z = z.double()
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if shift:
+        z, y = z[..., :-1, :], y[..., 1:]
+        w = None if w is None else w[..., 1:]
+    lse = torch.logsumexp(z, -1)
+    valid = y != ignore_index
+    nll = lse - z.gather(-1, y.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+    loss = (1 - eps) * nll + eps * (lse - z.mean(-1)) + z_loss * lse**2
+    if w is not None:
+        loss = loss * w.double()
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        out = loss
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        den = valid.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float64)
+        out = loss.sum() / (den if float(den) != 0 else 1.0)
+    return (out, torch.where(valid, lse, torch.zeros_like(lse))) if return_lse else out
+
+
+def _case(device, dtype=torch.float32, b=2, s=6, h=16, v=37, bias=True):
+    hidden = torch.randn(b, s, h, device=device).to(dtype)
+    weight = (torch.randn(v, h, device=device) * (2.0 / h**0.5)).to(dtype)
+    bias_t = (torch.randn(v, device=device) * 0.5).to(dtype) if bias else None
+    target = torch.randint(0, v, (b, s), device=device)
+    target[0, 1] = IGNORE
+    target[1, 3] = IGNORE
+    w_tok = torch.rand(b, s, device=device) * 2
+    return hidden, weight, bias_t, target, w_tok
+
+
+# (label_smoothing, z_loss, per-token weights, reduction, shift)
+COMBOS = {
+    "plain_mean": (0.0, 0.0, False, "mean", False),
+    "plain_none": (0.0, 0.0, False, "none", False),
+    "sum_weights": (0.0, 0.0, True, "sum", False),
+    "smoothing_mean": (0.1, 0.0, False, "mean", False),
+    "zloss_none": (0.0, 1e-2, False, "none", False),
+    "shift_none_weights": (0.0, 0.0, True, "none", True),
+    "all_mean_shift": (0.2, 1e-3, True, "mean", True),
+    "all_none": (0.3, 5e-2, True, "none", False),
+}
+
+
+def _grads(ts):
+    return [None if t is None else t.grad for t in ts]
+
+
+@pytest.mark.parametrize("combo", sorted(COMBOS))
+def test_linear_cross_entropy_matches_float64(backend, device, combo):
+    eps, zl, use_w, reduction, shift = COMBOS[combo]
+    hidden, weight, bias, target, w_tok = _case(device)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias, w_tok)]
+    got = sk.linear_cross_entropy(leaves[0], leaves[1], target, leaves[2], label_smoothing=eps, z_loss=zl,
+                                  weight_per_token=leaves[3] if use_w else None, reduction=reduction, shift=shift,
+                                  backend=backend, chunk_size=5)
+    refs = [t.detach().double().requires_grad_() for t in (hidden, weight, bias, w_tok)]
+    want = ref_loss(refs[0] @ refs[1].T + refs[2], target, eps=eps, z_loss=zl, w=refs[3] if use_w else None,
+                    reduction=reduction, shift=shift)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    up = torch.randn(want.shape, dtype=torch.float64, device=device)
+    (got * up.float()).sum().backward()
+    (want * up).sum().backward()
+    for name, g, r in zip(("hidden", "weight", "bias", "weight_per_token"), _grads(leaves), _grads(refs)):
+        if name == "weight_per_token" and not use_w:
+            assert g is None
+            continue
+        assert g is not None and torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("combo", sorted(COMBOS))
+def test_cross_entropy_matches_float64(backend, device, combo):
+    eps, zl, use_w, reduction, shift = COMBOS[combo]
+    logits = torch.randn(2, 6, 37, device=device) * 3
+    target = _case(device)[3]
+    w_tok = torch.rand(2, 6, device=device).requires_grad_() if use_w else None
+    x = logits.clone().requires_grad_()
+    got = sk.cross_entropy(x, target, label_smoothing=eps, z_loss=zl, weight_per_token=w_tok, reduction=reduction,
+                           shift=shift, backend=backend)
+    xd = logits.double().requires_grad_()
+    wd = None if w_tok is None else w_tok.detach().double().requires_grad_()
+    want = ref_loss(xd, target, eps=eps, z_loss=zl, w=wd, reduction=reduction, shift=shift)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    up = torch.randn(want.shape, dtype=torch.float64, device=device)
+    (got * up.float()).sum().backward()
+    (want * up).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, **grad_tolerances(torch.float32, logits, 4.0))
+    if use_w:
+        torch.testing.assert_close(w_tok.grad.double(), wd.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(logits, x.detach())  # never modified
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("eps", [0.0, 0.15])
+def test_cross_entropy_equals_torch(backend, device, reduction, eps):
+    """Same value and gradient as ``F.cross_entropy`` (ignore_index, label_smoothing, reductions)."""
+    logits = torch.randn(13, 29, device=device) * 2
+    target = torch.randint(0, 29, (13,), device=device)
+    target[[2, 7]] = IGNORE
+    x, xt = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = sk.cross_entropy(x, target, reduction=reduction, label_smoothing=eps, backend=backend)
+    want = F.cross_entropy(xt, target, reduction=reduction, label_smoothing=eps, ignore_index=IGNORE)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    up = torch.randn(want.shape, device=device)
+    (got * up).sum().backward()
+    (want * up).sum().backward()
+    torch.testing.assert_close(x.grad, xt.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_equals_torch_functional(device):
+    """``F.linear_cross_entropy`` (PyTorch >= 2.13) gives the same mean / none / sum."""
+    if not hasattr(F, "linear_cross_entropy"):
+        pytest.skip("this torch has no F.linear_cross_entropy")
+    hidden, weight, bias, target, _ = _case(device)
+    hidden, target = hidden.view(-1, 16), target.view(-1)  # F.linear_cross_entropy takes [N, H]
+    for reduction in ("mean", "sum", "none"):
+        got = sk.linear_cross_entropy(hidden, weight, target, bias, reduction=reduction, label_smoothing=0.1)
+        want = F.linear_cross_entropy(hidden, weight, target, linear_bias=bias, reduction=reduction,
+                                      ignore_index=IGNORE, label_smoothing=0.1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_linear_cross_entropy_low_precision(backend, device, dtype):
+    hidden, weight, bias, target, w_tok = _case(device, dtype)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    got = sk.linear_cross_entropy(*leaves[:2], target, leaves[2], label_smoothing=0.1, z_loss=1e-2,
+                                  weight_per_token=w_tok, reduction="sum", backend=backend)
+    refs = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    want = ref_loss(refs[0] @ refs[1].T + refs[2], target, eps=0.1, z_loss=1e-2, w=w_tok, reduction="sum")
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2e-3, atol=2e-3)
+    got.backward()
+    want.backward()
+    for g, r in zip(_grads(leaves), _grads(refs)):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), r, rtol=3e-2, atol=3e-2 * float(r.abs().max()))
+
+
+def test_mean_divides_by_count_or_num_items(device):
+    hidden, weight, bias, target, _ = _case(device)
+    per_token = sk.linear_cross_entropy(hidden, weight, target, bias, reduction="none")
+    count = int((target != IGNORE).sum())
+    mean = sk.linear_cross_entropy(hidden, weight, target, bias)
+    torch.testing.assert_close(mean, per_token.sum() / count)
+    for num in (7, 7.0, torch.tensor(7, device=device), torch.tensor([7.0], device=device)):
+        got = sk.linear_cross_entropy(hidden, weight, target, bias, num_items=num)
+        torch.testing.assert_close(got, per_token.sum() / 7)
+    # gradient accumulation: two halves with the global count give the gradient of the whole mean
+    h = hidden.clone().requires_grad_()
+    sk.linear_cross_entropy(h, weight, target, bias).backward()
+    h2 = hidden.clone().requires_grad_()
+    for rows in (slice(0, 1), slice(1, 2)):
+        sk.linear_cross_entropy(h2[rows], weight, target[rows], bias, num_items=torch.tensor(count)).backward()
+    torch.testing.assert_close(h2.grad, h.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn", ["linear", "logits"])
+def test_all_ignored_mean_is_zero_not_nan(backend, device, fn):
+    hidden, weight, bias, target, _ = _case(device)
+    target = torch.full_like(target, IGNORE)
+    h = hidden.clone().requires_grad_()
+    x = (hidden @ weight.T).detach().requires_grad_()
+    for num_items in (None, 0, torch.tensor(0, device=device)):
+        if fn == "linear":
+            loss = sk.linear_cross_entropy(h, weight, target, bias, num_items=num_items, label_smoothing=0.1,
+                                           z_loss=1e-3, backend=backend)
+        else:
+            loss = sk.cross_entropy(x, target, num_items=num_items, label_smoothing=0.1, z_loss=1e-3,
+                                    backend=backend)
+        assert loss.item() == 0.0
+        loss.backward()
+    grad = h.grad if fn == "linear" else x.grad
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_return_lse_value_and_gradient(backend, device):
+    hidden, weight, bias, target, _ = _case(device)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, lse = sk.linear_cross_entropy(*leaves[:2], target, leaves[2], reduction="none", return_lse=True,
+                                        shift=True, backend=backend)
+    refs = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    want, want_lse = ref_loss(refs[0] @ refs[1].T + refs[2], target, reduction="none", shift=True, return_lse=True)
+    assert lse.shape == loss.shape == (2, 5) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), want_lse.detach(), rtol=1e-5, atol=1e-5)
+    (loss.sum() + (lse * lse).sum()).backward()
+    (want.sum() + (want_lse * want_lse).sum()).backward()
+    for g, r in zip(_grads(leaves), _grads(refs)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+    x = (hidden @ weight.T + bias).detach().requires_grad_()
+    _, lse2 = sk.cross_entropy(x, target, return_lse=True, reduction="sum", backend=backend)
+    torch.testing.assert_close(lse2.double(), torch.where(target != IGNORE, torch.logsumexp(x.double(), -1), 0.0)
+                               .detach())
+
+
+def test_shift_equals_presliced_inputs(device):
+    """``shift=True`` equals slicing by hand (hidden[..., :-1, :], target[..., 1:])."""
+    hidden, weight, bias, target, w_tok = _case(device)
+    for reduction in ("none", "mean", "sum"):
+        got = sk.linear_cross_entropy(hidden, weight, target, bias, shift=True, reduction=reduction,
+                                      weight_per_token=w_tok)
+        want = sk.linear_cross_entropy(hidden[:, :-1].contiguous(), weight, target[:, 1:].contiguous(), bias,
+                                       reduction=reduction, weight_per_token=w_tok[:, 1:].contiguous())
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_flat_inputs_and_one_row(device):
+    hidden, weight, bias, target, _ = _case(device)
+    flat = sk.linear_cross_entropy(hidden.view(-1, 16), weight, target.view(-1), bias, reduction="none")
+    torch.testing.assert_close(flat.view(2, 6), sk.linear_cross_entropy(hidden, weight, target, bias,
+                                                                        reduction="none"))
+    one = sk.linear_cross_entropy(hidden[0, :1], weight, target[0, :1], bias, shift=True, reduction="none")
+    assert one.shape == (0,)
+
+
+BAD = {
+    "reduction": (ValueError, {"reduction": "avg"}),
+    "label_smoothing": (ValueError, {"label_smoothing": 1.5}),
+    "z_loss": (ValueError, {"z_loss": -1.0}),
+    "softcap": (ValueError, {"softcap": 0.0}),
+    "logit_scale": (TypeError, {"logit_scale": "2"}),
+    "num_items": (ValueError, {"num_items": 3, "reduction": "sum"}),
+    "shift": (TypeError, {"shift": 1}),
+    "ignore_index": (TypeError, {"ignore_index": 1.0}),
+    "weight_per_token": (ValueError, {"weight_per_token": torch.ones(3)}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_options_name_the_argument(case):
+    exc, kwargs = BAD[case]
+    hidden, weight, bias, target, _ = _case("cpu")
+    with pytest.raises(exc, match=case):
+        sk.linear_cross_entropy(hidden, weight, target, bias, **kwargs)
+    with pytest.raises(exc, match=case):
+        sk.cross_entropy(hidden @ weight.T, target, **kwargs)
+
+
+def test_bad_tensors_name_the_argument():
+    hidden, weight, bias, target, _ = _case("cpu")
+    with pytest.raises(ValueError, match="weight"):
+        sk.linear_cross_entropy(hidden, weight[:, :5], target)
+    with pytest.raises(TypeError, match="weight"):
+        sk.linear_cross_entropy(hidden, weight.double(), target)
+    with pytest.raises(ValueError, match="bias"):
+        sk.linear_cross_entropy(hidden, weight, target, bias[:3])
+    with pytest.raises(TypeError, match="target"):
+        sk.linear_cross_entropy(hidden, weight, target.float())
+    with pytest.raises(ValueError, match="target"):
+        sk.cross_entropy(hidden @ weight.T, target[:, :2])
+    with pytest.raises(IndexError):
+        sk.linear_cross_entropy(hidden, weight, torch.full_like(target, 37))
+    with pytest.raises(TypeError, match="hidden"):
+        sk.linear_cross_entropy(hidden.long(), weight, target)
