@@ -24,7 +24,11 @@ groups are consecutive and may have different sizes.
 **Fused-linear path** (``lm_head_weight=``): the wrapped model returns hidden states ``[B, S, H]``
 and the wrapper applies the LM head inside :func:`steerlm_kernels.linear_sequence_nll` (phase 1)
 and :func:`steerlm_kernels.linear_weighted_sequence_loss` (phase 2): neither phase ever holds
-``[B, S, V]`` logits.
+``[B, S, V]`` logits. :meth:`GPTSteerLMModel.from_hf` does this for a Hugging Face causal LM as it is:
+the fused losses run *inside* its forward in place of its head's matmul (with its config's logit
+transform; :meth:`steerlm_kernels.hf.heads.CausalLMHead.intercept`), so DDP, ``no_sync`` and FSDP
+(whose gathered head weight exists only during the forward) see an ordinary forward and backward.
+Phase 1 (and ``forward_only=True``) runs the model in ``eval()`` mode (no dropout), then restores it.
 
 **Tensor / context parallelism** (``process_group=``, ``cp_group=``, Megatron's layouts):
 
@@ -48,6 +52,7 @@ and :func:`steerlm_kernels.linear_weighted_sequence_loss` (phase 2): neither pha
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -56,6 +61,7 @@ from torch import Tensor, nn
 from steerlm_kernels.api import SteerLM2Weights, sequence_nll, steerlm2_weights, weighted_sequence_loss
 from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
 from steerlm_kernels.distributed import group_size_rank, sum_over_context
+from steerlm_kernels.steerlm2.loss_path import head_call, match_dtypes, resolve_loss_path
 from steerlm_kernels.steerlm2.model_helpers import (
     BATCH_KEYS,
     LOG_Q_KEY,
@@ -63,6 +69,7 @@ from steerlm_kernels.steerlm2.model_helpers import (
     avg_num_valid_tokens_in_ub,
     cfg_get,
     cfg_positive_int,
+    eval_mode,
     head_getter,
     hidden_of,
     logits_of,
@@ -104,6 +111,11 @@ class GPTSteerLMModel(nn.Module):
         dp_group: data-parallel process group over which ``distance`` and the reported loss are
             averaged; ``None`` uses the default group when ``torch.distributed`` is initialised
             (harmless with tensor / context parallel ranks in it: their values are identical).
+        softcap, logit_scale: the logit transform ``c * tanh(s * z / c)`` of the fused-linear path
+            (``lm_head_weight=``), passed to the fused ops.
+        hf_head: a :class:`steerlm_kernels.hf.heads.CausalLMHead` of ``model`` (what :meth:`from_hf`
+            passes): the fused losses then run inside ``model``'s forward in place of its head, with
+            the head's transform; ``model`` is called as a Hugging Face causal LM.
 
     The batch tensors are moved to the device of the model's first parameter.
     """
@@ -121,10 +133,24 @@ class GPTSteerLMModel(nn.Module):
         backend: str = "auto",
         inplace_backward: bool = False,
         dp_group: Any = None,
+        softcap: float | None = None,
+        logit_scale: float | None = None,
+        hf_head: Any = None,
     ) -> None:
         super().__init__()
         if lm_head_weight is None and lm_head_bias is not None:
             raise ValueError("lm_head_bias needs lm_head_weight (the fused-linear path)")
+        if hf_head is not None and lm_head_weight is not None:
+            raise ValueError("give lm_head_weight or hf_head, not both")
+        if (softcap is not None or logit_scale is not None) and lm_head_weight is None:
+            raise ValueError("softcap / logit_scale apply to the fused-linear path (lm_head_weight=); "
+                             "hf_head brings its own")
+        self.hf_head = hf_head
+        self._transform = dict(hf_head.transform.kwargs()) if hf_head is not None else {
+            k: float(x) for k, x in (("softcap", softcap), ("logit_scale", logit_scale)) if x is not None}
+        #: "fused" / "logits" and why (set by from_hf; else from the constructor's arguments).
+        self.loss_path = "fused" if (lm_head_weight is not None or hf_head is not None) else "logits"
+        self.loss_path_reason = "constructor arguments"
         self._lm_head: Callable[[], tuple[Tensor, Tensor | None]] | None = (
             None if lm_head_weight is None else head_getter(lm_head_weight, lm_head_bias)
         )
@@ -144,6 +170,24 @@ class GPTSteerLMModel(nn.Module):
         self.process_group = process_group
         self.cp_group = cp_group
         self.chunk_size = chunk_size
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, cfg: Any, loss_path: str = "auto", *, probe: bool = True,
+                **kwargs: Any) -> GPTSteerLMModel:
+        """The wrapper of a Hugging Face ``*ForCausalLM`` on the fused-linear path where it can serve
+        the model (LM head tied or not, with or without bias, soft-capped or scaled logits), else on
+        the logits path.
+
+        ``loss_path``: ``"auto"`` (fused where :func:`steerlm_kernels.hf.heads.find_head` accepts the
+        model and, with ``probe``, the fused NLL of a short synthetic sequence agrees with the
+        model's own logits), ``"fused"`` (ValueError saying why when it cannot) or ``"logits"``.
+        ``kwargs``: the constructor's (``backend``, ``dp_group``, ...); the path and why: :attr:`loss_path`,
+        :attr:`loss_path_reason`.
+        """
+        path, why, head = resolve_loss_path(model, loss_path, probe=probe, backend=kwargs.get("backend", "auto"))
+        wrapper = cls(model, cfg, hf_head=head if path == "fused" else None, **kwargs)
+        wrapper.loss_path, wrapper.loss_path_reason = path, why
+        return wrapper
 
     @property
     def fused_linear(self) -> bool:
@@ -167,7 +211,8 @@ class GPTSteerLMModel(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
     ) -> Tensor:
         """Run the wrapped model; returns its logits ``[B, S, V]`` (``[B, S, V/tp]`` under vocabulary
-        parallelism), or on the fused-linear path its hidden states ``[B, S, H]``."""
+        parallelism), or on the fused-linear path its hidden states ``[B, S, H]`` (with ``hf_head``:
+        the model's own logits; the phases never call this then)."""
         return self._output_of(
             self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         )
@@ -214,12 +259,9 @@ class GPTSteerLMModel(nn.Module):
         per-token losses ``[B, S]`` without labels.
         """
         if labels is not None:
-            groups = {"process_group": self.process_group, "cp_group": self.cp_group, "backend": self.backend}
             if self.fused_linear:
-                w, b = self.lm_head()
-                return linear_sequence_nll(output_tensor, w, labels, loss_mask, bias=b, chunk_size=self.chunk_size,
-                                           **groups)
-            return sequence_nll(output_tensor, labels, loss_mask, **groups)
+                return self._linear_nll(output_tensor, *self.lm_head(), labels, loss_mask)
+            return sequence_nll(output_tensor, labels, loss_mask, **self._groups)
         if output_tensor.shape != loss_mask.shape:
             raise ValueError("without labels, output_tensor must be per-token losses of loss_mask's shape")
         return sum_over_context((output_tensor.float() * loss_mask.float()).sum(dim=-1), self.cp_group)
@@ -240,21 +282,44 @@ class GPTSteerLMModel(nn.Module):
         losses ``[B, S]``. ``avg_num_valid_tokens_in_ub``: ``[B]`` tensor or float (NeMo's normalizer).
         """
         if labels is not None:
-            groups = {"process_group": self.process_group, "cp_group": self.cp_group, "backend": self.backend}
             if self.fused_linear:
-                w, b = self.lm_head()
-                return linear_weighted_sequence_loss(
-                    output_tensor, w, labels, loss_mask, weight, avg_num_valid_tokens_in_ub, bias=b,
-                    chunk_size=self.chunk_size, **groups,
-                )
+                return self._linear_loss(output_tensor, *self.lm_head(), labels, loss_mask, weight,
+                                         avg_num_valid_tokens_in_ub)
             return weighted_sequence_loss(
                 output_tensor, labels, loss_mask, weight, avg_num_valid_tokens_in_ub,
-                inplace_backward=self.inplace_backward, **groups,
+                inplace_backward=self.inplace_backward, **self._groups,
             )
         seq = self.loss_func(loss_mask, output_tensor)
         norm = torch.as_tensor(avg_num_valid_tokens_in_ub, dtype=torch.float32, device=seq.device)
         w = weight.float()
         return (w * seq / torch.where(w == 0, torch.ones_like(norm), norm)).sum()
+
+    @property
+    def _groups(self) -> dict[str, Any]:
+        return {"process_group": self.process_group, "cp_group": self.cp_group, "backend": self.backend}
+
+    def _linear_nll(self, hidden: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, loss_mask: Tensor) -> Tensor:
+        with match_dtypes(hidden, w, b) as (hidden, w, b):
+            return linear_sequence_nll(hidden, w, labels, loss_mask, bias=b, chunk_size=self.chunk_size,
+                                       **self._groups, **self._transform)
+
+    def _linear_loss(self, hidden: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, loss_mask: Tensor,
+                     weight: Tensor, normalizer: Tensor | float) -> Tensor:
+        with match_dtypes(hidden, w, b) as (hidden, w, b):
+            return linear_weighted_sequence_loss(
+                hidden, w, labels, loss_mask, weight, normalizer, bias=b, chunk_size=self.chunk_size,
+                **self._groups, **self._transform)
+
+    def _hf_step(self, mb: Mapping[str, Any], model: Callable | None, weighted: bool) -> Tensor:
+        """One forward of the Hugging Face model with the fused loss in place of its head (``hf_head``)."""
+        if weighted:
+            def fn(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+                return self._linear_loss(h, w, b, mb["labels"], mb["loss_mask"], mb["weight"],
+                                         mb["avg_num_valid_tokens_in_ub"])
+        else:
+            def fn(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+                return self._linear_nll(h, w, b, mb["labels"], mb["loss_mask"])
+        return head_call(self.hf_head, self.model if model is None else model, mb, fn)
 
     # ------------------------------------------------------------------------------------------
     # forward-step functions (Megatron schedule signature: (data_iterator, model) -> (output, loss_fn))
@@ -273,10 +338,13 @@ class GPTSteerLMModel(nn.Module):
             mb = next(data_iterator)
             run = self if model is None else model
             with torch.no_grad():
-                out = self._output_of(run(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"),
-                                          position_ids=mb.get("position_ids")))
-                nll = self.loss_func(mb["loss_mask"], out, mb["labels"])
-            del out
+                if self.hf_head is not None:
+                    nll = self._hf_step(mb, model, weighted=False)
+                else:
+                    out = self._output_of(run(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"),
+                                              position_ids=mb.get("position_ids")))
+                    nll = self.loss_func(mb["loss_mask"], out, mb["labels"])
+                    del out
 
             def id_func(output_tensor: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
                 return output_tensor, {"loss": output_tensor}
@@ -296,6 +364,9 @@ class GPTSteerLMModel(nn.Module):
 
         def fwd_output_and_loss_func(data_iterator: Iterator[Mapping[str, Any]], model: Callable | None = None):
             mb = next(data_iterator)
+            if self.hf_head is not None:  # the loss is computed inside the forward: it is the output
+                loss = self._hf_step(mb, model, weighted=True)
+                return loss, lambda output_tensor: (output_tensor, {"avg": output_tensor.detach()})
             run = self if model is None else model
             logits = self._output_of(run(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"),
                                          position_ids=mb.get("position_ids")))
@@ -317,7 +388,8 @@ class GPTSteerLMModel(nn.Module):
     def compute_baseline_weights(self, batch: Mapping[str, Any]) -> SteerLM2Weights:
         """Phase 1 on the whole batch: per-response NLL in micro-batches of
         ``forward_micro_batch_size`` (no grad), then :func:`steerlm2_weights`. The richer form of
-        NeMo's :meth:`compute_baselilne_weights`: ``batch`` is not modified.
+        NeMo's :meth:`compute_baselilne_weights`: ``batch`` is not modified. The model runs in
+        ``eval()`` mode (no dropout); each module's mode is restored.
 
         Returns:
             ``SteerLM2Weights(weight [B], baseline [B], distance 0-d)``, float32, on the model's
@@ -329,9 +401,10 @@ class GPTSteerLMModel(nn.Module):
         step = self.get_forward_output_only_for_weight_func()
         it = iter(chunks)
         nlls = []
-        for _ in chunks:
-            out, id_func = step(it)
-            nlls.append(id_func(out)[1]["loss"])
+        with eval_mode(self.model):
+            for _ in chunks:
+                out, id_func = step(it)
+                nlls.append(id_func(out)[1]["loss"])
         seq_nll = torch.cat(nlls)
         return steerlm2_weights(seq_nll, batch[LOG_Q_KEY].float(), batch["ws"].float(), batch["num_responses"],
                                 backend=self.backend)
@@ -394,7 +467,8 @@ class GPTSteerLMModel(nn.Module):
 
         Unless ``forward_only``, the gradient of the objective is *accumulated* into the
         parameters' ``.grad`` (zero them and step the optimizer yourself). With
-        ``forward_only=True`` phase 2 runs under ``torch.no_grad`` and no gradient is produced.
+        ``forward_only=True`` phase 2 runs under ``torch.no_grad`` and no gradient is produced, and
+        both phases run with the model in ``eval()`` mode (restored afterwards); phase 1 always does.
 
         Returns:
             ``(loss_value, {"loss": loss_value, "distance": distance})``: the mean of the
@@ -412,7 +486,7 @@ class GPTSteerLMModel(nn.Module):
         step = self.get_forward_output_and_loss_func()
         it = iter(chunks)
         losses = []
-        with torch.set_grad_enabled(not forward_only):
+        with torch.set_grad_enabled(not forward_only), eval_mode(self.model) if forward_only else nullcontext():
             for _ in range(m):
                 logits, loss_func = step(it)
                 loss, reduced = loss_func(logits)

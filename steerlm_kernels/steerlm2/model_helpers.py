@@ -8,7 +8,8 @@ fused-linear path, the micro-batch split, and NeMo's normaliser ``avg_num_valid_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "avg_num_valid_tokens_in_ub",
     "cfg_get",
     "cfg_positive_int",
+    "eval_mode",
     "head_getter",
     "hidden_of",
     "logits_of",
@@ -150,6 +152,23 @@ def head_getter(weight: HeadSource, bias: HeadSource, name: str = "lm_head_weigh
         return w, get_b()
 
     return current
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Run the block with ``model`` (and every submodule) in ``eval()`` mode (dropout off), then
+    restore each module's own ``training`` flag (a model with some frozen submodules in eval keeps
+    them so). Anything that is not an ``nn.Module`` is left alone."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def split_batch(batch: Mapping[str, Any], size: int) -> list[dict[str, Any]]:
