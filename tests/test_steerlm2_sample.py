@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
@@ -68,7 +67,7 @@ def test_sample_resumes_to_the_uninterrupted_output(tiny, tmp_path, monkeypatch)
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
     run_sample(tiny, prompts, whole)
-    real, calls = SM.sample_record, []
+    real, calls = SM.sample_batch, []
 
     def dies_second_time(*args, **kwargs):
         calls.append(1)
@@ -76,10 +75,10 @@ def test_sample_resumes_to_the_uninterrupted_output(tiny, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(SM, "sample_record", dies_second_time)
+    monkeypatch.setattr(SM, "sample_batch", dies_second_time)
     with pytest.raises(KeyboardInterrupt):
-        run_sample(tiny, prompts, part)
-    monkeypatch.setattr(SM, "sample_record", real)
+        run_sample(tiny, prompts, part, batch_prompts=1)
+    monkeypatch.setattr(SM, "sample_batch", real)
     assert len(part.read_text().splitlines()) == 1
     with open(part, "a") as f:
         f.write('{"system": "Be')  # a line cut by the kill
@@ -102,7 +101,7 @@ def test_sample_output_is_training_data_after_scoring(tiny, tmp_path) -> None:
     run_sample(tiny, prompts, sampled, template="plain")
     for n, line in enumerate(sampled.read_text().splitlines(), start=1):  # every response valid but unscored
         obj = json.loads(line)
-        assert all(set(r) == {"from", "value"} for r in obj["responses"])
+        assert all(set(r) == {"from", "value", "token_ids", "capped", "exact"} for r in obj["responses"])
         parse_record({**obj, "responses": [{**r, "log(P(a|x,y))": -1.0, LOG_P_Y: -1.0, LOG_Q: -1.0}
                                            for r in obj["responses"]]}, "s", n)
     sides = [SC.Side(name, key, lab, SpanScorer(model, tok.pad_token_id), tok, "fused")
@@ -114,39 +113,22 @@ def test_sample_output_is_training_data_after_scoring(tiny, tmp_path) -> None:
     assert all(r.log_p_y < 0 and r.log_q < 0 for rec in recs for r in rec.responses)
 
 
-class _Scripted:
-    """A stand-in model whose ``generate`` returns fixed continuations (to test the response text)."""
-
-    def __init__(self, rows: list[list[int]]) -> None:
-        self.rows = rows
-        self.kwargs: dict = {}
-
-    def parameters(self):
-        yield torch.zeros(1)
-
-    def generate(self, input_ids, attention_mask=None, **kwargs):
-        self.kwargs = kwargs
-        width = max(len(r) for r in self.rows)
-        pad = kwargs["pad_token_id"]
-        tail = torch.tensor([r + [pad] * (width - len(r)) for r in self.rows])
-        return torch.cat([input_ids.expand(len(self.rows), -1), tail], dim=1)
-
-
 def test_response_ends_at_the_templates_end_of_turn() -> None:
+    from tests.lm_stubs import ScriptedLM
+
     tok = build_byte_tokenizer()
-    turn, eos, pad = tok.convert_tokens_to_ids("<extra_id_1>"), tok.eos_token_id, tok.pad_token_id
+    turn, eos = tok.convert_tokens_to_ids("<extra_id_1>"), tok.eos_token_id
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     rows = [enc("ab\n") + [turn] + enc("junk"), enc("c d") + [eos], enc("\n") + [turn], enc("no stop")]
-    fake = _Scripted(rows)
+    fake = ScriptedLM(rows, after=eos)
     rec = parse_record({"system": "", "prompt_turns": [{"from": "User", "value": "q"}], "label": "verbosity:1",
                         "responses": [{"value": "-", "log(P(a|x,y))": 0, LOG_P_Y: 0, LOG_Q: 0}]})
     texts, _ = SM.sample_record(fake, tok, rec, template="nemo", num_responses=3, seed=0)
     # "\n<extra_id_1>" is the scored span's end (not in the value); an empty draw does not count
     assert texts == ["ab", "c d", "no stop"]  # the empty third draw skipped
-    assert set(fake.kwargs["eos_token_id"]) == {eos, turn} and fake.kwargs["pad_token_id"] == pad
     prompt = encode_prompt(tok, "nemo", "", [("User", "q")], "verbosity:1")
     assert tok.decode(prompt).endswith("<extra_id_2>verbosity:1\n")  # sampled from Q'(y|a,x): with the label
-    never = _Scripted([enc("\n") + [turn]])
+    never = ScriptedLM([enc("\n") + [turn]])
     with pytest.raises(ValueError, match="non-empty responses"):
         SM.sample_record(never, tok, rec, template="nemo", num_responses=1, seed=0)
 

@@ -1,22 +1,28 @@
-"""``steerlm-kernels sample``: draw n responses per prompt with Hugging Face ``generate``.
+"""``steerlm-kernels sample``: draw n responses per prompt (batched; :mod:`~steerlm_kernels.steerlm2.generation`).
 
 Input: JSONL records with ``system``, ``prompt_turns`` and ``label`` (a SteerLM 2.0 file works:
 its ``responses`` are ignored, except that their ``from`` names the responding role). The prompt
 is rendered with ``--template`` exactly as ``train`` and ``score`` render it
 (:func:`~steerlm_kernels.steerlm2.templates.encode_prompt`, with the label: the responses are drawn
-from ``Q'(y|a,x)``), and ``generate`` continues it until the template's end of turn (the EOS
+from ``Q'(y|a,x)``), and the model continues it until the template's end of turn (the EOS
 token; for ``nemo`` also the turn token ``<extra_id_1>``) or ``--max-new-tokens``.
+``--batch-prompts`` prompts are decoded together, left-padded, every response with its own random
+stream: the output is the same as one prompt at a time (:mod:`~steerlm_kernels.steerlm2.generation`).
 
 Output: one SteerLM 2.0 record per well-formed input record, in order - the input's keys, with
-``responses`` replaced by ``[{"from": role, "value": text}, ...]`` (no scores: next come the
-attribute scorer and ``steerlm-kernels score``). The end-of-turn text is not part of ``value``
+``responses`` replaced by ``[{"from": role, "value": text, "token_ids": [...], "capped": bool,
+"exact": bool}, ...]`` (no scores: next come the attribute scorer and ``steerlm-kernels score``):
+``token_ids`` are the sampled ids of ``value``, ``capped`` marks a response cut at
+``--max-new-tokens``, ``exact`` says that ``value`` re-tokenises to ``token_ids`` (false, e.g., for
+invalid UTF-8 from a byte-level model); ``score --drop-flagged`` drops the capped and inexact ones.
+The end-of-turn text is not part of ``value``
 (``nemo``: the ``\\n`` before ``<extra_id_1>`` is removed), so rendering ``value`` with the same
 template gives back the sampled scored span. A draw that decodes to an empty text is drawn again
 (up to :data:`MAX_DRAWS` times). ``--temperature 0`` is greedy decoding: the one continuation,
 ``n`` times.
 
-Reproducible and resumable: the random state is reset before every record from ``--seed`` and the
-record's line number, so a record's responses do not depend on what was sampled before it: a rerun
+Reproducible and resumable: the random streams of a record come from ``--seed`` and the record's
+line number, so a record's responses do not depend on what was sampled before it: a rerun
 on the same ``--output`` keeps its complete lines, skips their records, and gives the same file as
 an uninterrupted run (``jsonl_stream`` has the details). Malformed input lines are named and
 skipped. Failures end with one line and exit status 2.
@@ -34,6 +40,7 @@ from typing import Any
 
 import torch
 
+from steerlm_kernels.steerlm2.generation import MAX_DRAWS, Draw, draw_fields, parse_prompt, sample_prompts
 from steerlm_kernels.steerlm2.jsonl_stream import (
     CommandError,
     LineError,
@@ -44,17 +51,11 @@ from steerlm_kernels.steerlm2.jsonl_stream import (
     run_command,
 )
 from steerlm_kernels.steerlm2.loading import load_models, resolve_device, resolve_dtype
-from steerlm_kernels.steerlm2.records import (
-    DEFAULT_RESPONSE_ROLE,
-    SteerLM2Record,
-    SteerLMDataError,
-    parse_record,
-    same_prompt,
-)
-from steerlm_kernels.steerlm2.templates import TEMPLATES, NemoTokens, encode_prompt
+from steerlm_kernels.steerlm2.records import SteerLM2Record, SteerLMDataError, same_prompt
+from steerlm_kernels.steerlm2.templates import TEMPLATES, encode_prompt
 
-__all__ = ["DEFAULTS", "MAX_DRAWS", "SampleSummary", "add_arguments", "record_seed", "run", "sample_file",
-           "sample_record"]
+__all__ = ["DEFAULTS", "MAX_DRAWS", "SampleSummary", "add_arguments", "record_seed", "run", "sample_batch",
+           "sample_file", "sample_record"]
 
 DEFAULTS: dict[str, Any] = {
     "num_responses": 4,
@@ -65,20 +66,20 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "precision": "auto",
+    "batch_prompts": 16,
 }
-#: Draws per response before an empty text is an error.
-MAX_DRAWS = 8
 
 
 class SampleSummary:
     """What :func:`sample_file` did: ``written`` / ``resumed`` records, ``malformed`` ``(line, message)``,
-    ``responses``, ``new_tokens``, ``seconds``."""
+    ``responses``, ``new_tokens``, ``capped`` (responses cut at the token cap), ``seconds``."""
 
     def __init__(self) -> None:
         self.written = 0
         self.resumed = 0
         self.responses = 0
         self.new_tokens = 0
+        self.capped = 0
         self.seconds = 0.0
         self.malformed: list[tuple[int, str]] = []
 
@@ -104,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="torch device; auto = cuda when available (cpu for the built-in models)")
     parser.add_argument("--precision", default=d["precision"], choices=("auto", "fp32", "bf16", "fp16"),
                         help="model weights' dtype; auto = fp32 on CPU, bf16 on CUDA (default: %(default)s)")
+    parser.add_argument("--batch-prompts", type=int, default=d["batch_prompts"],
+                        help="prompts sampled together (left padding; same output as one at a time; default: "
+                             "%(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="start a fresh --output instead of resuming")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
@@ -114,84 +118,36 @@ def record_seed(seed: int, lineno: int) -> int:
     return (seed * 1_000_003 + lineno * 7_919) % (2**63 - 1)
 
 
-def _parse_prompt(obj: Any, source: str, lineno: int) -> SteerLM2Record:
-    """Validate a prompt record (``responses`` optional: a placeholder stands in for them)."""
-    if isinstance(obj, dict):
-        role = DEFAULT_RESPONSE_ROLE
-        resp = obj.get("responses")
-        if isinstance(resp, list) and resp and isinstance(resp[0], dict) and isinstance(resp[0].get("from"), str):
-            role = resp[0]["from"]
-        obj = {**obj, "responses": [{"from": role, "value": "-", "log(P(a|x,y))": 0.0, "log(P(y|x))": 0.0,
-                                     "log(Q(y|a,x))": 0.0}]}
-    return parse_record(obj, source, lineno)
-
-
-def _stop_ids(tokenizer: Any, template: str) -> list[int]:
-    """Token ids that end a response: EOS, and for ``nemo`` the turn token when it is one token."""
-    ids = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.append(eos)
-    if template == "nemo" and hasattr(tokenizer, "convert_tokens_to_ids"):
-        turn = tokenizer.convert_tokens_to_ids(NemoTokens().turn)
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if isinstance(turn, int) and turn >= 0 and turn != unk:
-            ids.append(turn)
-    return ids
-
-
-def _response_text(tokenizer: Any, new_ids: list[int], stops: list[int], template: str) -> str:
-    """The response text of generated ids: cut at the first stop id, special tokens dropped, and the
-    template's end-of-turn text removed (``nemo``: one trailing ``\\n``)."""
-    for k, t in enumerate(new_ids):
-        if t in stops:
-            new_ids = new_ids[:k]
-            break
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    end = NemoTokens().end_of_turn
-    if template == "nemo" and text.endswith(end):
-        text = text[: -len(end)]
-    return text
+_parse_prompt = parse_prompt  # the prompt-record check lives in generation (steer-eval uses it too)
 
 
 @torch.no_grad()
+def sample_batch(model: Any, tokenizer: Any, records: Sequence[SteerLM2Record], seeds: Sequence[int], *,
+                 template: str, num_responses: int, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 128) -> list[list[Draw]]:
+    """``num_responses`` :class:`~steerlm_kernels.steerlm2.generation.Draw` per record, the records
+    sampled together (:func:`~steerlm_kernels.steerlm2.generation.sample_prompts`, left padding):
+    record ``j``'s draws depend on ``seeds[j]`` only, as if it were sampled alone. ValueError names the
+    record's index when its draws stay empty."""
+    prompts = [encode_prompt(tokenizer, template, r.system, r.prompt_turns, r.label, response_role=r.response_role)
+               for r in records]
+    return sample_prompts(model, tokenizer, prompts, seeds, template=template, num_responses=num_responses,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+
+
 def sample_record(model: Any, tokenizer: Any, record: SteerLM2Record, *, template: str, num_responses: int,
                   seed: int, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128
                   ) -> tuple[list[str], int]:
-    """``(num_responses texts, generated tokens)`` for one record, drawn after ``torch.manual_seed(seed)``."""
-    prompt = encode_prompt(tokenizer, template, record.system, record.prompt_turns, record.label,
-                           response_role=record.response_role)
-    device = next(model.parameters()).device
-    stops = _stop_ids(tokenizer, template)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) else (stops[0] if stops else 0)
-    torch.manual_seed(seed)
-    texts: list[str] = []
-    generated = 0
-    greedy = temperature == 0  # one deterministic continuation, repeated (generate refuses n > 1 greedy)
-    for _ in range(1 if greedy else MAX_DRAWS):
-        want = 1 if greedy else num_responses - len(texts)
-        x = torch.tensor([prompt], dtype=torch.long, device=device)
-        kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
-                                  "num_return_sequences": want, "pad_token_id": pad,
-                                  "eos_token_id": stops or None}
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
-        for row in out[:, len(prompt):].tolist():
-            text = _response_text(tokenizer, row, stops, template)
-            generated += next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
-            if text and len(texts) < num_responses:
-                texts.extend([text] * (num_responses if greedy else 1))
-        if len(texts) == num_responses:
-            return texts, generated
-    draws = "the greedy draw" if greedy else f"{MAX_DRAWS} draws"
-    raise ValueError(f"{draws} gave only {len(texts)} non-empty responses of {num_responses}")
+    """``(num_responses texts, generated tokens)`` for one record (:func:`sample_batch` of one)."""
+    draws = sample_batch(model, tokenizer, [record], [seed], template=template, num_responses=num_responses,
+                         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)[0]
+    return [d.text for d in draws], sum(d.new_tokens for d in draws)
 
 
 def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: Any, *, num_responses: int,
                 template: str = "nemo", temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
-                seed: int = 0, resume: bool = True, quiet: bool = False, log: Any = None) -> SampleSummary:
+                seed: int = 0, resume: bool = True, quiet: bool = False, log: Any = None,
+                batch_prompts: int = DEFAULTS["batch_prompts"]) -> SampleSummary:
     """Stream ``prompts`` to ``output`` (module docstring); raises ``CommandError`` on failures."""
     log = sys.stderr if log is None else log
     source = str(prompts)
@@ -199,6 +155,8 @@ def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: 
         raise CommandError(f"--num-responses must be positive, got {num_responses}")
     if max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if batch_prompts < 1:
+        raise CommandError(f"--batch-prompts must be positive, got {batch_prompts}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise CommandError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature}, {top_p}")
     if template not in TEMPLATES:
@@ -217,6 +175,34 @@ def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: 
             print(f"sample: resuming {output}: {to_skip} records already written", file=log)
         progress = Progress("sample", total, quiet=quiet, stream=log)
         seen = 0
+        pending: list[tuple[int, dict[str, Any], SteerLM2Record]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            try:
+                batch = sample_batch(model, tokenizer, [r for _, _, r in pending],
+                                     [record_seed(seed, n) for n, _, _ in pending], template=template,
+                                     num_responses=num_responses, temperature=temperature, top_p=top_p,
+                                     max_new_tokens=max_new_tokens)
+            except ValueError as exc:
+                where = str(exc).partition(": ")
+                index = where[0].removeprefix("prompt ")
+                line = pending[int(index)][0] if index.isdigit() and int(index) < len(pending) else pending[0][0]
+                raise CommandError(f"{source}, line {line}: {where[2] or exc}") from None
+            for (_, obj, record), draws in zip(pending, batch):
+                out = {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("responses", "unscored")}
+                out["responses"] = [{"from": record.response_role, **draw_fields(d)} for d in draws]
+                writer.write([out])
+                summary.written += 1
+                summary.responses += len(draws)
+                summary.new_tokens += sum(d.new_tokens for d in draws)
+                summary.capped += sum(d.capped for d in draws)
+            pending.clear()
+            elapsed = time.perf_counter() - t0
+            progress.update(seen, f"{summary.responses} responses, {summary.new_tokens / max(elapsed, 1e-9):,.0f} "
+                                  "new tok/s")
+
         for lineno, obj in iter_objects(prompts):
             seen += 1
             try:
@@ -233,25 +219,17 @@ def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: 
                     raise CommandError(f"--output {output}, line {writer.done}: does not hold the prompt of "
                                        f"{source}, line {lineno} (--overwrite starts afresh)")
                 continue
-            try:
-                texts, n_new = sample_record(model, tokenizer, record, template=template, num_responses=num_responses,
-                                             seed=record_seed(seed, lineno), temperature=temperature, top_p=top_p,
-                                             max_new_tokens=max_new_tokens)
-            except ValueError as exc:
-                raise CommandError(f"{source}, line {lineno}: {exc}") from None
-            out = {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("responses", "unscored")}
-            out["responses"] = [{"from": record.response_role, "value": t} for t in texts]
-            writer.write([out])
-            summary.written += 1
-            summary.responses += len(texts)
-            summary.new_tokens += n_new
-            elapsed = time.perf_counter() - t0
-            progress.update(seen, f"{summary.responses} responses, {summary.new_tokens / max(elapsed, 1e-9):,.0f} "
-                                  "new tok/s")
+            pending.append((lineno, obj, record))
+            if len(pending) >= batch_prompts:
+                flush()
+        flush()
         progress.close()
     summary.seconds = time.perf_counter() - t0
     print(f"sample: wrote {summary.written} records ({summary.responses} responses, {summary.new_tokens:,} new "
           f"tokens) to {output} in {summary.seconds:.1f}s ({summary.resumed} from an earlier run)", file=log)
+    if summary.capped:
+        print(f"sample: {summary.capped} of {summary.responses} responses hit --max-new-tokens {max_new_tokens} "
+              "(\"capped\": true; score --drop-flagged drops them)", file=log)
     if summary.malformed:
         print(f"sample: {len(summary.malformed)} malformed lines of {source} skipped (lines "
               f"{', '.join(str(n) for n, _ in summary.malformed[:20])})", file=log)
@@ -271,7 +249,7 @@ def run(ns: argparse.Namespace) -> int:
               f"{ns.template}, {device}, {dtype}", file=sys.stderr)
         sample_file(ns.prompts, ns.output, model, tok, num_responses=ns.num_responses, template=ns.template,
                     temperature=ns.temperature, top_p=ns.top_p, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
-                    resume=not ns.overwrite, quiet=ns.quiet)
+                    resume=not ns.overwrite, quiet=ns.quiet, batch_prompts=ns.batch_prompts)
 
     return run_command("sample", body)
 
