@@ -9,3 +9,7 @@
 
 Imports only the kernel library (and transformers / trl, lazily where optional).
 """
+
+from steerlm_kernels.hf.patch import is_patched, patch, unpatch
+
+__all__ = ["is_patched", "patch", "unpatch"]
