@@ -11,6 +11,7 @@ Public API (see SPEC and each docstring)::
     sk.linear_weighted_sequence_loss(hidden, lm_head_weight, labels, loss_mask, weight, normalizer)
     sk.linear_cross_entropy(hidden, lm_head_weight, target, reduction="mean")  # drop-in losses
     sk.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4)
+    sk.linear_token_logprobs(hidden, lm_head_weight, labels, temperature=0.7, return_entropy=True)
     sk.nn.SequenceNLL(), sk.nn.WeightedSequenceLoss()    # module forms
     sk.megatron.vocab_parallel_cross_entropy(...)
     sk.GPTSteerLMModel(model, cfg).get_loss_and_metrics(batch, forward_only=False)  # the application,
@@ -26,7 +27,7 @@ from steerlm_kernels.api import (
     token_nll,
     weighted_sequence_loss,
 )
-from steerlm_kernels.api_dropin import cross_entropy, linear_cross_entropy
+from steerlm_kernels.api_dropin import cross_entropy, linear_cross_entropy, linear_token_logprobs
 from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
 from steerlm_kernels.registry import BACKENDS, BackendStatus, backends
 
@@ -42,6 +43,7 @@ __all__ = [
     "data",
     "linear_cross_entropy",
     "linear_sequence_nll",
+    "linear_token_logprobs",
     "linear_weighted_sequence_loss",
     "megatron",
     "nn",

@@ -32,8 +32,9 @@ from steerlm_kernels import validation as v
 from steerlm_kernels.distributed import check_groups, vocab_shard
 from steerlm_kernels.ops.dropin import CEStatsFunction, LinearCEStatsFunction
 from steerlm_kernels.ops.linear_cross_entropy import shard_labels
+from steerlm_kernels.ops.token_logprobs import TokenLogprobsFunction
 
-__all__ = ["cross_entropy", "linear_cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "linear_token_logprobs"]
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -339,3 +340,83 @@ def cross_entropy(
     nll, lse, zsum = CEStatsFunction.apply(logits2d, labels, opts.ignore_index, check_labels, name, process_group,
                                            opts.want_lse, opts.want_sum, opts.transform)
     return _finish(nll, lse, zsum, labels, w_flat, n_vocab, target.shape, opts)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    cu_seqlens: Tensor | None = None,
+    ignore_index: int = -100,
+    process_group: Any = None,
+    check_labels: bool = True,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token ``log softmax(z' / temperature)[label]`` (and the entropy of that distribution) of
+    ``z = hidden @ weight.T + bias``, ``z' = softcap * tanh(z / softcap)`` (the model's logit soft
+    cap, applied before the temperature, as a Hugging Face model followed by TRL's division), never
+    holding ``[N, V]`` (chunks of rows).
+
+    Args:
+        hidden: ``[..., H]`` float32 / bfloat16 / float16; weight: ``[V, H]`` (the LM head);
+            bias: optional ``[V]``; all one dtype and device. The logits chunk is computed in
+            that dtype, as the model's LM head would (float16 on CPU: float32), then float32.
+        labels: int64 / int32 of shape ``hidden.shape[:-1]`` (the already shifted next tokens);
+            ``ignore_index`` gives log-probability 0 and entropy 0.
+        temperature: positive float dividing the (capped) logits.
+        return_entropy: also return the per-token entropy ``lse - sum_j p_j u_j`` (nats).
+        cu_seqlens: packed sequences: ``hidden [T, H]``, ``labels [T]``, ``cu_seqlens [B + 1]``
+            (int32 / int64, 0 to ``T``, non-decreasing). Checked, and nothing else: a token's
+            log-probability depends only on its own row, so packing changes no value (the result
+            is ``[T]``, equal to the per-sequence results concatenated); pass the labels already
+            shifted within each sequence (the last token of a sequence predicts nothing: give it
+            ``ignore_index``).
+        process_group: vocabulary parallelism: ``weight`` / ``bias`` are this rank's contiguous
+            shard, ``labels`` global; ONE all_gather of ``4N`` floats; ``hidden``'s gradient is this
+            rank's partial (sum it over the group).
+        check_labels: raise ``IndexError`` for labels outside ``[0, V)`` (not ``ignore_index``).
+        chunk_size: rows per logits chunk (default: 256 MiB of float32 logits).
+
+    Returns:
+        float32 log-probabilities of the labels' shape (``<= 0``), or ``(logprobs, entropy)``.
+        Differentiable once through both w.r.t. ``hidden``, ``weight`` and ``bias``. The forward
+        is the same code with and without autograd: a ``torch.no_grad()`` scoring pass and a
+        training pass give bit-identical log-probabilities (CPU; the same kernels on a GPU).
+    """
+    check_groups(process_group)
+    hidden = v.check_hidden(hidden)
+    weight, bias = _check_head(weight, bias, hidden)
+    if isinstance(labels, Tensor) and labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), "
+                         f"got {tuple(labels.shape)}")
+    labels = v.check_labels(labels, hidden, "hidden")
+    ignore_index = v.check_int("ignore_index", ignore_index)
+    temp = _check_float("temperature", temperature, 0.0, low_open=True)
+    cap = check_transform(softcap, None)[0]
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    if cu_seqlens is not None:
+        if hidden.dim() != 2:
+            raise ValueError(f"with cu_seqlens, hidden must be packed [T, H], got shape {tuple(hidden.shape)}")
+        v.check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
+    chunk_rows = v.check_chunk_size(chunk_size)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    if hidden2d.stride(1) != 1:
+        hidden2d = hidden2d.contiguous()
+    labels1d = labels.reshape(-1).contiguous()
+    n_local = weight.shape[0]
+    vocab_start, n_vocab = vocab_shard(n_local, process_group)
+    if check_labels:
+        v.check_label_range(labels1d, n_vocab, ignore_index)
+    labels_k = labels1d
+    if process_group is not None:
+        labels_k = shard_labels(labels1d, vocab_start, n_local, ignore_index)
+    logprob, entropy = TokenLogprobsFunction.apply(hidden2d, weight, bias, labels_k, ignore_index, temp, cap,
+                                                   chunk_rows, process_group)
+    logprob = logprob.view(labels.shape)
+    return (logprob, entropy.view(labels.shape)) if return_entropy else logprob
