@@ -8,7 +8,20 @@ distance and tokens/s per step with a progress bar.
 ``--output DIR`` (checked and created before anything is trained) receives ``checkpoint-<step>/``
 every ``--save-every`` steps (the newest ``--save-total-limit`` kept; resumable with ``--resume
 auto|PATH``), ``final/`` (a Hugging Face model directory with its tokenizer), ``metrics.jsonl`` (one
-strict-JSON line per step and per evaluation), ``summary.json`` and ``metrics.png`` (matplotlib).
+strict-JSON line per step and per evaluation), ``summary.json``, ``metrics.png`` (matplotlib) and
+``provenance.json`` (what made the run: :func:`~steerlm_kernels.steerlm2.run_dir.train_settings`).
+
+Runs are never lost or mixed (:mod:`~steerlm_kernels.steerlm2.run_dir`,
+:mod:`~steerlm_kernels.steerlm2.outputs`): a directory that holds an earlier run is refused without
+``--resume`` (continue it) or ``--overwrite`` (remove that run's files first); ``DIR/.lock`` holds
+the run for the command's life (a second ``train`` on it fails at once, naming the PID). A resume
+is refused, with one line, when the checkpoint is past ``--steps``, when it lacks the optimizer,
+scheduler, RNG or data-position state (``--allow-partial-checkpoint``: resumed with a warning), or
+when a recorded setting differs (data, model, template, seed, groups per step, micro-batch sizes,
+learning-rate settings, precision, backend, world size: ``--allow-changed SETTING[,...]`` accepts
+it). ``metrics.jsonl`` is cut back to the checkpoint's step (a torn last line too, its mode kept);
+the checkpoint, not the metrics file, is what a resume restores. "done: N steps" counts the steps
+this process ran.
 
 Defaults: for a model directory NeMo-Aligner's (``gpt_sft.yaml``: lr 3e-5 cosine to 9e-7 after 10
 warm-up steps, weight decay 0.01, betas 0.9/0.98, gradient clip 1.0, bf16 on CUDA, one epoch, checkpoints
@@ -25,6 +38,7 @@ checkpoint first. Several processes: ``torchrun --nproc_per_node N -m steerlm_ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -40,6 +54,9 @@ from typing import Any
 import torch
 
 from steerlm_kernels.steerlm2.hf_models import TINY_MODELS
+from steerlm_kernels.steerlm2.loss_path import LOSS_PATHS, resolve_loss_path
+from steerlm_kernels.steerlm2.run_dir import SETTINGS as RUN_SETTINGS
+from steerlm_kernels.steerlm2.run_dir import check_checkpoint, check_resume, claim_run_dir
 from steerlm_kernels.steerlm2.templates import TEMPLATES
 
 __all__ = ["BUILTIN_PRESET", "NEMO_PRESET", "TrainError", "add_arguments", "main", "run"]
@@ -75,14 +92,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = ("SteerLM 2.0 training (Hugging Face Trainer) on a JSONL file and a causal LM; with no "
                           "arguments, the bundled sample and the tiny model on CPU (about a minute).")
     a = parser.add_argument
-    a("--data", default=None, help="SteerLM 2.0 JSONL file (default: the bundled sample, 40 prompts)")
+    a("--data", default=None, help="SteerLM 2.0 JSONL file (default: the bundled sample, 40 prompts); records "
+      "marked \"unscored\" by score are skipped, counted")
     a("--val-data", default=None, help="validation JSONL file (loss and distance every --eval-every steps)")
     a("--val-fraction", type=float, default=None, help="hold out this fraction of --data's groups for validation")
-    a("--eval-every", type=int, default=None, help="steps between validations (NeMo: 100; tiny: 20)")
-    a("--model", default="tiny", help="a local Hugging Face model directory, or a built-in model: tiny, small")
+    a("--eval-every", type=int, default=None,
+      help="steps between validations; needs --val-data or --val-fraction (default: 100 for a model directory, "
+           "20 for the built-in models)")
+    a("--model", default="tiny", help="a local Hugging Face model directory, or a built-in Llama trained from "
+      "scratch with the byte tokenizer: tiny (the default; the one-minute CPU run) or small (larger; slower on "
+      "CPU)")
     a("--template", default="nemo", choices=TEMPLATES,
       help="prompt format: nemo (NeMo-Aligner's SteerLM2Dataset), chat (the tokenizer's chat template), plain")
-    a("--steps", type=int, default=None, help="optimizer steps (default: 120 for the built-in models, else 1 epoch)")
+    a("--steps", type=int, default=None, help="optimizer steps in all, a resumed run's included (default: 120 for "
+      "the built-in models, else 1 epoch)")
     a("--groups-per-step", type=int, default=8,
       help="prompt groups (with all their responses) per step, over all ranks (default: %(default)s)")
     a("--micro-batch-size", type=int, default=16, help="responses per training micro-batch (default: %(default)s)")
@@ -90,21 +113,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
       help="responses per baseline-phase forward (default: %(default)s)")
     a("--max-seq-length", type=int, default=4096,
       help="longest sequence; longer groups are dropped (counted), never truncated (default: %(default)s)")
-    a("--lr", type=float, default=None, help="peak learning rate (NeMo: 3e-5; tiny: 3e-3)")
-    a("--min-lr", type=float, default=None, help="final learning rate of the cosine schedule (NeMo: 9e-7)")
-    a("--warmup-steps", type=int, default=None, help="linear warm-up steps (NeMo: 10)")
-    a("--lr-schedule", choices=("constant", "cosine"), default=None, help="after warm-up (NeMo: cosine)")
-    a("--weight-decay", type=float, default=None, help="AdamW weight decay (NeMo: 0.01)")
-    a("--adam-betas", type=float, nargs=2, default=None, metavar=("B1", "B2"), help="AdamW betas (NeMo: 0.9 0.98)")
-    a("--grad-clip", type=float, default=None, help="gradient-norm clip, 0 = off (NeMo: 1.0)")
+    def preset(key: str, fmt: Any = str) -> str:
+        return (f"default: {fmt(NEMO_PRESET[key])} for a model directory, {fmt(BUILTIN_PRESET[key])} for the "
+                "built-in models")
+
+    a("--lr", type=float, default=None, help=f"peak learning rate ({preset('lr')})")
+    a("--min-lr", type=float, default=None, help=f"final learning rate of the cosine schedule ({preset('min_lr')})")
+    a("--warmup-steps", type=int, default=None, help=f"linear warm-up steps ({preset('warmup_steps')})")
+    a("--lr-schedule", choices=("constant", "cosine"), default=None,
+      help=f"after warm-up ({preset('lr_schedule')})")
+    a("--weight-decay", type=float, default=None, help=f"AdamW weight decay ({preset('weight_decay')})")
+    a("--adam-betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+      help=f"AdamW betas ({preset('adam_betas', lambda b: ' '.join(map(str, b)))})")
+    a("--grad-clip", type=float, default=None, help=f"gradient-norm clip, 0 = off ({preset('grad_clip')})")
     a("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
-      help="autocast precision; weights keep their loaded dtype (auto: bf16 on CUDA, else fp32)")
-    a("--save-every", type=int, default=None, help="steps between checkpoints (NeMo: 100)")
-    a("--save-total-limit", type=int, default=None, help="newest checkpoints kept (NeMo: 5)")
-    a("--resume", default=None, help="a checkpoint directory, or auto: the newest in --output")
+      help="autocast precision; weights keep their loaded dtype (default: auto = bf16 on CUDA, else fp32, for a "
+           "model directory; fp32 for the built-in models)")
+    a("--save-every", type=int, default=None, help=f"steps between checkpoints ({preset('save_every')})")
+    a("--save-total-limit", type=int, default=None, help=f"newest checkpoints kept ({preset('save_total_limit')})")
+    a("--resume", default=None, help="a checkpoint directory, or auto: the newest in --output (settings checked "
+      "against the run's provenance.json)")
+    a("--overwrite", action="store_true", help="remove an earlier run's files from --output and start afresh")
+    a("--allow-changed", default=None, metavar="SETTING[,SETTING]",
+      help="with --resume: accept these recorded settings' changes (" + ", ".join(RUN_SETTINGS) + ")")
+    a("--allow-partial-checkpoint", action="store_true",
+      help="with --resume: resume a checkpoint without optimizer / scheduler / RNG state (with a warning)")
     a("--fsdp", default=None, help="Trainer's FSDP option, e.g. 'full_shard auto_wrap' (CUDA only, torchrun)")
     a("--device", default="auto", help="auto (cpu for the built-in models, else cuda when available), cpu, cuda")
     a("--backend", default="auto", choices=("auto", "triton", "cpp", "torch", "cuda"), help="kernel backend")
+    a("--loss-path", default="auto", choices=LOSS_PATHS,
+      help="fused = final hidden states + LM head into the fused losses (no [B, S, V] logits), logits = the "
+           "model's logits; auto = fused wherever the model allows it (default: %(default)s)")
     a("--output", default=None, help="output directory (default: runs/<timestamp>)")
     a("--seed", type=int, default=0, help="seed of the model init and data order (default: %(default)s)")
     return parser
@@ -137,6 +176,8 @@ def _settings(ns: argparse.Namespace) -> dict[str, Any]:
         raise TrainError(f"--val-fraction must be in (0, 1), got {ns.val_fraction}")
     if ns.val_fraction is not None and ns.val_data is not None:
         raise TrainError("--val-data and --val-fraction exclude each other")
+    if not 0 <= ns.seed <= 2**32 - 1:
+        raise TrainError(f"--seed must be an integer in [0, {2**32 - 1}], got {ns.seed}")
     return s
 
 
@@ -291,6 +332,17 @@ def _resume_path(ns: argparse.Namespace, out: Path) -> str | None:
     return str(path)
 
 
+#: What the running command holds (the run directory's lock); closed when ``run`` returns.
+_HELD = contextlib.ExitStack()
+
+
+def _checked(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` of :mod:`~steerlm_kernels.steerlm2.run_dir`, its ValueError as a TrainError (exit 2)."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+
 def _save_final(trainer: Any, out: Path) -> Path:
     """The model and tokenizer to ``out/final`` through a temporary directory and a rename."""
     final, tmp = out / "final", out / ".final-tmp"
@@ -303,7 +355,7 @@ def _save_final(trainer: Any, out: Path) -> Path:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from steerlm_kernels.steerlm2.metrics import check_output_dir, plot_metrics, read_metrics, strict
+    from steerlm_kernels.steerlm2.metrics import plot_metrics, read_metrics, strict
 
     s = _settings(ns)
     device, precision = _device(ns, s["precision"])
@@ -312,8 +364,13 @@ def _train(ns: argparse.Namespace) -> int:
     if s["groups_per_step"] % world:
         raise TrainError(f"--groups-per-step {s['groups_per_step']} is not a multiple of the {world} processes")
     out = Path(ns.output) if ns.output else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    out = check_output_dir(out) if rank0 else out
+    if rank0:
+        out = _checked(claim_run_dir, out, resume=ns.resume is not None, overwrite=ns.overwrite, stack=_HELD)
     resume = _resume_path(ns, out)
+    if resume is not None:
+        note = _checked(check_checkpoint, Path(resume), allow_partial=ns.allow_partial_checkpoint)
+        if note and rank0:
+            print(note, file=sys.stderr)
 
     import transformers
 
@@ -332,12 +389,20 @@ def _train(ns: argparse.Namespace) -> int:
     steps = s["steps"] or max(1, len(train_ds) // s["groups_per_step"])
     if len(train_ds) < s["groups_per_step"]:
         raise TrainError(f"--groups-per-step {s['groups_per_step']} exceeds the {len(train_ds)} training groups")
+    start_step, notes = _checked(check_resume, ns, s, out, resume, precision=precision, world=world, steps=steps,
+                                 write=rank0)
+    print(*notes, sep="\n", file=sys.stderr) if notes and rank0 else None
     args = _training_arguments(ns, s, out, device, precision, world, val_ds is not None, steps)
     trainer_ref: list[Any] = []
+    if ns.loss_path == "fused":
+        try:
+            resolve_loss_path(model, "fused", probe=False)
+        except ValueError as exc:
+            raise TrainError(f"--loss-path fused: {exc}") from None
     trainer = SteerLM2Trainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
         steerlm2={"forward_micro_batch_size": s["forward_micro_batch_size"],
-                  "micro_batch_size": s["micro_batch_size"], "backend": ns.backend},
+                  "micro_batch_size": s["micro_batch_size"], "backend": ns.backend, "loss_path": ns.loss_path},
         callbacks=[_progress_callback(steps, trainer_ref)])
     trainer_ref.append(trainer)
     trainer.remove_callback(transformers.PrinterCallback)  # our progress line replaces its dict per log
@@ -346,6 +411,7 @@ def _train(ns: argparse.Namespace) -> int:
         print(f"model: {type(model).__name__} from {ns.model}, {n_params / 1e6:.2f}M parameters "
               f"({next(model.parameters()).dtype}), on {args.device} x {world}, backend {ns.backend}, "
               f"precision {precision}, template {ns.template}")
+        print(f"loss path: {trainer.loss_path[0]} ({trainer.loss_path[1]})")
         print(f"data: {data_desc}")
         print(f"steps {steps} x {s['groups_per_step']} groups, lr {s['lr']} ({s['lr_schedule']}, warm-up "
               f"{s['warmup_steps']}), micro-batches {s['forward_micro_batch_size']} (baseline) / "
@@ -371,11 +437,13 @@ def _train(ns: argparse.Namespace) -> int:
     last = [r["distance"] for r in steps_done[-LAST_STEPS:] if r["distance"] is not None]
     last_mean = sum(last) / len(last) if last else None
     tokens = sum(r["tokens"] for r in history)
-    summary = {"steps": trainer.state.global_step, "seconds": seconds, "first_distance": first,
+    summary = {"steps": trainer.state.global_step, "steps_this_run": trainer.state.global_step - start_step,
+               "seconds": seconds, "first_distance": first,
                "last_distance_mean": last_mean, "last_steps": len(last),
                "distance_ratio": last_mean / first if first and last_mean is not None else None,
                "final_loss": steps_done[-1]["loss"] if steps_done else None,
-               "tokens_per_s": tokens / seconds if seconds > 0 else None}
+               "tokens_per_s": tokens / seconds if seconds > 0 else None,
+               "loss_path": trainer.loss_path[0], "loss_path_reason": trainer.loss_path[1]}
     config = {k: v for k, v in vars(ns).items() if k != "func"}
     config.update(s, precision=precision, device=str(args.device), world_size=world, parameters=n_params,
                   data=str(getattr(train_ds, "source", ns.data)), output=str(out), resumed_from=resume)
@@ -384,10 +452,12 @@ def _train(ns: argparse.Namespace) -> int:
     why_not = plot_metrics(records, out / "metrics.png", f"SteerLM 2.0: {Path(ns.model).name} on "
                            f"{Path(config['data']).name}")
     print()
-    print(f"done: {summary['steps']} steps in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.0f} tokens/s)")
+    ran = summary["steps_this_run"]
+    since = f" (steps {start_step + 1}-{summary['steps']}, resumed from step {start_step})" if start_step else ""
+    print(f"done: {ran} steps{since} in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.0f} tokens/s)")
     if first is not None and last_mean is not None:
-        print(f"distance: first step {first:.4f} -> mean of the last {len(last)} steps {last_mean:.4f} "
-              f"({last_mean / first if first else float('nan'):.2f}x)")
+        ratio = f"{last_mean / first:.2f}x" if first else "no ratio: the first step's distance is 0"
+        print(f"distance: first step {first:.4f} -> mean of the last {len(last)} steps {last_mean:.4f} ({ratio})")
     print(f"wrote {final}/ (from_pretrained), {out / 'metrics.jsonl'}, {out / 'summary.json'}")
     print(f"wrote {out / 'metrics.png'}" if why_not is None else f"no plot: {why_not}")
     return 0
@@ -396,7 +466,8 @@ def _train(ns: argparse.Namespace) -> int:
 def run(ns: argparse.Namespace) -> int:
     """Run the ``train`` sub-command with the parsed options; returns the exit status (module notes)."""
     try:
-        return _train(ns)
+        with _HELD:
+            return _train(ns)
     except TrainError as exc:
         print(f"steerlm-kernels train: error: {exc}", file=sys.stderr)
         return exc.code

@@ -60,9 +60,10 @@ import transformers
 from torch import Tensor, nn
 
 from steerlm_kernels.steerlm2.data import PromptGroup, collate_fn
+from steerlm_kernels.steerlm2.loss_path import resolve_loss_path
 from steerlm_kernels.steerlm2.metrics import MetricsLog
 from steerlm_kernels.steerlm2.model import GPTSteerLMModel, avg_num_valid_tokens_in_ub
-from steerlm_kernels.steerlm2.model_helpers import split_batch
+from steerlm_kernels.steerlm2.model_helpers import eval_mode, split_batch
 
 __all__ = ["SteerLM2Collator", "SteerLM2Config", "SteerLM2Trainer"]
 
@@ -75,13 +76,15 @@ class SteerLM2Config:
 
     ``forward_micro_batch_size``: responses per baseline-phase forward; ``micro_batch_size``:
     responses per training micro-batch; ``backend``: kernel backend of the fused losses;
-    ``inplace_backward``: let the loss' backward overwrite the logits (saves one ``[N, V]`` buffer).
+    ``inplace_backward``: let the loss' backward overwrite the logits (saves one ``[N, V]`` buffer);
+    ``loss_path``: ``auto`` / ``fused`` / ``logits`` (:attr:`SteerLM2Trainer.loss_path`).
     """
 
     forward_micro_batch_size: int = 32
     micro_batch_size: int = 16
     backend: str = "auto"
     inplace_backward: bool = False
+    loss_path: str = "auto"
 
 
 class SteerLM2Collator:
@@ -187,15 +190,32 @@ class SteerLM2Trainer(transformers.Trainer):
         self._pending_stop: int | None = None
         self._since_log: list[dict[str, float]] = []
         self._last_log_time: float | None = None
+        self._loss_path: tuple[str, str, Any] | None = None
+        if self.model is not None:
+            self.loss_path  # noqa: B018 - resolved now: a refused --loss-path fused fails before training
 
     # ------------------------------------------------------------------------------------------
     # the step
     # ------------------------------------------------------------------------------------------
 
+    @property
+    def loss_path(self) -> tuple[str, str]:
+        """``("fused" | "logits", why)``: both phases run on the fused-linear path (final hidden states
+        and the LM head into the fused losses, inside the model's forward; no ``[B, S, V]`` logits)
+        wherever :func:`~steerlm_kernels.steerlm2.loss_path.resolve_loss_path` accepts the model
+        (probe-checked, except under FSDP / DeepSpeed where the parameters may be sharded), else on
+        the logits path. Resolved once, on the unwrapped model; ValueError for a refused ``fused``."""
+        if self._loss_path is None:
+            sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+            self._loss_path = resolve_loss_path(self.model, self.steerlm2.loss_path, probe=not sharded,
+                                                backend=self.steerlm2.backend)
+        return self._loss_path[0], self._loss_path[1]
+
     def _wrapper(self, model: nn.Module) -> GPTSteerLMModel:
         cfg = {"steerlm2": {"forward_micro_batch_size": self.steerlm2.forward_micro_batch_size,
                             "micro_batch_size": self.steerlm2.micro_batch_size}}
-        return GPTSteerLMModel(model, cfg, backend=self.steerlm2.backend,
+        head = self._loss_path[2] if self.loss_path[0] == "fused" else None
+        return GPTSteerLMModel(model, cfg, backend=self.steerlm2.backend, hf_head=head,
                                inplace_backward=self.steerlm2.inplace_backward)
 
     def _forward_only_model(self, model: nn.Module) -> nn.Module:
@@ -281,15 +301,15 @@ class SteerLM2Trainer(transformers.Trainer):
         with torch.no_grad(), self.accelerator.autocast():
             weights = self.baseline_weights(model, inputs)
             wrapper = self._wrapper(plain)
-            n = inputs["tokens"].shape[0]
-            norm = avg_num_valid_tokens_in_ub(inputs["loss_mask"], inputs["num_responses"], 1)
+            batch = dict(inputs, weight=weights.weight,
+                         avg_num_valid_tokens_in_ub=avg_num_valid_tokens_in_ub(inputs["loss_mask"],
+                                                                               inputs["num_responses"], 1))
+            fwd = wrapper.get_forward_output_and_loss_func()
             losses = []
-            for start, chunk in zip(range(0, n, wrapper.forward_micro_batch_size),
-                                    split_batch(inputs, wrapper.forward_micro_batch_size)):
-                stop = start + chunk["tokens"].shape[0]
-                out = wrapper(chunk["tokens"], chunk.get("attention_mask"), chunk.get("position_ids"))
-                losses.append(wrapper.weight_loss_func(chunk["loss_mask"], norm[start:stop], out,
-                                                       weights.weight[start:stop], chunk["labels"]))
+            with eval_mode(plain):
+                for chunk in split_batch(batch, wrapper.forward_micro_batch_size):
+                    out, loss_func = fwd(iter([chunk]), plain)
+                    losses.append(loss_func(out)[0])
             loss = torch.stack(losses).sum()
         if return_outputs:
             return loss, {"weight": weights.weight, "baseline": weights.baseline, "distance": weights.distance}
