@@ -60,7 +60,7 @@ def missing_app_dependencies() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in ("train", "sample", "score", "pipeline") and missing_app_dependencies():
+    if argv[:1] and argv[0] in ("train", "sample", "score", "pipeline", "steer-eval") and missing_app_dependencies():
         print(f"steerlm-kernels {argv[0]}: error: the SteerLM 2.0 application needs "
               f"{', '.join(missing_app_dependencies())}: pip install 'steerlm-kernels[app]'", file=sys.stderr)
         return 2
@@ -86,14 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         "sample": "draw n responses per prompt with Hugging Face generate (SteerLM 2.0 records)",
         "score": "fill log(P(y|x)) and log(Q(y|a,x)) with the fused kernels (streaming, resumable)",
         "pipeline": "sample -> score -> train on the embedded default (bundled prompts, tiny model, CPU)",
+        "steer-eval": "does the model follow the attribute it is asked for? (curve, slope, CIs, fluency)",
     }
     for name, text in data_commands.items():
         data_parser = sub.add_parser(name, help=text)
         if argv[:1] == [name]:
-            importlib.import_module(f"steerlm_kernels.steerlm2.{name}").add_arguments(data_parser)
+            importlib.import_module(f"steerlm_kernels.steerlm2.{name.replace('-', '_')}").add_arguments(data_parser)
     ns = parser.parse_args(argv)
     if ns.command in data_commands:
-        return importlib.import_module(f"steerlm_kernels.steerlm2.{ns.command}").run(ns)
+        return importlib.import_module(f"steerlm_kernels.steerlm2.{ns.command.replace('-', '_')}").run(ns)
     if ns.command == "info":
         return info()
     if ns.command == "bench":

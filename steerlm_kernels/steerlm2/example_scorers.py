@@ -18,6 +18,12 @@ regression model turned into per-attribute categorical probabilities) would foll
 under a categorical over the levels centred on ``c(w) = log2(w) - 1`` (level ``k`` ~ ``2^(k+1)``
 words), ``P(k | y) = softmax_k(-(k - c(w))^2 / (2 sigma^2))``. Labels without a verbosity
 attribute say nothing it can judge: ``log 1 = 0``.
+
+Measures for ``steerlm-kernels steer-eval --scorer MODULE:FUNCTION`` have another contract: the
+attribute's value as a number, ``function(records) -> per record, one finite float per response``
+(records as above; their responses also carry ``token_ids``, ``capped`` and ``exact`` from
+sampling). :func:`verbosity_words` is the verbosity measure matching the length model above: the
+response's length in words (level ``k`` ~ ``2^(k+1)`` words).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["LEVELS", "SIGMA", "parse_label", "verbosity_length", "verbosity_log_prob"]
+__all__ = ["LEVELS", "SIGMA", "parse_label", "verbosity_length", "verbosity_log_prob", "verbosity_words"]
 
 #: HelpSteer's attribute levels.
 LEVELS: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -67,3 +73,8 @@ def verbosity_length(records: list[dict[str, Any]]) -> list[list[float]]:
             continue
         out.append([verbosity_log_prob(level, r["value"]) for r in record["responses"]])
     return out
+
+
+def verbosity_words(records: list[dict[str, Any]]) -> list[list[float]]:
+    """``steer-eval``'s verbosity measure: each response's length in words (whitespace-separated)."""
+    return [[float(len(r["value"].split())) for r in record["responses"]] for record in records]
