@@ -44,7 +44,7 @@ from steerlm_kernels import registry
 from steerlm_kernels import validation as v
 from steerlm_kernels.distributed import check_groups, sum_over_context
 from steerlm_kernels.ops.cross_entropy import token_nll_2d
-from steerlm_kernels.ops.group import group_softmax_op, steerlm2_weights_op
+from steerlm_kernels.ops.group import SegmentSoftmaxFunction, steerlm2_weights_by_sizes_op
 from steerlm_kernels.ops.segment import segment_sum_op
 
 __all__ = [
@@ -262,11 +262,23 @@ def segment_softmax(x: Tensor, group_sizes: int | Tensor, *, backend: str = "aut
             positive sizes summing to ``B``.
 
     Returns:
-        float32 ``[B]``; differentiable w.r.t. ``x``.
+        float32 ``[B]``; differentiable w.r.t. ``x`` (also under ``torch.func.grad`` / ``vmap``).
+        Traces with ``torch.compile(fullgraph=True)`` for both forms (see :func:`steerlm2_weights`).
     """
     x = v.check_vector("x", x)
-    cu, max_group = v.group_offsets(group_sizes, x.shape[0], x.device, "group_sizes")
-    return group_softmax_op(x, cu, max_group, registry.resolve(backend, x.device))
+    sizes = _group_sizes(group_sizes, x.shape[0], "group_sizes")
+    return SegmentSoftmaxFunction.apply(x, sizes, "group_sizes", False, registry.resolve(backend, x.device))[0]
+
+
+def _group_sizes(sizes: Any, total: int, name: str) -> Tensor:
+    """The group structure as a tensor for the ``*_by_sizes`` ops: an int is checked here (it must
+    divide ``total``) and becomes a CPU tensor of equal sizes; a tensor is passed as given and
+    checked inside the op (its values are read there, on the host: no data-dependent branch in
+    a ``torch.compile`` trace)."""
+    if isinstance(sizes, int):  # bool included: group_offsets refuses it
+        v.group_offsets(sizes, total, torch.device("cpu"), name)
+        return torch.full((total // sizes,), sizes, dtype=torch.int64)
+    return v.check_tensor(name, sizes)
 
 
 def steerlm2_weights(
@@ -283,7 +295,10 @@ def steerlm2_weights(
         num_responses: the group structure, as an int (all groups that size), a 1-D tensor of
             group sizes summing to ``B``, or NeMo's per-item ``batch["num_responses"]`` (``[B]``,
             each item holding its group's size; groups consecutive). Groups may differ in size.
-            A tensor is read on the host (one small copy): the group structure shapes the launch.
+            A tensor is read on the host inside the op (one small copy; a sync for CUDA sizes):
+            the group structure shapes the launch. Under ``torch.compile(fullgraph=True)`` a
+            tensor traces without a graph break (the op is opaque; its output shapes are the
+            inputs'), and a bad structure raises the same ``ValueError`` at run time.
 
     Returns:
         :class:`SteerLM2Weights` ``(weight [B], baseline [B], distance 0-d)``, float32, not
@@ -294,11 +309,10 @@ def steerlm2_weights(
     b = seq_nll.shape[0]
     log_q = v.check_vector("log_q", log_q, b, seq_nll.device)
     ws = v.check_vector("ws", ws, b, seq_nll.device)
-    cu, max_group = v.group_offsets(num_responses, b, seq_nll.device, "num_responses", per_item=True)
+    sizes = _group_sizes(num_responses, b, "num_responses")
     with torch.no_grad():
-        weight, baseline, kl = steerlm2_weights_op(
-            seq_nll.detach(), log_q.detach(), ws.detach(), cu, max_group, registry.resolve(backend, seq_nll.device)
+        weight, baseline, distance = steerlm2_weights_by_sizes_op(
+            seq_nll.detach(), log_q.detach(), ws.detach(), sizes, "num_responses", True,
+            registry.resolve(backend, seq_nll.device),
         )
-    # No groups (B = 0): no divergence to average; 0 rather than the NaN of an empty mean.
-    distance = kl.mean() if kl.numel() else kl.new_zeros(())
     return SteerLM2Weights(weight, baseline, distance)

@@ -88,7 +88,8 @@ def test_inplace_backward_compiles_fullgraph(backend, device):
 # The registry must answer resolve() without importing anything while dynamo traces it (an import
 # inside a fullgraph trace is "Attempted to call function marked as skipped"); after one eager call
 # that was hidden, so each case runs in a fresh interpreter whose very first call is the compiled one.
-FAMILIES = ("token_nll", "sequence_nll", "weighted_sequence_loss", "linear", "group")
+FAMILIES = ("token_nll", "sequence_nll", "weighted_sequence_loss", "linear", "group", "group_tensor",
+            "dropin_linear", "dropin_logits", "token_logprobs")
 
 CHILD = r'''
 import sys
@@ -163,6 +164,66 @@ elif family == "group":
     torch.testing.assert_close(out.baseline.double(), base, **close)
     torch.testing.assert_close(out.weight.double(), wsd - base, **close)
     torch.testing.assert_close(out.distance.double(), kl, **close)
+elif family == "group_tensor":
+    # NeMo's per-item num_responses and a tensor of group sizes (unequal groups): the group
+    # structure is read inside the op, so the trace has no data-dependent branch
+    x, log_q, ws = torch.randn(9), torch.randn(9), torch.rand(9)
+    sizes, per_item = torch.tensor([2, 4, 3]), torch.tensor([2, 2, 4, 4, 4, 4, 3, 3, 3])
+    coef = torch.randn(9).double()
+
+    def seg_ref(z):
+        return torch.cat([torch.softmax(g, 0) for g in z.split([2, 4, 3])])
+
+    check(lambda z: (sk.segment_softmax(z, sizes, backend=backend) * coef.float()).sum(),
+          lambda z: (seg_ref(z) * coef).sum(), x)
+    for form in (per_item, sizes):
+        out = torch.compile(lambda a, b, c, n: sk.steerlm2_weights(a, b, c, n, backend=backend), fullgraph=True,
+                            backend="aot_eager")(x, log_q, ws, form)
+        base = seg_ref(-x.double() - log_q.double())
+        wsd = ws.double()
+        kl = torch.stack([t.sum() for t in ((wsd + 1e-8) * torch.log((wsd + 1e-8) / (base + 1e-8))).split([2, 4, 3])])
+        torch.testing.assert_close(out.baseline.double(), base, **close)
+        torch.testing.assert_close(out.weight.double(), wsd - base, **close)
+        torch.testing.assert_close(out.distance.double(), kl.mean(), **close)
+elif family in ("dropin_linear", "dropin_logits"):
+    hidden, w_lm, b_lm = torch.randn(3, 7, 16), torch.randn(64, 16) / 4, torch.randn(64) / 4
+    w_tok = torch.rand(3, 7)
+    opts = dict(label_smoothing=0.1, z_loss=1e-2, weight_per_token=w_tok, shift=True)
+
+    def ref_ce(z, reduction, num_items=None):
+        z, y, w = z[:, :-1].double(), labels[:, 1:], w_tok[:, 1:].double()
+        lse = torch.logsumexp(z, -1)
+        nll = lse - z.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        per = (0.9 * nll + 0.1 * (lse - z.mean(-1)) + 1e-2 * lse**2) * w
+        per = torch.where(y != -100, per, 0.0)
+        return per.sum() / (num_items if num_items is not None else (y != -100).sum()) if reduction == "mean" \
+            else per
+
+    n_items = torch.tensor(11)
+    if family == "dropin_linear":
+        check(lambda h: sk.linear_cross_entropy(h, w_lm, labels, b_lm, num_items=n_items, backend=backend, **opts)
+              + (sk.linear_cross_entropy(h, w_lm, labels, b_lm, reduction="none", backend=backend, **opts)
+                 * w3[:, 1:].float()).sum(),
+              lambda h: ref_ce(h @ w_lm.double().T + b_lm.double(), "mean", 11)
+              + (ref_ce(h @ w_lm.double().T + b_lm.double(), "none") * w3[:, 1:]).sum(), hidden)
+    else:
+        check(lambda x: sk.cross_entropy(x, labels, backend=backend, **opts)
+              + (sk.cross_entropy(x, labels, reduction="none", backend=backend, **opts) * w3[:, 1:].float()).sum(),
+              lambda x: ref_ce(x, "mean") + (ref_ce(x, "none") * w3[:, 1:]).sum(), logits)
+elif family == "token_logprobs":
+    hidden, w_lm = torch.randn(3, 7, 16), torch.randn(64, 16) / 4
+
+    def ref_lp(h):
+        logp = torch.log_softmax((h @ w_lm.double().T) / 0.7, -1)
+        lp = torch.where(labels != -100, logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+        ent = torch.where(labels != -100, -(logp.exp() * logp).sum(-1), 0.0)
+        return (lp * w3).sum() + ent.sum()
+
+    def f(h):
+        lp, ent = sk.linear_token_logprobs(h, w_lm, labels, temperature=0.7, return_entropy=True)
+        return (lp * w3.float()).sum() + ent.sum()
+
+    check(f, ref_lp, hidden)
 print("COMPILED-FIRST-OK")
 '''
 

@@ -272,3 +272,74 @@ def test_steerlm2_weights_of_no_responses(backend, device):
         out = sk.steerlm2_weights(empty, empty, empty, num_responses, backend=backend)
         assert out.weight.shape == out.baseline.shape == (0,)
         assert out.distance.shape == () and out.distance.item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func: segment_softmax composes with grad / vmap; steerlm2_weights runs under vmap; the
+# cross-entropy ops raise PyTorch's setup_context error (pinned: documented in README)
+# --------------------------------------------------------------------------------------------
+
+
+def _seg_softmax_ref(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    return torch.cat([torch.softmax(x[..., list(g)], -1) for g in _groups_ref(sizes)], -1)
+
+
+@pytest.mark.parametrize("form", ["int", "sizes"])
+def test_segment_softmax_under_torch_func(backend, device, form):
+    sizes = [4, 4, 4] if form == "int" else [2, 5, 1, 4]
+    structure = 4 if form == "int" else torch.tensor(sizes)
+    b = sum(sizes)
+    x = (torch.randn(3, b) * 3).to(device)
+    coef = torch.randn(b, device=device)
+
+    def f(z):
+        return (sk.segment_softmax(z, structure, backend=backend) * coef).sum()
+
+    xd = x.double().requires_grad_()
+    (_seg_softmax_ref(xd, sizes) * coef.double()).sum().backward()
+    # grad, vmap, vmap of grad
+    g0 = torch.func.grad(f)(x[0])
+    torch.testing.assert_close(g0.double(), xd.grad[0], rtol=1e-5, atol=1e-6)
+    ys = torch.func.vmap(lambda z: sk.segment_softmax(z, structure, backend=backend))(x)
+    torch.testing.assert_close(ys.double(), _seg_softmax_ref(x.double(), sizes), rtol=1e-5, atol=1e-7)
+    gs = torch.func.vmap(torch.func.grad(f))(x)
+    torch.testing.assert_close(gs.double(), xd.grad, rtol=1e-5, atol=1e-6)
+    if form == "sizes":  # one structure per row (a batched sizes tensor): one call per row
+        rows = torch.func.vmap(lambda z, s: sk.segment_softmax(z, s, backend=backend))(x, structure.expand(3, -1))
+        torch.testing.assert_close(rows, ys, rtol=0, atol=0)
+    # and the same gradient through ordinary autograd
+    xa = x.clone().requires_grad_()
+    (sk.segment_softmax(xa[1], structure, backend=backend) * coef).sum().backward()
+    torch.testing.assert_close(xa.grad[1].double(), xd.grad[1], rtol=1e-5, atol=1e-6)
+
+
+def test_steerlm2_weights_under_vmap(backend, device):
+    sizes = [3, 1, 4]
+    per_item = torch.tensor([n for n in sizes for _ in range(n)], device=device)
+    cases = [_random_case(sizes, device) for _ in range(2)]
+    nll, log_q, ws = (torch.stack(t) for t in zip(*cases))
+    out = torch.func.vmap(lambda a, b, c: tuple(sk.steerlm2_weights(a, b, c, per_item, backend=backend)))(
+        nll, log_q, ws)
+    for k in range(2):
+        _assert_weights_match_float64(sk.SteerLM2Weights(*(o[k] for o in out)), nll[k], log_q[k], ws[k], sizes)
+
+
+def test_cross_entropy_ops_refuse_torch_func_with_pytorchs_error():
+    """Pinned: the cross-entropy autograd Functions are not setup_context-style, so torch.func
+    raises PyTorch's own RuntimeError naming setup_context (README "torch.compile and torch.func")."""
+    logits = torch.randn(4, 9)
+    labels = torch.randint(0, 9, (4,))
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: sk.token_nll(x, labels, backend="torch").sum())(logits)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: sk.cross_entropy(x, labels, backend="torch"))(logits)
+
+
+def test_bad_tensor_structure_still_raises_named_errors_from_inside_the_op():
+    nll, log_q, ws = _random_case([3, 3], "cpu")
+    with pytest.raises(ValueError, match="num_responses"):
+        sk.steerlm2_weights(nll, log_q, ws, torch.tensor([2, 2]))
+    with pytest.raises(TypeError, match="group_sizes"):
+        sk.segment_softmax(nll, [3, 3])
+    with pytest.raises(TypeError, match="num_responses"):
+        sk.steerlm2_weights(nll, log_q, ws, True)
