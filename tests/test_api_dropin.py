@@ -279,3 +279,65 @@ def test_bad_tensors_name_the_argument():
         sk.linear_cross_entropy(hidden, weight, torch.full_like(target, 37))
     with pytest.raises(TypeError, match="hidden"):
         sk.linear_cross_entropy(hidden.long(), weight, target)
+
+
+# --------------------------------------------------------------------------------------------
+# logit transforms: softcap, logit_scale (z' = softcap * tanh(logit_scale * z / softcap))
+# --------------------------------------------------------------------------------------------
+
+# (softcap, logit_scale, label_smoothing, z_loss)
+TRANSFORMS = {
+    "softcap": (5.0, None, 0.0, 0.0),
+    "scale_smoothing_zloss": (None, 0.5, 0.1, 1e-2),
+    "softcap_scale_zloss": (3.0, 1.5, 0.0, 1e-2),
+}
+
+
+def _transform_or_skip(fn):
+    try:
+        return fn()
+    except NotImplementedError as exc:  # a backend whose kernels do not take the transform yet
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("case", sorted(TRANSFORMS))
+def test_linear_cross_entropy_logit_transforms(backend, device, case):
+    cap, scale, eps, zl = TRANSFORMS[case]
+    hidden, weight, bias, target, w_tok = _case(device)
+    weight = weight * 3
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, lse = _transform_or_skip(lambda: sk.linear_cross_entropy(
+        leaves[0], leaves[1], target, leaves[2], softcap=cap, logit_scale=scale, label_smoothing=eps, z_loss=zl,
+        weight_per_token=w_tok, reduction="none", return_lse=True, backend=backend))
+    refs = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    want, want_lse = ref_loss(refs[0] @ refs[1].T + refs[2], target, softcap=cap, scale=scale, eps=eps, z_loss=zl,
+                              w=w_tok, reduction="none", return_lse=True)
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse.detach(), rtol=1e-5, atol=1e-5)
+    up = torch.randn(want.shape, dtype=torch.float64, device=device)
+    ((loss * up.float()).sum() + lse.sum()).backward()
+    ((want * up).sum() + want_lse.sum()).backward()
+    for name, g, r in zip(("hidden", "weight", "bias"), leaves, refs):
+        torch.testing.assert_close(g.grad.double(), r.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("case", [*sorted(TRANSFORMS), "softcap_smoothing"])
+def test_cross_entropy_logit_transforms(backend, device, case):
+    cap, scale, eps, zl = TRANSFORMS.get(case, (4.0, 1.3, 0.2, 1e-3))
+    logits = torch.randn(2, 6, 37, device=device) * 4
+    target = _case(device)[3]
+    x = logits.clone().requires_grad_()
+    got = _transform_or_skip(lambda: sk.cross_entropy(x, target, softcap=cap, logit_scale=scale, label_smoothing=eps,
+                                                      z_loss=zl, reduction="sum", shift=True, backend=backend))
+    xd = logits.double().requires_grad_()
+    want = ref_loss(xd, target, softcap=cap, scale=scale, eps=eps, z_loss=zl, reduction="sum", shift=True)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, **grad_tolerances(torch.float32, logits * 2, 1.0))
+
+
+def test_linear_softcap_with_label_smoothing_is_refused():
+    hidden, weight, bias, target, _ = _case("cpu")
+    with pytest.raises(ValueError, match="label_smoothing with softcap"):
+        sk.linear_cross_entropy(hidden, weight, target, softcap=30.0, label_smoothing=0.1)
