@@ -10,6 +10,10 @@ import sys
 
 import torch
 
+#: What ``steerlm-kernels --help`` says first (plain text: no reST markup in a terminal).
+DESCRIPTION = ("Fused kernels for SteerLM 2.0 training, and the SteerLM 2.0 application (train, sample, score, "
+               "pipeline). Also: python -m steerlm_kernels.")
+
 
 def info() -> int:
     """Print versions, devices and the status of every backend."""
@@ -32,13 +36,22 @@ def info() -> int:
         print(f"device: CPU only ({torch.get_num_threads()} threads)")
     print("backends:")
     for status in sk.backends().values():
-        print(f"  {status}")
+        print(f"  {backend_line(status)}")
     try:
         strategy = sk.registry.linear_strategy("triton")
     except ValueError as exc:
         strategy = f"invalid ({exc})"
     print(f"fused linear on triton: {strategy} (${sk.registry.LINEAR_ENV_VAR}; other backends: chunks)")
     return 0
+
+
+def backend_line(status: object) -> str:
+    """A backend's line of ``info``: its status, except that on a machine without a CUDA device the
+    ``cuda`` backend says so (``no CUDA device``) whatever the extension was built with: that is the
+    reason it cannot run here."""
+    if getattr(status, "name", None) == "cuda" and not torch.cuda.is_available():
+        return "cuda: unavailable (no CUDA device)"
+    return str(status)
 
 
 #: What the application's commands (train, sample, score, pipeline) import: the `app` extra.
@@ -64,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"steerlm-kernels {argv[0]}: error: the SteerLM 2.0 application needs "
               f"{', '.join(missing_app_dependencies())}: pip install 'steerlm-kernels[app]'", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="steerlm-kernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="steerlm-kernels", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and backends")
     bench_parser = sub.add_parser(

@@ -103,6 +103,37 @@ def test_run_command_exit_statuses(capsys):
     assert capsys.readouterr().err.strip() == "steerlm-kernels score: error: --data x.jsonl: no such file"
     assert run_command("sample", interrupted) == 130
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "rerun the same command to resume" in err
+    assert "Traceback" not in err and "rerun the same command with --resume" in err
+
+    def exits():
+        raise SystemExit(0)  # user code calling sys.exit(0): never exit 0 with a half-written output
+
+    assert run_command("score", exits) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SystemExit(0)" in err[0]
+    from steerlm_kernels.steerlm2.outputs import OutputError
+
+    def refused():
+        raise OutputError("--output o.jsonl holds an earlier run's output")
+
+    assert run_command("score", refused) == 2
     with pytest.raises(ValueError):  # anything else is a bug: not swallowed
         run_command("score", lambda: int("x"))
+
+
+def test_writer_digests_are_cut_with_the_lines_they_check(tmp_path) -> None:
+    p = tmp_path / "out.jsonl"
+    with ResumableWriter(p, digests=True) as w:
+        w.write([{"i": 0}, {"i": 1}], ["a" * 32, "b" * 32])
+    with open(p, "a") as f:  # killed after the output line, before its digest
+        f.write('{"i": 2}\n')
+    with ResumableWriter(p, digests=True) as w:
+        assert w.done == 2 and w.digests == ["a" * 32, "b" * 32] and w.last == {"i": 1}
+    assert p.read_text().splitlines() == ['{"i": 0}', '{"i": 1}']
+    with open(f"{p}.digests", "a") as f:  # a torn digest line
+        f.write("c" * 10)
+    with ResumableWriter(p, digests=True) as w:
+        assert w.done == 2 and w.digests == ["a" * 32, "b" * 32]
+        with pytest.raises(ValueError, match="one digest per object"):
+            w.write([{"i": 2}])
+    assert (tmp_path / "out.jsonl.digests").read_text() == "a" * 32 + "\n" + "b" * 32 + "\n"

@@ -21,7 +21,7 @@ def test_pipeline_end_to_end(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     for step in ("sample", "score", "train"):
         assert f"pipeline: steerlm-kernels {step} " in err  # each step's command is shown, to rerun by hand
-    assert "--template nemo --resume auto --groups-per-step 3" in err  # train: the 3 groups each step
+    assert "--template nemo --groups-per-step 3" in err  # train: the 3 groups each step; a fresh run
     prompts = [json.loads(x) for x in sample_data_path().read_text().splitlines()[:3]]
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["prompt_turns"] for s in samples] == [p["prompt_turns"] for p in prompts]

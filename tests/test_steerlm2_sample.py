@@ -89,9 +89,16 @@ def test_sample_resumes_to_the_uninterrupted_output(tiny, tmp_path, monkeypatch)
 
 def test_sample_refuses_to_resume_an_output_of_other_prompts(tiny, tmp_path) -> None:
     other = write_jsonl(tmp_path / "out.jsonl", [{**PROMPTS[1], "responses": [{"value": "y"}]}])
-    with pytest.raises(SM.CommandError, match="line 1: does not hold the prompt of .*line 1"):
+    with pytest.raises(SM.CommandError, match="no provenance record"):  # not an output of sample
         run_sample(tiny, write_jsonl(tmp_path / "p.jsonl", PROMPTS), other)
-    assert run_sample(tiny, write_jsonl(tmp_path / "p1.jsonl", PROMPTS[1:2]), other).resumed == 1  # same prompt
+    out = tmp_path / "s.jsonl"
+    run_sample(tiny, write_jsonl(tmp_path / "p2.jsonl", PROMPTS[:2]), out)
+    swapped = write_jsonl(tmp_path / "p3.jsonl", [PROMPTS[0], PROMPTS[2], PROMPTS[1]])
+    with pytest.raises(SM.CommandError, match=r"s.jsonl, line 2: was made from another record than .*p3.jsonl, "
+                                              r"line 2"):
+        run_sample(tiny, swapped, out, allow_changed={"prompts"})
+    grown = write_jsonl(tmp_path / "p4.jsonl", PROMPTS)  # the same two prompts, then one more
+    assert run_sample(tiny, grown, out, allow_changed={"prompts"}).resumed == 2
 
 
 def test_sample_output_is_training_data_after_scoring(tiny, tmp_path) -> None:
@@ -144,5 +151,11 @@ def test_sample_cli(tmp_path, capsys) -> None:
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["prompt_turns"] for r in rows] == [PROMPTS[0]["prompt_turns"], PROMPTS[1]["prompt_turns"]]
     assert rows[0]["responses"][0] == rows[0]["responses"][1]  # temperature 0: greedy
-    assert cli.main([*argv[:6], "0", *argv[7:]]) == 2
+    assert cli.main([*argv[:6], "0", *argv[7:], "--overwrite"]) == 2
     assert capsys.readouterr().err.strip().endswith("--num-responses must be positive, got 0")
+    for bad, needle in (("nan", "--temperature"), ("inf", "--temperature")):  # caught before generate
+        assert cli.main([*argv, "--temperature", bad, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith(f"steerlm-kernels sample: error: {needle}"), err
+        assert "Traceback" not in err
+    assert rows == [json.loads(x) for x in out.read_text().splitlines()]  # refused before anything was written

@@ -24,6 +24,7 @@ from steerlm_kernels.steerlm2.example_scorers import verbosity_length  # noqa: E
 from steerlm_kernels.steerlm2.hf_models import build_tiny  # noqa: E402
 from steerlm_kernels.steerlm2.jsonl_stream import CommandError  # noqa: E402
 from steerlm_kernels.steerlm2.logprobs import SpanScorer  # noqa: E402
+from steerlm_kernels.steerlm2.outputs import OutputError  # noqa: E402
 from steerlm_kernels.steerlm2.records import LOG_P_A, LOG_P_Y, LOG_Q, read_jsonl  # noqa: E402
 
 from .conftest import require_backend  # noqa: E402
@@ -238,7 +239,8 @@ def _many(n: int) -> list[dict]:
 def test_resume_after_a_kill_gives_the_same_output(models, tmp_path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", _many(6))
     whole = tmp_path / "whole.jsonl"
-    kw = {"template": "nemo", "max_tokens_per_batch": 48, "quiet": True}
+    # the provenance names the scorer as the command does (its spec), not by the test's wrapper
+    kw = {"template": "nemo", "max_tokens_per_batch": 48, "quiet": True, "settings": {"attribute_scorer": SCORER}}
     S.score_file(data, whole, sides(models), attribute_scorer=verbosity_length, **kw)
 
     calls = []
@@ -268,8 +270,22 @@ def test_resume_after_a_kill_gives_the_same_output(models, tmp_path) -> None:
 def test_resume_refuses_an_output_of_another_input(models, tmp_path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     other = write_jsonl(tmp_path / "out.jsonl", [RECORDS[1]])
-    with pytest.raises(CommandError, match="line 1: does not hold the record of .*line 1"):
+    with pytest.raises(CommandError, match="no provenance record out.jsonl.provenance.json"):
         S.score_file(data, other, sides(models), quiet=True)
+    assert other.read_text() == json.dumps(RECORDS[1]) + "\n"  # refused: untouched
+    out = tmp_path / "scored.jsonl"
+    S.score_file(data, out, sides(models), quiet=True)
+    edited = copy.deepcopy(RECORDS)
+    edited[0]["responses"][1]["value"] = "An edited earlier response."  # an EARLIER record, not the last kept one
+    data2 = write_jsonl(tmp_path / "in2.jsonl", edited + [RECORDS[0]])
+    with pytest.raises(OutputError, match="was made with data = "):  # the input's fingerprint differs
+        S.score_file(data2, out, sides(models), quiet=True)
+    with pytest.raises(CommandError, match=r"scored.jsonl, line 1: was made from another record than .*in2.jsonl, "
+                                           r"line 1"):  # the change accepted: every kept record is still checked
+        S.score_file(data2, out, sides(models), quiet=True, allow_changed={"data"})
+    grown = write_jsonl(tmp_path / "in3.jsonl", RECORDS + [RECORDS[0]])  # records appended: kept ones all match
+    summary = S.score_file(grown, out, sides(models), quiet=True, allow_changed={"data"})
+    assert (summary.resumed, summary.written) == (3, 1)
 
 
 def test_malformed_lines_are_named_and_nothing_after_them_is_lost(models, model_dirs, tmp_path, capsys) -> None:

@@ -33,6 +33,8 @@ Long sequences are never truncated (truncation would make the model's NLL disagr
 and the longest row), or, with ``on_overflow="error"``, raises. A group of one response (weight and
 loss 0: it teaches nothing, but counts as a group in NeMo's normaliser) is kept with one counted
 warning by default (``on_single="warn"``), or dropped (``"drop"``), or refused (``"error"``).
+A record that ``score`` marked ``"unscored"`` (too long to score: its sums are missing, or stale) is
+skipped, counted in ``unscored_lines``, with one warning per load.
 
 Typical use::
 
@@ -172,12 +174,18 @@ class SteerLM2Dataset(Dataset):
         self.pad_id: int = pad if pad is not None else (eos if eos is not None else 0)
         self.label_pad_id: int = self.pad_id if label_pad_id is None else int(label_pad_id)
 
+        self.unscored_lines: list[int] = []
         if isinstance(path_or_records, (str, Path)):
             self.source = str(path_or_records)
-            self.records = read_jsonl(path_or_records)
+            self.records = read_jsonl(path_or_records, unscored=self.unscored_lines)
         else:
             self.source = "<records>"
-            self.records = [parse_record(obj, "<records>", i + 1) for i, obj in enumerate(path_or_records)]
+            self.records = []
+            for i, obj in enumerate(path_or_records):
+                if isinstance(obj, Mapping) and "unscored" in obj:
+                    self.unscored_lines.append(i + 1)
+                else:
+                    self.records.append(parse_record(obj, "<records>", i + 1))
             if not self.records:
                 raise SteerLMDataError("<records>", 0, "<records>", "no records")
 
@@ -196,7 +204,7 @@ class SteerLM2Dataset(Dataset):
                     group = None
             if group is not None:
                 self.groups.append(group)
-        for message in (self.length_report, self.single_report):
+        for message in (self.unscored_report, self.length_report, self.single_report):
             if message is not None:
                 warnings.warn(message, SteerLMDataWarning, stacklevel=2)
         if not self.groups:
@@ -276,6 +284,14 @@ class SteerLM2Dataset(Dataset):
             f"longest needs {self.longest_dropped_row}); they are not truncated because log(Q(y|a,x)) scores the "
             "full response: raise max_seq_length to keep them"
         )
+
+    @property
+    def unscored_report(self) -> str | None:
+        """One line about the records skipped because ``score`` marked them ``"unscored"`` (None if none)."""
+        if not self.unscored_lines:
+            return None
+        return (f"{self.source}: skipped {len(self.unscored_lines)} record(s) marked \"unscored\" by score (lines "
+                f"{_short_list(self.unscored_lines)}): they have no valid log-probabilities")
 
     @property
     def single_report(self) -> str | None:

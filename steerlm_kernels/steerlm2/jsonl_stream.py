@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from steerlm_kernels.steerlm2.outputs import OutputError
 from steerlm_kernels.steerlm2.records import SteerLMDataError, decode_json_line
 
 __all__ = ["CommandError", "LineError", "Progress", "ResumableWriter", "count_nonblank_lines", "dumps",
@@ -37,15 +38,23 @@ class CommandError(Exception):
 
 def run_command(name: str, body: Callable[[], object]) -> int:
     """Run the body of data command ``name``: exit status 0 when it returns, 2 with one line on
-    stderr for a :class:`CommandError`, 130 on Ctrl-C (the output is resumable: say so)."""
+    stderr for a :class:`CommandError` / :class:`~steerlm_kernels.steerlm2.outputs.OutputError`, 130
+    on Ctrl-C (the output is resumable: say so; a KeyboardInterrupt raised by user code says where),
+    1 for a ``SystemExit`` that escapes user code (never exit 0 on a half-written output)."""
     try:
         body()
-    except CommandError as exc:
+    except (CommandError, OutputError) as exc:
         print(f"steerlm-kernels {name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"steerlm-kernels {name}: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        where = f" ({exc})" if str(exc) else ""
+        print(f"steerlm-kernels {name}: interrupted{where}; rerun the same command with --resume to continue",
+              file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        print(f"steerlm-kernels {name}: error: SystemExit({exc.code!r}) raised inside the command (user code "
+              "must not exit); the output is incomplete: rerun with --resume", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -108,30 +117,43 @@ class ResumableWriter:
     Args:
         path: the output file (its directory must exist).
         resume: keep the complete lines of an existing file (else start it afresh).
+        digests: keep ``<path>.digests`` beside it: one line per output line, the digest of the input
+            record it was made from (:func:`~steerlm_kernels.steerlm2.provenance.record_digest`),
+            written after the output line. On resume both are cut to the lines they both hold (a kill
+            between the two writes loses that window, never a check).
 
     Attributes:
         done: number of complete lines kept from an earlier run (0 for a new file).
-        last: the last kept object (None when ``done == 0``), to check it matches the input.
+        last: the last kept object (None when ``done == 0``).
+        digests: the kept lines' input digests (``digests=True``), else None.
     """
 
-    def __init__(self, path: str | Path, *, resume: bool = True) -> None:
+    def __init__(self, path: str | Path, *, resume: bool = True, digests: bool = False) -> None:
         self.path = Path(path)
         self.done = 0
         self.last: Any = None
+        self.digest_path = Path(f"{self.path}.digests") if digests else None
+        self.digests: list[str] | None = [] if digests else None
         if not self.path.parent.is_dir():
             raise CommandError(f"--output {path}: directory {self.path.parent} does not exist")
+        if self.path.is_dir():
+            raise CommandError(f"--output {path}: is a directory; give a file path")
+        if self.path.exists() and not self.path.is_file():
+            raise CommandError(f"--output {path}: not a regular file")
         if resume and self.path.exists():
             self._recover()
-        elif self.path.exists() and not self.path.is_file():
-            raise CommandError(f"--output {path}: not a regular file")
         try:
             self._f: TextIO = open(self.path, "a" if resume else "w", encoding="utf-8", newline="\n")
+            self._d: TextIO | None = None
+            if self.digest_path is not None:
+                self._d = open(self.digest_path, "a" if resume else "w", encoding="ascii", newline="\n")
         except OSError as exc:
             raise CommandError(f"--output {path}: cannot write ({exc.strerror or exc})") from None
 
     def _recover(self) -> None:
-        """Count the complete lines of the existing file and cut a trailing partial line."""
-        keep = 0  # byte offset just past the last complete, valid line
+        """Count the complete lines of the existing file, cut a trailing partial line (and, with
+        digests, cut both files to the lines both hold)."""
+        offsets = [0]  # offsets[k]: byte offset just past the k-th complete, valid line
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 if not raw.endswith(b"\n"):
@@ -142,24 +164,55 @@ class ResumableWriter:
                     raise CommandError(
                         f"--output {self.path}, line {lineno}: not a JSON line of an earlier run; "
                         "pass --overwrite to start afresh") from None
-                self.done += 1
                 self.last = obj
-                keep += len(raw)
-        if keep != self.path.stat().st_size:
+                offsets.append(offsets[-1] + len(raw))
+        self.done = len(offsets) - 1
+        if self.digests is not None and self.digest_path is not None:
+            kept: list[str] = []
+            if self.digest_path.exists():
+                with open(self.digest_path, "rb") as f:
+                    for raw in f:
+                        text = raw.decode("ascii", "replace").strip()
+                        if not raw.endswith(b"\n") or len(text) != 32:
+                            break
+                        kept.append(text)
+            n = min(self.done, len(kept))
+            self.digests = kept[:n]
+            with open(self.digest_path, "ab") as f:
+                f.truncate(33 * n)
+            if n < self.done:
+                self.done = n
+                self.last = None
+                if n:
+                    with open(self.path, "rb") as f:
+                        f.seek(offsets[n - 1])
+                        self.last = json.loads(f.readline().decode("utf-8"))
+        if offsets[self.done] != self.path.stat().st_size:
             with open(self.path, "r+b") as f:
-                f.truncate(keep)
+                f.truncate(offsets[self.done])
 
-    def write(self, objs: list[Any]) -> None:
-        """Append one line per object, then flush and fsync (a kill never leaves a lost line)."""
+    def write(self, objs: list[Any], digests: list[str] | None = None) -> None:
+        """Append one line per object, then flush and fsync (a kill never leaves a lost line); with
+        digests, then one digest line per object (``digests``: one per object)."""
         if not objs:
             return
         self._f.write("".join(dumps(o) + "\n" for o in objs))
         self._f.flush()
         os.fsync(self._f.fileno())
+        if self._d is not None:
+            if digests is None or len(digests) != len(objs):
+                raise ValueError("ResumableWriter(digests=True).write needs one digest per object")
+            self._d.write("".join(d + "\n" for d in digests))
+            self._d.flush()
+            os.fsync(self._d.fileno())
+            assert self.digests is not None
+            self.digests.extend(digests)
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file(s)."""
         self._f.close()
+        if self._d is not None:
+            self._d.close()
 
     def __enter__(self) -> ResumableWriter:
         return self

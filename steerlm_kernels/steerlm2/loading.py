@@ -18,8 +18,11 @@ import torch
 from steerlm_kernels.steerlm2.jsonl_stream import CommandError
 from steerlm_kernels.steerlm2.records import LOG_P_A, log_prob_problem
 
-__all__ = ["AttributeScorer", "call_attribute_scorer", "check_log_prob", "load_attribute_scorer", "load_models",
-           "pad_id", "resolve_device", "resolve_dtype"]
+__all__ = ["SEED_MAX", "AttributeScorer", "call_attribute_scorer", "check_backend", "check_log_prob", "check_seed",
+           "load_attribute_scorer", "load_models", "pad_id", "resolve_device", "resolve_dtype", "scorer_identity"]
+
+#: The largest ``--seed`` (NumPy's seeds, which the Trainer's ``set_seed`` uses, are 32-bit).
+SEED_MAX = 2**32 - 1
 
 #: ``function(records) -> per record, one log P(a|x,y) per response`` (see ``example_scorers``).
 AttributeScorer = Callable[[list[dict[str, Any]]], Sequence[Sequence[float]]]
@@ -44,7 +47,7 @@ def load_attribute_scorer(spec: str) -> AttributeScorer:
             module = importlib.import_module(module_name)
     except CommandError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a user module can fail in any way; report one line
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a user module can fail in any way; report one line
         raise CommandError(f"--attribute-scorer {spec!r}: import failed: {type(exc).__name__}: {exc}") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
@@ -66,6 +69,11 @@ def call_attribute_scorer(fn: AttributeScorer, objs: list[dict[str, Any]], linen
     lines = ", ".join(str(n) for n in linenos[:5]) + ("..." if len(linenos) > 5 else "")
     try:
         result = fn(copy.deepcopy(objs))
+    except KeyboardInterrupt:  # Ctrl-C, or user code raising it: an interruption (exit 130), said where
+        raise KeyboardInterrupt(f"in --attribute-scorer, records of {source}, lines {lines}") from None
+    except SystemExit as exc:  # user code calling sys.exit(): never the command's exit status
+        raise CommandError(f"{source}, lines {lines}: --attribute-scorer called sys.exit({exc.code!r}) (SystemExit); "
+                           "an attribute scorer must return its values") from None
     except Exception as exc:  # noqa: BLE001 - user code; one line naming the records
         raise CommandError(f"{source}, lines {lines}: --attribute-scorer raised {type(exc).__name__}: {exc}") from None
     try:
@@ -84,6 +92,37 @@ def call_attribute_scorer(fn: AttributeScorer, objs: list[dict[str, Any]], linen
             if problem:
                 raise CommandError(f"{source}, line {lineno}: --attribute-scorer, responses[{i}]: {problem}")
             resp.setdefault(LOG_P_A, float(x))
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """``seed`` when it is in ``[0, SEED_MAX]``; CommandError naming ``option`` otherwise."""
+    if not 0 <= seed <= SEED_MAX:
+        raise CommandError(f"{option} must be an integer in [0, {SEED_MAX}], got {seed}")
+    return seed
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """CommandError naming ``--backend`` when the kernel backend cannot run on ``device`` here
+    (e.g. ``triton`` without a GPU and without ``TRITON_INTERPRET=1``)."""
+    if backend == "auto":
+        return
+    import steerlm_kernels as sk
+
+    try:
+        sk.registry.resolve(backend, device)
+    except ValueError as exc:
+        raise CommandError(f"--backend {backend}: cannot run on {device} here: {str(exc).splitlines()[0]}") from None
+
+
+def scorer_identity(spec: str) -> str:
+    """What identifies ``--attribute-scorer`` for provenance: the spec, plus the SHA-256 of the file
+    for a ``path.py:function`` spec (an edited scorer file is another scorer)."""
+    import hashlib
+
+    module_name, _, _ = spec.rpartition(":")
+    if module_name.endswith(".py") and Path(module_name).is_file():
+        return f"{spec} sha256:{hashlib.sha256(Path(module_name).read_bytes()).hexdigest()[:32]}"
+    return spec
+
 
 def resolve_device(device: str, specs: Sequence[str]) -> torch.device:
     """``auto``: cpu when every model is a built-in one, else cuda when available, else cpu."""

@@ -3,6 +3,10 @@
 ``metrics.jsonl`` holds one JSON object per line: per optimizer step ``step, loss, distance, lr,
 grad_norm, tokens, tokens_per_s, epoch``; per evaluation ``step, val_loss, val_distance``. Values
 that are not finite are written as ``null`` (strict JSON: no ``NaN`` / ``Infinity``).
+
+The file is a log, never the state of a run (the checkpoint is): a line torn by a kill during a
+write (no newline, or not JSON) is skipped by :func:`read_metrics` and cut by
+:meth:`MetricsLog.truncate_after`, which keeps the file's permission bits.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,19 +35,36 @@ def strict(value: Any) -> Any:
     return value
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (``[]`` when it does not exist)."""
+def read_metrics(path: str | os.PathLike, skipped: list[int] | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (``[]`` when it does not exist). Lines that are not a JSON
+    object (a line torn by a kill) are skipped; their 1-based numbers are appended to ``skipped``."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("step", 0), int):
+            records.append(obj)
+        elif skipped is not None:
+            skipped.append(lineno)
+    return records
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` through a temporary file, keeping ``path``'s permission bits."""
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -56,10 +79,15 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Keep the records of steps ``<= step`` (all of them dropped for ``step = 0``): what a run
-        resumed from the checkpoint of ``step`` will write again."""
+        resumed from the checkpoint of ``step`` will write again. Torn lines are cut (said on stderr)."""
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step] if step > 0 else []
+        skipped: list[int] = []
+        records = read_metrics(self.path, skipped)
+        if skipped:
+            print(f"warning: {self.path}: cut {len(skipped)} torn line(s) (lines "
+                  f"{', '.join(map(str, skipped[:5]))}): a kill during a write", file=sys.stderr)
+        kept = [r for r in records if int(r.get("step", 0)) <= step] if step > 0 else []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
 

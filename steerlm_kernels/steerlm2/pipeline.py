@@ -12,14 +12,21 @@ few minutes. It runs the three commands a user runs on real models, with the sam
 
 (the same ``--template`` and ``--seed`` for all three). The attribute scorer is the toy of
 :mod:`~steerlm_kernels.steerlm2.example_scorers` (response length against the requested
-verbosity), the template for a real attribute model. Each step is resumable as its command is:
-rerunning with the same ``--output`` continues where a killed run stopped (``train`` resumes
-from its last checkpoint where it supports ``--resume auto``).
+verbosity), the template for a real attribute model.
+
+An ``--output`` that holds an earlier pipeline is refused without ``--resume`` or ``--overwrite``.
+``--resume`` continues where a killed run stopped: ``sample`` / ``score`` get ``--resume``, ``train``
+``--resume auto``, each checking its own output's provenance; the pipeline's own settings
+(``DIR/pipeline.json``: prompts' fingerprint, ``--max-prompts``, model, responses, tokens, template,
+scorer, seed) are compared first, so a rerun with another ``--max-prompts`` is refused at once,
+naming it, instead of shifting the training data under a resumed checkpoint. ``--overwrite`` passes
+``--overwrite`` to the three steps. ``DIR/.lock`` holds the directory while the pipeline runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +44,10 @@ __all__ = ["DEFAULTS", "EXAMPLE_SCORER", "add_arguments", "commands", "run"]
 GROUPS_PER_STEP = 8
 #: The ``--attribute-scorer`` of the pipeline's score step.
 EXAMPLE_SCORER = "steerlm_kernels.steerlm2.example_scorers:verbosity_length"
+
+#: The pipeline's recorded settings (``pipeline.json``), compared on ``--resume``.
+SETTINGS = ("prompts", "max_prompts", "model", "num_responses", "max_new_tokens", "template", "attribute_scorer",
+            "seed")
 
 DEFAULTS: dict[str, Any] = {
     "model": "tiny",
@@ -69,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=d["seed"], help="seed of every step (default: %(default)s)")
     parser.add_argument("--output", default=None, help="directory of the three outputs (default: runs/pipeline-<time>)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines from sample and score")
+    parser.add_argument("--resume", action="store_true", help="continue an earlier pipeline in --output (checked)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier pipeline in --output")
+    parser.add_argument("--allow-changed", default=None, metavar="SETTING[,SETTING]",
+                        help="with --resume: accept these changes of the pipeline's recorded settings (the steps "
+                             "still check their own): " + ", ".join(SETTINGS))
     return parser
 
 
@@ -78,9 +94,14 @@ def _train_argv(ns: argparse.Namespace, scored: Path, out: Path) -> tuple[list[s
 
     groups = count_nonblank_lines(scored)  # a small prompt file: every step takes all its groups
     argv = ["--data", str(scored), "--model", ns.model, "--output", str(out), "--steps", str(ns.steps),
-            "--seed", str(ns.seed), "--template", ns.template, "--resume", "auto",
+            "--seed", str(ns.seed), "--template", ns.template, *_flags(ns, "--resume", "auto"),
             "--groups-per-step", str(max(1, min(GROUPS_PER_STEP, groups)))]
     return argv, train
+
+
+def _flags(ns: argparse.Namespace, *resume: str) -> list[str]:
+    """What the steps get of ``--resume`` / ``--overwrite`` (``resume``: the step's spelling)."""
+    return list(resume) if getattr(ns, "resume", False) else ["--overwrite"] if getattr(ns, "overwrite", False) else []
 
 
 def commands(ns: argparse.Namespace, out: Path) -> dict[str, list[str]]:
@@ -90,10 +111,12 @@ def commands(ns: argparse.Namespace, out: Path) -> dict[str, list[str]]:
     return {
         "sample": ["--prompts", prompts, "--model", ns.model, "--num-responses", str(ns.num_responses),
                    "--output", str(out / "samples.jsonl"), "--template", ns.template,
-                   "--max-new-tokens", str(ns.max_new_tokens), "--seed", str(ns.seed), *quiet],
+                   "--max-new-tokens", str(ns.max_new_tokens), "--seed", str(ns.seed), *_flags(ns, "--resume"),
+                   *quiet],
         "score": ["--data", str(out / "samples.jsonl"), "--output", str(out / "scored.jsonl"),
                   "--sft-model", ns.model, "--steerlm-model", ns.model, "--template", ns.template,
-                  "--attribute-scorer", ns.attribute_scorer, "--seed", str(ns.seed), *quiet],
+                  "--attribute-scorer", ns.attribute_scorer, "--seed", str(ns.seed), *_flags(ns, "--resume"),
+                  *quiet],
     }
 
 
@@ -111,15 +134,61 @@ def _first_prompts(src: str | Path, dst: Path, n: int) -> None:
     dst.write_bytes(b"".join(kept))
 
 
+#: What a pipeline writes in its directory (an earlier pipeline holds one of them).
+PIPELINE_FILES = ("pipeline.json", "prompts.jsonl", "samples.jsonl", "scored.jsonl", "train")
+
+
+def _claim(ns: argparse.Namespace, out: Path, stack: contextlib.ExitStack) -> None:
+    """Lock ``out``, refuse an earlier pipeline without --resume / --overwrite, compare / record the
+    pipeline's settings, write the prompts of --max-prompts. OutputError / ValueError / OSError."""
+    from steerlm_kernels.steerlm2.hf_models import TINY_MODELS
+    from steerlm_kernels.steerlm2.outputs import OutputLock, refuse_existing
+    from steerlm_kernels.steerlm2.provenance import (
+        compare_settings,
+        file_fingerprint,
+        model_fingerprint,
+        parse_allow_changed,
+        read_provenance,
+        write_provenance,
+    )
+
+    allowed = parse_allow_changed(getattr(ns, "allow_changed", None), SETTINGS)
+    if not 0 <= ns.seed <= 2**32 - 1:
+        raise ValueError(f"--seed must be an integer in [0, {2**32 - 1}], got {ns.seed}")
+    if ns.max_prompts is not None and ns.max_prompts < 1:
+        raise ValueError(f"--max-prompts must be positive, got {ns.max_prompts}")
+    out.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(OutputLock(out / ".lock", f"--output {out}"))
+    refuse_existing(f"--output {out}", [n for n in PIPELINE_FILES if (out / n).exists()], resume=ns.resume,
+                    overwrite=ns.overwrite)
+    prompts = ns.prompts or sample_data_path()
+    settings = {"prompts": file_fingerprint(prompts), "max_prompts": ns.max_prompts,
+                "model": model_fingerprint(ns.model, TINY_MODELS), "num_responses": ns.num_responses,
+                "max_new_tokens": ns.max_new_tokens, "template": ns.template, "attribute_scorer": ns.attribute_scorer,
+                "seed": ns.seed}
+    about = {"prompts": str(prompts), "model": ns.model}
+    recorded = read_provenance(out / "pipeline.json") if ns.resume else None
+    if recorded is not None:
+        for line in compare_settings(recorded["settings"], settings, where=f"--output {out}", allowed=allowed,
+                                     about=(recorded["about"], about)):
+            print(f"pipeline: {line}", file=sys.stderr)
+    write_provenance(out / "pipeline.json", "pipeline", settings, about)
+    if ns.max_prompts is not None:
+        _first_prompts(prompts, out / "prompts.jsonl", ns.max_prompts)
+
+
 def run(ns: argparse.Namespace) -> int:
     """Run the three steps; returns the first non-zero exit status, else 0."""
+    with contextlib.ExitStack() as stack:
+        return _run(ns, stack)
+
+
+def _run(ns: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     out = Path(ns.output) if ns.output else Path("runs") / time.strftime("pipeline-%Y%m%d-%H%M%S")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        if ns.max_prompts is not None:
-            _first_prompts(ns.prompts or sample_data_path(), out / "prompts.jsonl", ns.max_prompts)
+        _claim(ns, out, stack)
     except (OSError, ValueError) as exc:
-        print(f"steerlm-kernels pipeline: error: --output / --max-prompts: {exc}", file=sys.stderr)
+        print(f"steerlm-kernels pipeline: error: {exc}", file=sys.stderr)
         return 2
     argvs = commands(ns, out)
     t0 = time.perf_counter()

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ DEFAULT_RESPONSE_ROLE = "Assistant"
 LOG_PROB_TOLERANCE = 1e-2
 _FLOAT32_MAX = 3.4028234663852886e38
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SAMPLE_FILE = Path(__file__).resolve().parent / "sample_data" / "sample_steerlm2.jsonl"
 
 
@@ -272,9 +274,17 @@ def same_prompt(a: Any, b: Any) -> bool:
 
 
 def decode_json_line(text: str, source: str, line: int) -> Any:
-    """``json.loads(text)``, every failure as a one-line :class:`SteerLMDataError` (key ``<json>``)."""
+    """``json.loads(text)``, every failure as a one-line :class:`SteerLMDataError` (key ``<json>``),
+    including a lone surrogate escape such as ``"\\ud800"`` (valid JSON, but not Unicode text: no
+    tokenizer or UTF-8 writer takes it)."""
     try:
-        return json.loads(text)
+        obj = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a lone surrogate cannot be encoded
+        return obj
+    except UnicodeEncodeError as exc:
+        problem = (f"invalid JSON text: a lone surrogate escape (\\u{ord(exc.object[exc.start]):04x}) is not a "
+                   "Unicode character")
     except json.JSONDecodeError as exc:
         problem = f"invalid JSON: {exc.msg} (column {exc.colno})"
     except RecursionError:
@@ -284,10 +294,12 @@ def decode_json_line(text: str, source: str, line: int) -> Any:
     raise SteerLMDataError(source, line, "<json>", problem)
 
 
-def read_jsonl(path: str | Path) -> list[SteerLM2Record]:
+def read_jsonl(path: str | Path, unscored: list[int] | None = None) -> list[SteerLM2Record]:
     """Read and validate a SteerLM 2.0 JSONL file. Blank lines are skipped.
 
-    A UTF-8 byte-order mark at the start of the file is ignored.
+    A UTF-8 byte-order mark at the start of the file is ignored. ``unscored``: when a list is given,
+    records holding an ``"unscored"`` key (left unscored by ``score``: no valid sums) are skipped and
+    their line numbers appended to it; otherwise they are validated like any other record.
 
     Raises :class:`SteerLMDataError` for invalid UTF-8, invalid JSON (including nesting too deep
     for the parser and integer literals too long to convert) or a malformed record (naming the
@@ -307,7 +319,12 @@ def read_jsonl(path: str | Path) -> list[SteerLM2Record]:
                 ) from None
             if not text.strip():
                 continue
-            records.append(parse_record(decode_json_line(text, src, lineno), src, lineno))
+            obj = decode_json_line(text, src, lineno)
+            if unscored is not None and isinstance(obj, Mapping) and "unscored" in obj:
+                unscored.append(lineno)
+                continue
+            records.append(parse_record(obj, src, lineno))
     if not records:
-        raise SteerLMDataError(src, 0, "<file>", "no records (the file is empty)")
+        what = f"all {len(unscored)} records are marked \"unscored\"" if unscored else "the file is empty"
+        raise SteerLMDataError(src, 0, "<file>", f"no records ({what})")
     return records

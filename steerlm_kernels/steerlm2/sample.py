@@ -23,35 +23,44 @@ template gives back the sampled scored span. A draw that decodes to an empty tex
 
 Reproducible and resumable: the random streams of a record come from ``--seed`` and the record's
 line number, so a record's responses do not depend on what was sampled before it: a rerun
-on the same ``--output`` keeps its complete lines, skips their records, and gives the same file as
-an uninterrupted run (``jsonl_stream`` has the details). Malformed input lines are named and
-skipped. Failures end with one line and exit status 2.
+with ``--resume`` on the same ``--output`` keeps its complete lines, skips their records, and gives
+the same file as an uninterrupted run (``jsonl_stream`` has the details). An existing output without
+``--resume`` or ``--overwrite`` is refused. The output's provenance (``<output>.provenance.json``:
+the model's fingerprint, ``--num-responses``, ``--temperature``, ``--top-p``, ``--max-new-tokens``,
+template, seed, precision, device type, the prompts' fingerprint) is compared on resume and a
+difference refused, naming it (``--allow-changed`` accepts it); every kept line is checked against
+its input record (``<output>.digests``). The output is locked while the command runs, and an output
+that is the input file (same inode) is refused before anything is written
+(:mod:`~steerlm_kernels.steerlm2.command_output`). Malformed input lines are named and skipped.
+Failures end with one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from steerlm_kernels.steerlm2.command_output import CommandOutput
 from steerlm_kernels.steerlm2.generation import MAX_DRAWS, Draw, draw_fields, parse_prompt, sample_prompts
 from steerlm_kernels.steerlm2.jsonl_stream import (
     CommandError,
     LineError,
     Progress,
-    ResumableWriter,
     count_nonblank_lines,
     iter_objects,
     run_command,
 )
-from steerlm_kernels.steerlm2.loading import load_models, resolve_device, resolve_dtype
-from steerlm_kernels.steerlm2.records import SteerLM2Record, SteerLMDataError, same_prompt
+from steerlm_kernels.steerlm2.loading import check_seed, load_models, resolve_device, resolve_dtype
+from steerlm_kernels.steerlm2.provenance import file_fingerprint, model_fingerprint, parse_allow_changed
+from steerlm_kernels.steerlm2.records import SteerLM2Record, SteerLMDataError
 from steerlm_kernels.steerlm2.templates import TEMPLATES, encode_prompt
 
 __all__ = ["DEFAULTS", "MAX_DRAWS", "SampleSummary", "add_arguments", "record_seed", "run", "sample_batch",
@@ -68,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
     "precision": "auto",
     "batch_prompts": 16,
 }
+#: The settings an output's provenance records and a resume compares (``--allow-changed`` names).
+SETTINGS = ("model", "num_responses", "template", "temperature", "top_p", "max_new_tokens", "seed", "precision",
+            "device", "prompts")
 
 
 class SampleSummary:
@@ -91,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompts", required=True, help="JSONL of records with system, prompt_turns, label")
     parser.add_argument("--model", required=True, help="a Hugging Face model directory, or tiny/small (built in)")
     parser.add_argument("--num-responses", type=int, required=True, help="responses per prompt")
-    parser.add_argument("--output", required=True, help="output JSONL; an existing one is resumed")
+    parser.add_argument("--output", required=True, help="output JSONL; an existing one needs --resume or --overwrite")
     parser.add_argument("--template", default=d["template"], choices=TEMPLATES,
                         help="prompt template, as for train and score (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=d["temperature"],
@@ -108,7 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch-prompts", type=int, default=d["batch_prompts"],
                         help="prompts sampled together (left padding; same output as one at a time; default: "
                              "%(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="start a fresh --output instead of resuming")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an existing --output made with the same settings (checked)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--allow-changed", default=None, metavar="SETTING[,SETTING]",
+                        help="with --resume: accept these recorded settings' changes (" + ", ".join(SETTINGS) + ")")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
 
@@ -147,8 +163,15 @@ def sample_record(model: Any, tokenizer: Any, record: SteerLM2Record, *, templat
 def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: Any, *, num_responses: int,
                 template: str = "nemo", temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
                 seed: int = 0, resume: bool = True, quiet: bool = False, log: Any = None,
-                batch_prompts: int = DEFAULTS["batch_prompts"]) -> SampleSummary:
-    """Stream ``prompts`` to ``output`` (module docstring); raises ``CommandError`` on failures."""
+                batch_prompts: int = DEFAULTS["batch_prompts"], overwrite: bool = False,
+                settings: Mapping[str, Any] | None = None, about: Mapping[str, Any] | None = None,
+                allow_changed: Collection[str] = ()) -> SampleSummary:
+    """Stream ``prompts`` to ``output`` (module docstring); raises ``CommandError`` on failures.
+
+    ``resume``: continue an existing output; ``overwrite``: replace it; neither: an existing non-empty
+    output is refused. ``settings`` / ``about``: recorded in its provenance besides the sampling
+    options and the prompts' fingerprint (the command adds the model, precision, device);
+    ``allow_changed``: settings whose change a resume accepts."""
     log = sys.stderr if log is None else log
     source = str(prompts)
     if num_responses < 1:
@@ -157,19 +180,22 @@ def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: 
         raise CommandError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     if batch_prompts < 1:
         raise CommandError(f"--batch-prompts must be positive, got {batch_prompts}")
-    if temperature < 0 or not 0 < top_p <= 1:
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
         raise CommandError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature}, {top_p}")
     if template not in TEMPLATES:
         raise CommandError(f"--template must be one of {TEMPLATES}, got {template!r}")
-    if Path(output).resolve() == Path(prompts).resolve():
-        raise CommandError(f"--output {output}: is the input file")
     try:
         total = count_nonblank_lines(prompts)
     except OSError as exc:
         raise CommandError(f"--prompts {prompts}: cannot read ({exc.strerror or exc})") from None
     summary = SampleSummary()
     t0 = time.perf_counter()
-    with ResumableWriter(output, resume=resume) as writer:
+    recorded = {"num_responses": num_responses, "template": template, "temperature": temperature, "top_p": top_p,
+                "max_new_tokens": max_new_tokens, "seed": seed, "prompts": file_fingerprint(prompts),
+                **(settings or {})}
+    with CommandOutput(output, command="sample", inputs={"--prompts": prompts}, settings=recorded,
+                       about={"prompts": str(prompts), **(about or {})}, resume=resume, overwrite=overwrite,
+                       allowed=allow_changed, log=log) as writer:
         to_skip = summary.resumed = writer.done
         if to_skip:
             print(f"sample: resuming {output}: {to_skip} records already written", file=log)
@@ -193,7 +219,7 @@ def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: 
             for (_, obj, record), draws in zip(pending, batch):
                 out = {k: copy.deepcopy(v) for k, v in obj.items() if k not in ("responses", "unscored")}
                 out["responses"] = [{"from": record.response_role, **draw_fields(d)} for d in draws]
-                writer.write([out])
+                writer.write([out], [obj])
                 summary.written += 1
                 summary.responses += len(draws)
                 summary.new_tokens += sum(d.new_tokens for d in draws)
@@ -213,11 +239,9 @@ def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: 
                 summary.malformed.append((lineno, str(exc)))
                 print(f"sample: skipped {exc}", file=log)
                 continue
-            if to_skip:
+            if to_skip:  # every kept line is checked against its input record
+                writer.check_kept(writer.done - to_skip, obj, source, lineno)
                 to_skip -= 1
-                if to_skip == 0 and not same_prompt(writer.last, obj):
-                    raise CommandError(f"--output {output}, line {writer.done}: does not hold the prompt of "
-                                       f"{source}, line {lineno} (--overwrite starts afresh)")
                 continue
             pending.append((lineno, obj, record))
             if len(pending) >= batch_prompts:
@@ -240,16 +264,24 @@ def run(ns: argparse.Namespace) -> int:
     """Run ``sample`` from parsed options; returns the exit status."""
 
     def body() -> None:
+        from steerlm_kernels.steerlm2.hf_models import TINY_MODELS
+
+        check_seed(ns.seed)
+        allowed = parse_allow_changed(ns.allow_changed, SETTINGS)
         if not Path(ns.prompts).is_file():
             raise CommandError(f"--prompts {ns.prompts}: no such file")
+        CommandOutput.precheck(ns.output, {"--prompts": ns.prompts}, resume=ns.resume, overwrite=ns.overwrite)
         device = resolve_device(ns.device, [ns.model])
         dtype = resolve_dtype(ns.precision, device)
+        settings = {"model": model_fingerprint(ns.model, TINY_MODELS), "precision": str(dtype).removeprefix("torch."),
+                    "device": device.type}
         model, tok = load_models({"model": ns.model}, device, dtype, ns.seed)["model"]
         print(f"sample: {ns.prompts} -> {ns.output}, {ns.num_responses} responses per prompt, template "
               f"{ns.template}, {device}, {dtype}", file=sys.stderr)
         sample_file(ns.prompts, ns.output, model, tok, num_responses=ns.num_responses, template=ns.template,
                     temperature=ns.temperature, top_p=ns.top_p, max_new_tokens=ns.max_new_tokens, seed=ns.seed,
-                    resume=not ns.overwrite, quiet=ns.quiet, batch_prompts=ns.batch_prompts)
+                    resume=ns.resume, overwrite=ns.overwrite, settings=settings, about={"model": str(ns.model)},
+                    allow_changed=allowed, quiet=ns.quiet, batch_prompts=ns.batch_prompts)
 
     return run_command("sample", body)
 

@@ -21,14 +21,25 @@ end without it are reported (``train`` needs it).
 
 Streaming and resuming: the input is read line by line and the output written line by line (one
 line per well-formed input record, in input order), flushed and fsync-ed after every window of
-records (a few batches' worth, :data:`WINDOW_BATCHES`). Rerunning the same command continues an
-interrupted run: the complete lines of ``--output`` are kept, a partial last line is cut, and the
-input records they hold are skipped (``--overwrite`` starts afresh). A kill loses at most the
-window in flight, never a written line.
+records (a few batches' worth, :data:`WINDOW_BATCHES`). An existing ``--output`` is used only with
+``--resume`` (continue an interrupted run: its complete lines are kept, a partial last line is cut,
+and the input records they hold are skipped) or ``--overwrite`` (start afresh); without either the
+command is refused (exit 2). A kill loses at most the window in flight, never a written line.
+
+What made the output is recorded in ``<output>.provenance.json`` (both models' fingerprints, the
+template, seed, precision, device type, path, backend, ``--max-seq-length``, the attribute scorer,
+the input's fingerprint) and the digest of each output line's input record in ``<output>.digests``.
+``--resume`` refuses another setting, naming it and both values (``--allow-changed SETTING[,...]``
+accepts it), and compares every kept line's digest with its input record (an edited earlier
+record is refused, never left with stale scores). ``--max-tokens-per-batch`` (batching only) is not
+compared. The output is locked (``<output>.lock``) while the command runs; an output that is the
+input file (same inode: a link) is refused before anything is opened for writing.
 
 Reported on stderr, by input line, and never fatal: malformed lines (invalid JSON, a record that
 is not SteerLM 2.0: skipped, no output line), records that do not fit ``--max-seq-length`` (written
-unchanged, plus ``"unscored": "<reason>"``; never truncated), records without ``log(P(a|x,y))``.
+with ``"unscored": "<reason>"`` and without any ``log(P(y|x))`` / ``log(Q(y|a,x))`` the input held:
+never truncated, never stale sums; ``train`` skips them, counted), records without
+``log(P(a|x,y))``. A record that is scored loses an ``"unscored"`` key of its input.
 Failures (unreadable files, bad options, a model that does not load, a failing attribute scorer)
 end the command with one line naming the file, line or option, and exit status 2.
 """
@@ -40,16 +51,16 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from steerlm_kernels.steerlm2.command_output import CommandOutput
 from steerlm_kernels.steerlm2.jsonl_stream import (
     CommandError,
     LineError,
     Progress,
-    ResumableWriter,
     count_nonblank_lines,
     iter_objects,
     run_command,
@@ -57,14 +68,18 @@ from steerlm_kernels.steerlm2.jsonl_stream import (
 from steerlm_kernels.steerlm2.loading import (
     AttributeScorer,
     call_attribute_scorer,
+    check_backend,
     check_log_prob,
+    check_seed,
     load_attribute_scorer,
     load_models,
     pad_id,
     resolve_device,
     resolve_dtype,
+    scorer_identity,
 )
 from steerlm_kernels.steerlm2.logprobs import PATHS, SpanScorer, choose_path, score_sequences
+from steerlm_kernels.steerlm2.provenance import file_fingerprint, model_fingerprint, parse_allow_changed
 from steerlm_kernels.steerlm2.records import (
     LOG_P_A,
     LOG_P_Y,
@@ -72,7 +87,6 @@ from steerlm_kernels.steerlm2.records import (
     SteerLM2Record,
     SteerLMDataError,
     parse_record,
-    same_prompt,
 )
 from steerlm_kernels.steerlm2.templates import TEMPLATES, encode_example
 
@@ -93,6 +107,9 @@ DEFAULTS: dict[str, Any] = {
 WINDOW_BATCHES = 4
 #: At most this many line numbers are listed per kind of report in the summary.
 LIST_LINES = 20
+#: The settings an output's provenance records and a resume compares (``--allow-changed`` names).
+SETTINGS = ("sft_model", "steerlm_model", "template", "seed", "precision", "device", "path", "backend",
+            "max_seq_length", "attribute_scorer", "data")
 
 @dataclass
 class Side:
@@ -135,7 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = DEFAULTS
     parser.description = "Fill log(P(y|x)) and log(Q(y|a,x)) of a SteerLM 2.0 JSONL file with our fused kernels."
     parser.add_argument("--data", required=True, help="input SteerLM 2.0 JSONL (responses need no scores)")
-    parser.add_argument("--output", required=True, help="output JSONL; an existing one is resumed")
+    parser.add_argument("--output", required=True,
+                        help="output JSONL; an existing one needs --resume or --overwrite")
     parser.add_argument("--sft-model", required=True,
                         help="model of log(P(y|x)) (prompt without the label): a Hugging Face directory or tiny/small")
     parser.add_argument("--steerlm-model", required=True,
@@ -158,8 +176,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "auto = fused where the model allows it (default: %(default)s)")
     parser.add_argument("--backend", default=d["backend"], choices=("auto", "triton", "cpp", "torch"),
                         help="kernel backend (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in models' weights")
-    parser.add_argument("--overwrite", action="store_true", help="start a fresh --output instead of resuming")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in models' weights (default: 0)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an existing --output made with the same settings (checked)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--allow-changed", default=None, metavar="SETTING[,SETTING]",
+                        help="with --resume: accept these recorded settings' changes (" + ", ".join(SETTINGS) + ")")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
 
@@ -211,16 +233,6 @@ def _encode(item: _Item, sides: list[Side], template: str, max_seq_length: int) 
         item.seqs[side.key] = seqs
 
 
-def _same_record(out_obj: Any, in_obj: dict[str, Any]) -> bool:
-    """Whether an output line of an earlier run holds this input record (prompt and responses)."""
-    if not same_prompt(out_obj, in_obj):
-        return False
-    out_r, in_r = out_obj.get("responses"), in_obj.get("responses")
-    if not isinstance(out_r, list) or len(out_r) != len(in_r):
-        return False
-    return all(isinstance(a, dict) and a.get("value") == b.get("value") for a, b in zip(out_r, in_r))
-
-
 # ----------------------------------------------------------------------------------------------
 # the file loop
 
@@ -260,7 +272,12 @@ def _score_window(items: list[_Item], sides: list[Side], max_tokens: int, attrib
         obj = copy.deepcopy(it.obj)
         if it.reason is not None:
             obj["unscored"] = it.reason
+            for resp in obj["responses"]:  # no stale sums of an earlier scoring beside the marker
+                for side in sides:
+                    if isinstance(resp, dict):
+                        resp.pop(side.key, None)
         else:
+            obj.pop("unscored", None)  # scored now: a marker of an earlier run is stale
             for side in sides:
                 for resp, value in zip(obj["responses"], results[side.key][j]):
                     resp[side.key] = min(value, 0.0)  # a sum of log-probabilities (float32 rounding aside)
@@ -285,6 +302,10 @@ def score_file(
     max_tokens_per_batch: int = DEFAULTS["max_tokens_per_batch"],
     attribute_scorer: AttributeScorer | None = None,
     resume: bool = True,
+    overwrite: bool = False,
+    settings: Mapping[str, Any] | None = None,
+    about: Mapping[str, Any] | None = None,
+    allow_changed: Collection[str] = (),
     quiet: bool = False,
     log: TextIO | None = None,
 ) -> ScoreSummary:
@@ -296,7 +317,11 @@ def score_file(
         max_seq_length: longest prompt + response in tokens (longer: unscored, reported).
         max_tokens_per_batch: token budget of one padded batch.
         attribute_scorer: fills missing ``log(P(a|x,y))`` (see the module docstring).
-        resume: continue an existing ``output`` (else overwrite it).
+        resume: continue an existing ``output``; ``overwrite``: replace it; neither: an existing
+            non-empty ``output`` is refused (:class:`~steerlm_kernels.steerlm2.command_output.CommandOutput`).
+        settings / about: what the provenance records besides the template, ``max_seq_length``, the
+            attribute scorer and the input (the command adds the models, seed, precision, ...);
+            ``allow_changed``: settings whose change a resume accepts.
         quiet: no progress line. ``log``: where reports go (default stderr).
 
     Raises:
@@ -310,15 +335,18 @@ def score_file(
         raise CommandError(f"--max-tokens-per-batch must be positive, got {max_tokens_per_batch}")
     if max_seq_length < 2:
         raise CommandError(f"--max-seq-length must be at least 2, got {max_seq_length}")
-    if Path(output).resolve() == Path(data).resolve():
-        raise CommandError(f"--output {output}: is the input file")
     try:
         total = count_nonblank_lines(data)
     except OSError as exc:
         raise CommandError(f"--data {data}: cannot read ({exc.strerror or exc})") from None
+    scorer_name = getattr(attribute_scorer, "__qualname__", None) if attribute_scorer is not None else None
+    recorded = {"template": template, "max_seq_length": max_seq_length, "attribute_scorer": scorer_name,
+                "data": file_fingerprint(data), **(settings or {})}
     summary = ScoreSummary()
     t0 = time.perf_counter()
-    with ResumableWriter(output, resume=resume) as writer:
+    with CommandOutput(output, command="score", inputs={"--data": data}, settings=recorded,
+                       about={"data": str(data), **(about or {})}, resume=resume, overwrite=overwrite,
+                       allowed=allow_changed, log=log) as writer:
         to_skip = writer.done
         summary.resumed = writer.done
         if to_skip:
@@ -332,7 +360,7 @@ def score_file(
             nonlocal window, window_tokens
             if window:
                 writer.write(_score_window(window, sides, max_tokens_per_batch, attribute_scorer, source,
-                                           summary, log))
+                                           summary, log), [it.obj for it in window])
                 summary.written += len(window)
                 window, window_tokens = [], 0
                 elapsed = time.perf_counter() - t0
@@ -351,12 +379,9 @@ def score_file(
                 summary.malformed.append((lineno, str(exc)))
                 print(f"score: skipped {exc}", file=log)
                 continue
-            if to_skip:
+            if to_skip:  # every kept line is checked against its input record
+                writer.check_kept(writer.done - to_skip, obj, source, lineno)
                 to_skip -= 1
-                if to_skip == 0 and not _same_record(writer.last, obj):
-                    raise CommandError(f"--output {output}, line {writer.done}: does not hold the record of "
-                                       f"{source}, line {lineno}: not an earlier run on this input (--overwrite "
-                                       "starts afresh)")
                 continue
             item = _Item(lineno, obj, record, {})
             _encode(item, sides, template, max_seq_length)
@@ -406,14 +431,29 @@ def run(ns: argparse.Namespace) -> int:
     """Run ``score`` from parsed options; returns the exit status."""
 
     def body() -> None:
+        from steerlm_kernels.steerlm2.hf_models import TINY_MODELS
+
+        check_seed(ns.seed)
+        allowed = parse_allow_changed(ns.allow_changed, SETTINGS)
+        if ns.resume and ns.overwrite:
+            raise CommandError("--resume and --overwrite exclude each other")
         if ns.attribute_scorer is not None:
             scorer_fn = load_attribute_scorer(ns.attribute_scorer)
         else:
             scorer_fn = None
         if not Path(ns.data).is_file():
             raise CommandError(f"--data {ns.data}: no such file")
+        CommandOutput.precheck(ns.output, {"--data": ns.data}, resume=ns.resume, overwrite=ns.overwrite)
         device = resolve_device(ns.device, [ns.sft_model, ns.steerlm_model])
+        check_backend(ns.backend, device)
         dtype = resolve_dtype(ns.precision, device)
+        settings = {"sft_model": model_fingerprint(ns.sft_model, TINY_MODELS),
+                    "steerlm_model": model_fingerprint(ns.steerlm_model, TINY_MODELS), "seed": ns.seed,
+                    "precision": str(dtype).removeprefix("torch."), "device": device.type, "path": ns.path,
+                    "backend": ns.backend,
+                    "attribute_scorer": scorer_identity(ns.attribute_scorer) if ns.attribute_scorer else None}
+        about = {"sft_model": str(ns.sft_model), "steerlm_model": str(ns.steerlm_model),
+                 "attribute_scorer": ns.attribute_scorer}
         models = load_models({"sft-model": ns.sft_model, "steerlm-model": ns.steerlm_model}, device, dtype,
                                   ns.seed)
         sides = []
@@ -427,8 +467,8 @@ def run(ns: argparse.Namespace) -> int:
             sides.append(Side(name, key, with_label, SpanScorer(model, pad_id(tok), path, ns.backend), tok, path))
         print(f"score: {ns.data} -> {ns.output}, template {ns.template}, {device}, {dtype}", file=sys.stderr)
         score_file(ns.data, ns.output, sides, template=ns.template, max_seq_length=ns.max_seq_length,
-                   max_tokens_per_batch=ns.max_tokens_per_batch, attribute_scorer=scorer_fn,
-                   resume=not ns.overwrite, quiet=ns.quiet)
+                   max_tokens_per_batch=ns.max_tokens_per_batch, attribute_scorer=scorer_fn, resume=ns.resume,
+                   overwrite=ns.overwrite, settings=settings, about=about, allow_changed=allowed, quiet=ns.quiet)
 
     return run_command("score", body)
 
