@@ -16,7 +16,7 @@ import torch
 from steerlm_kernels import registry
 from steerlm_kernels.bench import ce, group, harness, linear
 
-SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers", "score")
+SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers", "score", "train")
 #: ``--grid``: the shapes besides the main one (``main``: none; ``make gpu-check QUICK=1`` uses it).
 GRIDS: tuple[str, ...] = ("cross", "product", "main")
 CPU = {
@@ -92,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="start no new case after this many seconds (the rest is listed as not run); "
                              "main shapes run first, then the peers, then the grid")
+    parser.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
+                        help="train section: report the largest micro-batch each implementation fits in MIB")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes and 1-2 repeats (a smoke test; numbers mean little)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the batch")
@@ -124,6 +126,7 @@ class Config:
     linear_impls: list[str] = field(default_factory=list)
     group_impls: list[str] = field(default_factory=list)
     budget: float | None = None
+    memory_budget: float | None = None
     linear_dtype: torch.dtype = torch.float32
 
 
@@ -213,5 +216,6 @@ def resolve_config(ns: argparse.Namespace) -> Config:
         warmup=ns.warmup if ns.warmup is not None else d["warmup"], phases=phases, impls=impls, skipped=skipped,
         output=ns.output, plots=not ns.no_plots, quick=quick, seed=ns.seed,
         linear_impls=linear_impls, group_impls=group_impls, budget=ns.budget,
+        memory_budget=getattr(ns, "memory_budget", None),
         linear_dtype=harness.DTYPES[ns.linear_dtype or (ns.dtype if device.type == "cuda" else "fp32")],
     )

@@ -9,6 +9,8 @@ Sections (``--sections``, default all):
             communicated per call, ours against megatron-core's (:mod:`.dist`).
 ``score``   ``steerlm-kernels score``'s engine against the plain Hugging Face scoring loop: tokens/s
             and peak extra memory (:mod:`.score`).
+``train``   one full SteerLM 2.0 step at V = 128,256: ours fused / ours logits / NeMo-style eager,
+            step time, tokens/s, peak extra memory (each row in its own process; :mod:`.train_step`).
 ``peers``   Liger-Kernel and Cut Cross-Entropy against our values (:mod:`.peers`).
             On CPU the peers run only under the Triton interpreter, in a subprocess with
             ``TRITON_INTERPRET=1``: correctness only, never speed. On CUDA they are also timed in
@@ -51,6 +53,7 @@ import steerlm_kernels as sk
 from steerlm_kernels import memory, registry
 from steerlm_kernels.bench import ce, dist, group, harness, linear, peers, peers_check
 from steerlm_kernels.bench import score as score_section
+from steerlm_kernels.bench import train_step as train_section
 from steerlm_kernels.bench.config import SECTIONS, Config, add_arguments, resolve_config
 from steerlm_kernels.bench.harness import Row, fmt, fmt_err
 from steerlm_kernels.bench.report import render, write_plots
@@ -318,6 +321,13 @@ def benchmark(
             score_result = score_section.run_score(cfg.device, quick=cfg.quick, seed=cfg.seed, log=log)
         except Exception as exc:
             score_result = {"error": harness.error_text(exc)}
+    train_result = None
+    if "train" in cfg.sections and not ses.out_of_time("train"):
+        try:
+            train_result = train_section.run_train(cfg.device, quick=cfg.quick, seed=cfg.seed,
+                                                   memory_budget=cfg.memory_budget, log=log)
+        except Exception as exc:
+            train_result = {"error": harness.error_text(exc)}
     if "ce" in cfg.sections:
         run_ce(ses, grid=True)
     if "linear" in cfg.sections:
@@ -327,8 +337,10 @@ def benchmark(
     table = render(meta, rows, peers_result, dist_result)
     if score_result is not None:
         table += "\n\n" + "\n".join(score_section.markdown(score_result))
+    if train_result is not None:
+        table += "\n\n" + "\n".join(train_section.markdown(train_result))
     return {"meta": meta, "rows": [asdict(r) for r in rows], "peers": peers_result, "dist": dist_result,
-            "score": score_result, "table": table, "_rows": rows}
+            "score": score_result, "train": train_result, "table": table, "_rows": rows}
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -363,6 +375,9 @@ def run(ns: argparse.Namespace) -> int:
     score_res = result.get("score") or {}
     section_bad += [f"score: {score_res['error']}"] if score_res.get("error") else []
     section_bad += ["score: ours disagrees with the plain loop"] if score_res.get("agrees") is False else []
+    train_res = result.get("train") or {}
+    section_bad += [f"train: {train_res['error']}"] if train_res.get("error") else []
+    section_bad += ["train: a row failed or disagrees with eager"] if train_res.get("agrees") is False else []
     if loud or peer_bad or section_bad:
         print()
         print("!" * 78)
@@ -379,7 +394,7 @@ def run(ns: argparse.Namespace) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         payload = {"meta": result["meta"], "rows": result["rows"], "peers": result["peers"], "dist": result["dist"],
-                   "score": result["score"]}
+                   "score": result["score"], "train": result.get("train")}
         (out / "bench.json").write_text(json.dumps(payload, indent=2))
         (out / "bench.md").write_text(result["table"] + "\n")
         plots = write_plots(rows, result["meta"], out) if cfg.plots else []

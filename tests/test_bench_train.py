@@ -1,0 +1,86 @@
+"""bench.train_step: the ``train`` section (one SteerLM 2.0 step: ours fused / ours logits / NeMo-style eager),
+tiny sizes. No timing assertion: the rows exist, agree with each other (loss, distance, weights after the
+step), report memory; the suite runs it (each row in its own process) and fails on a disagreeing row."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from steerlm_kernels.bench import suite  # noqa: E402
+from steerlm_kernels.bench import train_step as B  # noqa: E402
+from steerlm_kernels.steerlm2.model import GPTSteerLMModel  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_eager_step_in_float64_equals_our_wrapper() -> None:
+    """The NeMo-style eager step (the comparator), in float64, gives the fused and logits wrapper's loss,
+    distance and gradient (float32)."""
+    cfg = dict(B.QUICK, dtype="fp32")
+    model = B.make_model(cfg, CPU).double()
+    batch = B.make_batch(cfg, CPU)
+    want = B.eager_step(model, batch, 1)
+    want_grads = {n: p.grad.float() for n, p in model.named_parameters()}
+    assert want[1] > 0
+    for path in ("fused", "logits"):
+        model = B.make_model(cfg, CPU)
+        w = GPTSteerLMModel.from_hf(model, {"steerlm2": {"forward_micro_batch_size": 3, "micro_batch_size": 2}},
+                                    path, backend="torch")
+        loss, metrics = w.get_loss_and_metrics(batch)
+        assert (loss, metrics["distance"]) == pytest.approx(want, rel=1e-5, abs=1e-6), path
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-3, atol=1e-6, msg=f"{path} {n}")
+
+
+def test_rows_agree_and_report_memory() -> None:
+    lines: list[str] = []
+    result = B.run_train(CPU, quick=True, isolate=False, memory_budget=1e6, log=lines.append)
+    rows = result["rows"]
+    assert [(r["mbs"], r["impl"]) for r in rows] == [(m, i) for m in B.QUICK["mbs"] for i in B.IMPLS]
+    assert all("error" not in r for r in rows), rows
+    assert result["agrees"]
+    for r in rows:
+        assert r["loss_rel_diff"] <= 1e-4 and r["distance_rel_diff"] <= 1e-4, r
+        assert r["step_ms"] > 0 and r["extra_mib"] is None or r["extra_mib"] >= 0
+        assert r["distance"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
+    assert result["fits"] == {i: max(B.QUICK["mbs"]) for i in B.IMPLS}
+    table = "\n".join(B.markdown(result))
+    assert "ours fused" in table and "Largest micro-batch within" in table and "**NO**" not in table
+
+
+def test_largest_fitting_and_a_disagreeing_row_is_shown() -> None:
+    rows = [{"impl": "ours fused", "mbs": m, "extra_mib": 100.0 * m} for m in (1, 2, 4, 8)]
+    assert B.largest_fitting(rows, "ours fused", 450) == 4
+    assert B.largest_fitting(rows, "ours fused", 50) is None
+    result = B.run_train(CPU, quick=True, isolate=False, shape={"mbs": [2]}, log=lambda _: None)
+    result["agrees"] = False
+    assert "**NO**" in "\n".join(B.markdown(result))
+    assert "Failed: boom" in "\n".join(B.markdown({"error": "boom"}))
+
+
+def test_section_runs_in_the_suite_one_process_per_row(tmp_path) -> None:
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    ns = parser.parse_args(["--quick", "--sections", "train", "--device", "cpu", "--output", str(tmp_path),
+                            "--no-plots", "--memory-budget", "4096"])
+    assert suite.run(ns) == 0
+    saved = json.loads((tmp_path / "bench.json").read_text())["train"]
+    assert saved["agrees"] and len(saved["rows"]) == len(B.IMPLS) * len(B.QUICK["mbs"])
+    assert all("error" not in r for r in saved["rows"]), saved["rows"]
+    assert "#### SteerLM 2.0 training step" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_failed_train_section_fails_the_run(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(B, "run_train", lambda device, **kw: {"error": "boom"})
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    ns = parser.parse_args(["--quick", "--sections", "train", "--device", "cpu", "--output", str(tmp_path),
+                            "--no-plots"])
+    assert suite.run(ns) == 1
+    assert "!! train: boom" in capsys.readouterr().out
