@@ -157,6 +157,21 @@ def test_without_labels_eval_and_generate_unchanged(arch):
     assert torch.equal(model.generate(ids[:, :4], **kw), ref_model.generate(ids[:, :4], **kw))
 
 
+def test_autocast_runs_the_head_in_the_autocast_dtype():
+    """Under bf16 autocast (the Trainer's bf16=True) the fused loss sees the bf16 operands the model's own head
+    would: equal to the unpatched loss at bf16 rounding, and not the float32 loss."""
+    ref_model = tiny("llama")
+    model = patch(copy.deepcopy(ref_model))
+    ids, mask, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = ref_model(input_ids=ids, labels=labels), model(input_ids=ids, labels=labels)
+    fp32 = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-2, atol=1e-2)
+    assert abs(out.loss.item() - fp32.item()) > 1e-5
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_skip_logits_true_fuses_in_eval_too():
     ref_model = tiny("llama").eval()
     model = patch(copy.deepcopy(ref_model), skip_logits=True)

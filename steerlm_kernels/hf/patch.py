@@ -30,7 +30,7 @@ import torch
 from steerlm_kernels import linear_cross_entropy
 from steerlm_kernels.hf.heads import find_head
 
-__all__ = ["patch", "unpatch", "is_patched"]
+__all__ = ["autocast_operands", "is_patched", "patch", "unpatch"]
 
 #: Attribute of a patched model holding its :class:`_PatchState`.
 _STATE = "_steerlm_kernels_patch"
@@ -45,6 +45,16 @@ class _PatchState:
     skip_logits: bool | None
     backend: str
     active: bool = True
+
+
+def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``hidden [.., H]``, ``weight [V, H]``, ``bias [V]`` in the dtype the model's LM head would compute in:
+    autocast's dtype (e.g. bfloat16 under the Trainer's ``bf16=True``) when autocast is on for their device
+    (differentiable casts, as ``nn.Linear`` under autocast), else ``weight``'s dtype for ``hidden``."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -155,19 +165,21 @@ def _forward(model: torch.nn.Module, state: _PatchState, args: tuple, kwargs: di
             raise RuntimeError(f"patch: {type(model).__name__}.forward computed its loss before calling its LM head")
         called.append(True)
         hidden, weight, bias = slot.value
+        hidden, weight, bias = autocast_operands(hidden.to(weight.device), weight, bias)
         target = labels if shift_labels is None else shift_labels
-        return linear_cross_entropy(
-            hidden.to(weight.device),
-            weight,
-            target.to(weight.device),
-            bias,
-            ignore_index=ignore_index,
-            reduction="mean",
-            shift=shift_labels is None,
-            num_items=num_items_in_batch,
-            backend=state.backend,
-            **head.transform.kwargs(),
-        )
+        with torch.autocast(hidden.device.type, enabled=False):  # the operands are in the head's dtype already
+            return linear_cross_entropy(
+                hidden,
+                weight,
+                target.to(weight.device),
+                bias,
+                ignore_index=ignore_index,
+                reduction="mean",
+                shift=shift_labels is None,
+                num_items=num_items_in_batch,
+                backend=state.backend,
+                **head.transform.kwargs(),
+            )
 
     own_loss = model.__dict__.get("_loss_function")
     model.loss_function = loss_function
