@@ -30,7 +30,7 @@ from torch import Tensor
 from steerlm_kernels import registry
 from steerlm_kernels import validation as v
 from steerlm_kernels.distributed import check_groups, vocab_shard
-from steerlm_kernels.ops.dropin import CEStatsFunction, LinearCEStatsFunction
+from steerlm_kernels.ops.dropin import CEStatsFunction, LinearCEFusedFunction, LinearCEStatsFunction
 from steerlm_kernels.ops.linear_cross_entropy import shard_labels
 from steerlm_kernels.ops.token_logprobs import TokenLogprobsFunction
 
@@ -189,15 +189,33 @@ def _finish(nll: Tensor, lse: Tensor, zsum: Tensor, labels: Tensor, weights: Ten
     elif opts.reduction == "sum":
         out = loss.sum()
     else:
-        den = valid.sum() if opts.num_items is None else opts.num_items
-        if isinstance(den, Tensor):
-            den = torch.where(den == 0, 1, den).to(torch.float32)
-        elif den == 0:
-            den = 1.0
-        out = loss.sum() / den
+        out = loss.sum() / _denominator(valid, opts)
     if opts.return_lse:
         return out, _unshift(lse.view(shape), opts)
     return out
+
+
+def _denominator(valid: Tensor, opts: _Options) -> Tensor | float:
+    """``mean``'s divisor: ``num_items``, or the count of non-ignored tokens (a device tensor: no
+    host sync); 0 becomes 1 (a mean over nothing is 0, not NaN)."""
+    den = valid.sum() if opts.num_items is None else opts.num_items
+    if isinstance(den, Tensor):
+        return torch.where(den == 0, 1, den).to(torch.float32)
+    return den if den != 0 else 1.0
+
+
+def _fused_coefficients(labels: Tensor, weights: Tensor | None, n_vocab: int,
+                        opts: _Options) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(c_nll + c_lse, c_lse, c_sum)`` ``[N]`` float32: ``d loss / d (nll, lse, zsum)`` of a
+    ``sum`` / ``mean`` loss without z-loss, known before any logit is computed."""
+    valid = labels != opts.ignore_index
+    scale = 1.0 / (_denominator(valid, opts) if opts.reduction == "mean" else 1.0)
+    w = torch.ones_like(labels, dtype=torch.float32) if weights is None else weights.detach().float()
+    w = torch.where(valid, w * scale, 0.0)
+    eps = opts.label_smoothing
+    if eps == 0:
+        return w, None, None
+    return w, w * eps, w * (-eps / n_vocab)
 
 
 def _unshift(x: Tensor, opts: _Options) -> Tensor:
@@ -292,6 +310,16 @@ def linear_cross_entropy(
         if check_labels:
             v.check_label_range(labels, n_vocab, opts.ignore_index)
         labels_k, check_k = shard_labels(labels, vocab_start, n_local, opts.ignore_index), False
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if (needs_grad and opts.reduction != "none" and opts.z_loss == 0 and not opts.return_lse
+            and process_group is None):
+        # the per-token coefficients are known now: gradients from the forward's logits chunks
+        coef, c_lse, c_sum = _fused_coefficients(labels, w_flat, n_vocab, opts)
+        carrier, nll, lse, zsum = LinearCEFusedFunction.apply(
+            hidden2d, weight, bias, labels_k, coef, c_lse, c_sum, opts.ignore_index, check_k, strategy, chunk_rows,
+            name, opts.transform,
+        )
+        return _finish(nll, lse, zsum, labels, w_flat, n_vocab, target.shape, opts) + carrier
     nll, lse, zsum = LinearCEStatsFunction.apply(
         hidden2d, weight, bias, labels_k, opts.ignore_index, check_k, strategy, chunk_rows, name, process_group,
         opts.want_lse, opts.want_sum, opts.transform,

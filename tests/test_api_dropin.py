@@ -341,3 +341,25 @@ def test_linear_softcap_with_label_smoothing_is_refused():
     hidden, weight, bias, target, _ = _case("cpu")
     with pytest.raises(ValueError, match="label_smoothing with softcap"):
         sk.linear_cross_entropy(hidden, weight, target, softcap=30.0, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_fused_forward_gradient_equals_recomputing_path(backend, device, eps):
+    """``sum`` / ``mean`` without z-loss compute the gradient in the forward (three matmuls per
+    chunk) and scale it by the upstream gradient; it equals the recomputing path's (``none``)."""
+    hidden, weight, bias, target, w_tok = _case(device)
+    a = [t.clone().requires_grad_() for t in (hidden, weight, bias, w_tok)]
+    fused = sk.linear_cross_entropy(a[0], a[1], target, a[2], label_smoothing=eps, weight_per_token=a[3],
+                                    backend=backend, chunk_size=4)
+    (0.37 * fused).backward()
+    b = [t.clone().requires_grad_() for t in (hidden, weight, bias, w_tok)]
+    per = sk.linear_cross_entropy(b[0], b[1], target, b[2], label_smoothing=eps, weight_per_token=b[3],
+                                  reduction="none", backend=backend, chunk_size=4)
+    recomputed = per.sum() / (target != IGNORE).sum()
+    (0.37 * recomputed).backward()
+    torch.testing.assert_close(fused, recomputed, rtol=1e-6, atol=1e-6)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # no gradient wanted: nothing computed for one
+        torch.testing.assert_close(sk.linear_cross_entropy(hidden, weight, target, bias, label_smoothing=eps,
+                                                           weight_per_token=w_tok, backend=backend), fused.detach())

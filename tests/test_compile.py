@@ -190,22 +190,25 @@ elif family in ("dropin_linear", "dropin_logits"):
     w_tok = torch.rand(3, 7)
     opts = dict(label_smoothing=0.1, z_loss=1e-2, weight_per_token=w_tok, shift=True)
 
-    def ref_ce(z, reduction, num_items=None):
+    def ref_ce(z, reduction, num_items=None, zl=1e-2):
         z, y, w = z[:, :-1].double(), labels[:, 1:], w_tok[:, 1:].double()
         lse = torch.logsumexp(z, -1)
         nll = lse - z.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        per = (0.9 * nll + 0.1 * (lse - z.mean(-1)) + 1e-2 * lse**2) * w
+        per = (0.9 * nll + 0.1 * (lse - z.mean(-1)) + zl * lse**2) * w
         per = torch.where(y != -100, per, 0.0)
         return per.sum() / (num_items if num_items is not None else (y != -100).sum()) if reduction == "mean" \
             else per
 
     n_items = torch.tensor(11)
-    if family == "dropin_linear":
+    if family == "dropin_linear":  # mean + z_loss and none: recomputing backward; mean without: fused
+        no_z = {**opts, "z_loss": 0.0}
         check(lambda h: sk.linear_cross_entropy(h, w_lm, labels, b_lm, num_items=n_items, backend=backend, **opts)
               + (sk.linear_cross_entropy(h, w_lm, labels, b_lm, reduction="none", backend=backend, **opts)
-                 * w3[:, 1:].float()).sum(),
+                 * w3[:, 1:].float()).sum()
+              + 0.5 * sk.linear_cross_entropy(h, w_lm, labels, b_lm, num_items=n_items, backend=backend, **no_z),
               lambda h: ref_ce(h @ w_lm.double().T + b_lm.double(), "mean", 11)
-              + (ref_ce(h @ w_lm.double().T + b_lm.double(), "none") * w3[:, 1:]).sum(), hidden)
+              + (ref_ce(h @ w_lm.double().T + b_lm.double(), "none") * w3[:, 1:]).sum()
+              + 0.5 * ref_ce(h @ w_lm.double().T + b_lm.double(), "mean", 11, zl=0.0), hidden)
     else:
         check(lambda x: sk.cross_entropy(x, labels, backend=backend, **opts)
               + (sk.cross_entropy(x, labels, reduction="none", backend=backend, **opts) * w3[:, 1:].float()).sum(),

@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 from steerlm_kernels.distributed import check_same_sizes, combine_vocab_partials, group_size_rank, vocab_shard
 from steerlm_kernels.kernels.reference import merge_stats
 from steerlm_kernels.ops.cross_entropy import ce_backward_op, ce_forward_op, nll_from_stats
-from steerlm_kernels.ops.linear_cross_entropy import linear_ce_backward_op, linear_ce_forward_op
+from steerlm_kernels.ops.linear_cross_entropy import linear_ce_backward_op, linear_ce_forward_op, linear_ce_fused_op
 
 Transform = tuple[float | None, float | None]  # (softcap, logit_scale)
 
@@ -192,9 +192,59 @@ class CEStatsFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def _row_sums_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, transform: Transform) -> Tensor:
+    """``zsum = s * (hidden . sum_j W_j + sum_j b_j)`` ``[N]`` float32 (no softcap): a matvec."""
+    zsum = torch.mv(hidden.float(), weight.sum(dim=0, dtype=torch.float32))
+    if bias is not None:
+        zsum = zsum + bias.sum(dtype=torch.float32)
+    return zsum * float(transform[1]) if transform[1] is not None else zsum
+
+
+def _add_corrections(grads: tuple[Tensor, Tensor, Tensor], need: tuple[bool, bool, bool], hidden: Tensor,
+                     weight: Tensor, bias: Tensor | None, labels: Tensor, target: Tensor, g_lse: Tensor | None,
+                     g_sum: Tensor | None, ignore_index: int, transform: Transform) -> tuple[Tensor, Tensor, Tensor]:
+    """Add the label-column term ``g_lse * dz'/dz_y * onehot`` (a gather / ``index_add`` on rows of
+    ``W``) and the uniform term ``g_sum * s * 1`` (rank one) to the kernels' gradients of the head;
+    each gradient is summed in float32 and rounded once more to its dtype."""
+    gh, gw, gb = grads
+    need_h, need_w, need_b = need
+    local, inside = _in_shard(labels, 0, weight.shape[0], ignore_index)
+    corr = None
+    if g_lse is not None:
+        corr = torch.where(inside, g_lse.float() * label_slope(target, transform), 0.0)  # [N]
+    g = None
+    if g_sum is not None:
+        g = torch.where(labels == ignore_index, 0.0, g_sum.float())
+        if transform[1] is not None:
+            g = g * float(transform[1])
+    if need_h:
+        extra = 0.0
+        if corr is not None:
+            extra = corr.unsqueeze(1) * weight.index_select(0, local).float()
+        if g is not None:
+            extra = extra + g.unsqueeze(1) * weight.sum(dim=0, dtype=torch.float32)
+        gh = (gh.float() + extra).to(hidden.dtype)
+    if need_w:
+        gw32 = gw.float()
+        if corr is not None:
+            gw32 = gw32.index_add_(0, local, corr.unsqueeze(1) * hidden.float())
+        if g is not None:
+            gw32 += (g @ hidden.float()).unsqueeze(0)
+        gw = gw32.to(weight.dtype)
+    if need_b:
+        gb32 = gb.float()
+        if corr is not None:
+            gb32 = gb32.index_add_(0, local, corr)
+        if g is not None:
+            gb32 += g.sum()
+        gb = gb32.to(weight.dtype)
+    return gh, gw, gb
+
+
 class LinearCEStatsFunction(torch.autograd.Function):
     """``(nll, lse, zsum)`` ``[N]`` float32 of ``z = hidden @ weight.T + bias``, differentiable once
-    w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``, never holding ``[N, V]``. With
+    w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``, never holding ``[N, V]``; the
+    backward recomputes the logits (forward + backward: four matmuls per chunk). With
     ``process_group``: ``weight`` / ``bias`` are this rank's vocabulary shard, ``labels`` are
     shard-local (:func:`steerlm_kernels.ops.linear_cross_entropy.shard_labels`) and
     ``grad_hidden`` is this rank's partial. ``want_sum`` with a softcap is not supported."""
@@ -207,14 +257,7 @@ class LinearCEStatsFunction(torch.autograd.Function):
             raise ValueError("label_smoothing with softcap is not supported by the fused linear loss")
         stats = linear_ce_forward_op(hidden, weight, bias, labels, ignore_index, check_labels, strategy, chunk_rows,
                                      backend, **_transform_kwargs(transform))
-        zsum = None
-        if want_sum:
-            w_sum = weight.sum(dim=0, dtype=torch.float32)  # [H]
-            zsum = torch.mv(hidden.float(), w_sum)
-            if bias is not None:
-                zsum = zsum + bias.sum(dtype=torch.float32)
-            if transform[1] is not None:
-                zsum = zsum * float(transform[1])
+        zsum = _row_sums_linear(hidden, weight, bias, transform) if want_sum else None
         m, lse, target, zsum = _combine(stats, zsum, weight.shape[0], process_group)
         ctx.save_for_backward(hidden, weight, bias, labels, m, lse, target)
         ctx.run = (ignore_index, strategy, chunk_rows, backend, transform, want_lse, want_sum)
@@ -226,37 +269,50 @@ class LinearCEStatsFunction(torch.autograd.Function):
         hidden, weight, bias, labels, m, lse, target = ctx.saved_tensors
         ignore_index, strategy, chunk_rows, backend, transform, want_lse, want_sum = ctx.run
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and bias is not None
+        need = (need_h, need_w, need_b and bias is not None)
         coef = (g_nll.float() + g_lse.float()).contiguous() if want_lse else g_nll.float().contiguous()
-        gh, gw, gb = linear_ce_backward_op(hidden, weight, bias, labels, m, lse, coef, ignore_index, strategy,
-                                           chunk_rows, backend, need_h, need_w, need_b,
-                                           **_transform_kwargs(transform))
-        if not (want_lse or want_sum):
-            return (gh if need_h else None, gw if need_w else None, gb if need_b else None, *[None] * 10)
-        # label column: + g_lse * dz'/dz_y (a gather / index_add on rows of W)
-        local, inside = _in_shard(labels, 0, weight.shape[0], ignore_index)
-        corr = torch.where(inside, g_lse.float() * label_slope(target, transform), 0.0)  # [N]
-        if not want_lse:
-            corr = torch.zeros_like(corr)
-        # uniform term (want_sum): + g_sum * s on every column (rank one)
-        g = None
-        if want_sum:
-            g = torch.where(labels == ignore_index, 0.0, g_sum.float())
-            if transform[1] is not None:
-                g = g * float(transform[1])
-        if need_h:
-            extra = corr.unsqueeze(1) * weight.index_select(0, local).float()
-            if g is not None:
-                extra = extra + g.unsqueeze(1) * weight.sum(dim=0, dtype=torch.float32)
-            gh = (gh.float() + extra).to(hidden.dtype)
-        if need_w:
-            gw32 = gw.float().index_add_(0, local, corr.unsqueeze(1) * hidden.float())
-            if g is not None:
-                gw32 += (g @ hidden.float()).unsqueeze(0)
-            gw = gw32.to(weight.dtype)
-        if need_b:
-            gb32 = gb.float().index_add_(0, local, corr)
-            if g is not None:
-                gb32 += g.sum()
-            gb = gb32.to(bias.dtype)
-        return (gh if need_h else None, gw if need_w else None, gb if need_b else None, *[None] * 10)
+        grads = linear_ce_backward_op(hidden, weight, bias, labels, m, lse, coef, ignore_index, strategy,
+                                      chunk_rows, backend, *need, **_transform_kwargs(transform))
+        if want_lse or want_sum:
+            grads = _add_corrections(grads, need, hidden, weight, bias, labels, target, g_lse if want_lse else None,
+                                     g_sum if want_sum else None, ignore_index, transform)
+        return (*(g if n else None for g, n in zip(grads, need, strict=True)), *[None] * 10)
+
+
+class LinearCEFusedFunction(torch.autograd.Function):
+    """``(carrier, nll, lse, zsum)`` for a loss whose per-token coefficients are known in the
+    forward (``reduction="sum"`` / ``"mean"`` without z-loss, no vocabulary parallelism):
+    ``nll``, ``lse``, ``zsum`` ``[N]`` float32 are not differentiable, and the 0-d zero ``carrier``
+    carries the gradient of ``sum(c_nll * nll + c_lse * lse + c_sum * zsum)`` w.r.t. ``hidden``,
+    ``weight`` and ``bias``, computed in the forward from the same logits chunks (three matmuls
+    per chunk instead of four) plus the label-column / rank-one terms, and scaled in the backward
+    by the carrier's upstream gradient. ``coef`` is ``c_nll + c_lse`` (the kernels'), ``c_lse`` /
+    ``c_sum`` may be None. Holds one ``hidden``-sized and one ``weight``-sized gradient until the
+    backward (as every fused-linear loss that computes its gradient in the forward)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
+                c_lse: Tensor | None, c_sum: Tensor | None, ignore_index: int, check_labels: bool, strategy: str,
+                chunk_rows: int, backend: str, transform: Transform) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need = (need_h, need_w, need_b and bias is not None)
+        *stats, gh, gw, gb = linear_ce_fused_op(hidden, weight, bias, labels, coef.detach().float().contiguous(),
+                                                ignore_index, check_labels, strategy, chunk_rows, backend, *need,
+                                                **_transform_kwargs(transform))
+        m, lse, target = stats
+        zsum = None if c_sum is None else _row_sums_linear(hidden, weight, bias, transform)
+        grads = _add_corrections((gh, gw, gb), need, hidden, weight, bias, labels, target,
+                                 None if c_lse is None else c_lse.detach(), None if c_sum is None else c_sum.detach(),
+                                 ignore_index, transform)
+        ctx.save_for_backward(*grads)
+        ctx.need = need
+        outs = _outputs(m, lse, target, zsum, labels, ignore_index)
+        ctx.mark_non_differentiable(*outs)
+        return (lse.new_zeros(()), *outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_carrier: Tensor, *unused: Tensor):
+        g = grad_carrier.float()
+        scaled = [(x * g).to(x.dtype) if n else None for x, n in zip(ctx.saved_tensors, ctx.need, strict=True)]
+        return (*scaled, *[None] * 10)
