@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from steerlm_kernels.hf.heads import logit_transform
+
 __all__ = [
     "SPECIAL_TOKENS",
     "TINY_CHAT_TEMPLATE",
@@ -192,20 +194,20 @@ def lm_head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
 
     Raises:
         ValueError: the model has no output embeddings, or scales / caps its logits after the head
-            (``logit_scale``, ``final_logit_softcapping``): the fused-linear losses would then not
-            compute the model's own log-probabilities.
+            (``logit_scale``, ``final_logit_softcapping``, ``logits_scaling``, or an unknown transform:
+            :func:`steerlm_kernels.hf.heads.logit_transform`): these plain weights would then not give
+            the model's own log-probabilities (:func:`steerlm_kernels.hf.heads.find_head` returns the
+            transform with the head, for the fused ops' ``softcap=`` / ``logit_scale=``).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
         raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) with a .weight")
-    cfg = getattr(model, "config", None)
-    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        value = getattr(cfg, key, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"{type(model).__name__} applies config.{key}={value} to its logits after the LM head; the "
-                "fused-linear path cannot reproduce it (use the logits path)"
-            )
+    transform = logit_transform(getattr(model, "config", None))
+    if not transform.identity:
+        raise ValueError(
+            f"{type(model).__name__}'s logits are {transform.describe()} after the LM head (config "
+            f"final_logit_softcapping / logit_scale / logits_scaling); use steerlm_kernels.hf.heads.find_head"
+        )
     return head.weight, getattr(head, "bias", None)
 
 

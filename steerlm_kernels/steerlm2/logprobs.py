@@ -7,11 +7,13 @@ This is the engine of ``steerlm-kernels score`` (and of its benchmark): for sequ
 
 Two paths (:func:`choose_path`):
 
-* ``fused`` (Hugging Face causal LMs whose logits are ``lm_head(final hidden states)``): the base
-  model gives the final hidden states; only the rows that predict a scored token are kept
-  (prompt and padding rows never meet the LM head) and go packed through
-  :func:`steerlm_kernels.linear_sequence_nll` with the LM-head weight, by chunks of rows: no
-  ``[tokens, V]`` tensor is ever formed (the largest is one ``[chunk_rows, V]`` chunk).
+* ``fused`` (Hugging Face causal LMs whose logits are ``lm_head(final hidden states)``, optionally
+  soft-capped or scaled as their config declares: :func:`steerlm_kernels.hf.heads.find_head`, the
+  detection ``train`` uses too): the model runs with its head's matmul replaced
+  (:meth:`~steerlm_kernels.hf.heads.CausalLMHead.intercept`); only the rows that predict a scored
+  token are kept (prompt and padding rows never meet the LM head) and go packed through
+  :func:`steerlm_kernels.linear_sequence_nll` with the LM-head weight and the logit transform, by
+  chunks of rows: no ``[tokens, V]`` tensor is ever formed (the largest is one ``[chunk_rows, V]`` chunk).
 * ``logits`` (any other model called as ``model(input_ids=..., attention_mask=...)`` returning
   logits or an object with ``.logits``): the model's logits ``[B, S, V]`` (its own output, in its
   dtype) through :func:`steerlm_kernels.sequence_nll`, which reads them once and holds no float32
@@ -30,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 import steerlm_kernels as sk
-from steerlm_kernels.steerlm2.hf_models import final_hidden_states, lm_head_of
+from steerlm_kernels.hf.heads import find_head
+from steerlm_kernels.steerlm2.loss_path import match_dtypes
 from steerlm_kernels.steerlm2.model_helpers import logits_of
 
 __all__ = ["PATHS", "SpanScorer", "choose_path", "plan_batches", "score_batch", "score_sequences"]
@@ -62,21 +65,12 @@ class SpanScorer:
     chunk_rows: int | None = None
 
 
-def _fused_parts(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """``(lm_head weight, bias)`` when the fused path applies; ValueError saying why not."""
-    weight, bias = lm_head_of(model)
-    body = getattr(model, "base_model", None)
-    if body is None or body is model:
-        raise ValueError(f"{type(model).__name__} exposes no base model (transformer without the LM head)")
-    return weight, bias
-
-
 def choose_path(model: nn.Module, path: str = "auto", probe: tuple[Sequence[int], int] | None = None,
                 *, pad_id: int = 0, backend: str = "auto") -> tuple[str, str]:
     """Resolve ``path`` for ``model``: ``(path, why)``.
 
-    ``auto`` picks ``fused`` when the model exposes its LM head and base model (and no logit
-    post-processing, see :func:`~steerlm_kernels.steerlm2.hf_models.lm_head_of`) and, when
+    ``auto`` picks ``fused`` when :func:`steerlm_kernels.hf.heads.find_head` accepts the model (LM head,
+    base model, a logit transform it knows and the fused ops can apply) and, when
     ``probe`` is given, the fused result on it agrees with the logits path to 1e-3 relative (a guard
     against architectures that transform the hidden states or logits in ways the config does not
     say); else ``logits``. ``fused`` raises ValueError where it cannot apply.
@@ -86,13 +80,13 @@ def choose_path(model: nn.Module, path: str = "auto", probe: tuple[Sequence[int]
     if path == "logits":
         return "logits", "requested"
     try:
-        _fused_parts(model)
+        head = find_head(model)
     except ValueError as exc:
         if path == "fused":
             raise
         return "logits", str(exc)
     if path == "fused" or probe is None:
-        return "fused", "LM head + final hidden states"
+        return "fused", f"LM head + final hidden states (logit transform: {head.transform.describe()})"
     fused = score_batch(SpanScorer(model, pad_id, "fused", backend), [probe])[0]
     plain = score_batch(SpanScorer(model, pad_id, "logits", backend), [probe])[0]
     if abs(fused - plain) > 1e-3 * max(1.0, abs(plain)):
@@ -146,15 +140,22 @@ def score_batch(scorer: SpanScorer, seqs: Sequence[tuple[Sequence[int], int]]) -
     device = next(model.parameters()).device
     inp, att, lab = _pack(seqs, scorer.pad_id, device)
     if scorer.path == "fused":
-        weight, bias = lm_head_of(model)
-        hidden = final_hidden_states(model, inp, att)  # [B, L-1, H] (ValueError without a base model)
+        head = find_head(model)  # ValueError saying why the fused path cannot serve the model
         sel = lab != -100
         counts = sel.sum(dim=1)
         cu = torch.zeros(len(seqs) + 1, dtype=torch.long, device=device)
         torch.cumsum(counts, 0, out=cu[1:])
-        rows = hidden[sel]  # [T, H]: only the rows that predict a scored token, packed per sequence
-        nll = sk.linear_sequence_nll(rows.to(weight.dtype), weight, lab[sel], bias=bias, cu_seqlens=cu,
-                                     chunk_size=_chunk_rows(scorer, weight), backend=scorer.backend)
+
+        def fn(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            rows = hidden[sel]  # [T, H]: only the rows that predict a scored token, packed per sequence
+            with match_dtypes(rows, weight, bias) as (rows, weight, bias):
+                return sk.linear_sequence_nll(rows, weight, lab[sel], bias=bias, cu_seqlens=cu,
+                                              chunk_size=_chunk_rows(scorer, weight), backend=scorer.backend,
+                                              **head.transform.kwargs())
+
+        with head.intercept(fn) as slot:
+            model(input_ids=inp, attention_mask=att)
+        nll = slot.value
     elif scorer.path == "logits":
         logits = logits_of(model(input_ids=inp, attention_mask=att))  # the wrapper's reading of an output
         if logits.dim() != 3:
