@@ -363,3 +363,32 @@ def test_fused_forward_gradient_equals_recomputing_path(backend, device, eps):
     with torch.no_grad():  # no gradient wanted: nothing computed for one
         torch.testing.assert_close(sk.linear_cross_entropy(hidden, weight, target, bias, label_smoothing=eps,
                                                            weight_per_token=w_tok, backend=backend), fused.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# README: d loss / d loss_mask is 0 where the mask is 0, the token's NLL (times the chain) elsewhere
+# --------------------------------------------------------------------------------------------
+
+
+def test_loss_mask_gradient_is_zero_where_masked_and_nll_elsewhere(backend, device):
+    from tests import reference as ref
+
+    logits = torch.randn(2, 5, 19, device=device) * 2
+    labels = torch.randint(0, 19, (2, 5), device=device)
+    mask = torch.tensor([[0.0, 1.0, 0.5, 0.0, 2.0], [1.0, 0.0, 0.0, 0.3, 1.0]], device=device).requires_grad_()
+    weight, normalizer = torch.tensor([0.7, -1.3], device=device), torch.tensor([3.0, 2.0], device=device)
+    nll = ref.token_nll(logits, labels).float()
+    masked = mask.detach() == 0
+    sk.sequence_nll(logits, labels, mask, backend=backend).sum().backward()
+    torch.testing.assert_close(mask.grad, torch.where(masked, 0.0, nll), rtol=1e-5, atol=1e-6)
+    assert torch.equal(mask.grad[masked], torch.zeros_like(mask.grad[masked]))
+    mask.grad = None
+    sk.weighted_sequence_loss(logits, labels, mask, weight, normalizer, backend=backend).backward()
+    torch.testing.assert_close(mask.grad, torch.where(masked, 0.0, nll * (weight / normalizer)[:, None]),
+                               rtol=1e-5, atol=1e-6)
+    hidden, w_lm = torch.randn(2, 5, 8, device=device), torch.randn(19, 8, device=device)
+    mask.grad = None
+    sk.linear_weighted_sequence_loss(hidden, w_lm, labels, mask, weight, normalizer, backend=backend).backward()
+    nll_lin = ref.token_nll(hidden @ w_lm.T, labels).float()
+    torch.testing.assert_close(mask.grad, torch.where(masked, 0.0, nll_lin * (weight / normalizer)[:, None]),
+                               rtol=1e-5, atol=1e-5)
