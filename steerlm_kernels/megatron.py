@@ -39,6 +39,8 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     *,
     process_group: Any = _FROM_MEGATRON,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Per-token cross entropy of vocabulary-parallel logits, as Megatron's function.
@@ -50,6 +52,9 @@ def vocab_parallel_cross_entropy(
             vocabulary under TP, so it differs by rank; we do not reproduce that).
         process_group: defaults to megatron-core's tensor-parallel group (None when megatron-core
             is absent or uninitialised: a single shard holding the whole vocabulary).
+        softcap, logit_scale: logit transforms applied inside the kernels (not in Megatron's
+            signature; keyword-only extensions): ``z' = softcap * tanh(logit_scale * z / softcap)``,
+            see :func:`steerlm_kernels.token_nll`.
 
     Returns:
         float32 ``[s, b]`` loss, differentiable w.r.t. the logits.
@@ -57,4 +62,5 @@ def vocab_parallel_cross_entropy(
     if label_smoothing != 0.0:
         raise NotImplementedError("label_smoothing: only 0.0 is supported")
     group = tensor_parallel_group() if process_group is _FROM_MEGATRON else process_group
-    return token_nll(vocab_parallel_logits, target, process_group=group, backend=backend)
+    return token_nll(vocab_parallel_logits, target, process_group=group, softcap=softcap, logit_scale=logit_scale,
+                     backend=backend)

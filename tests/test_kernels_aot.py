@@ -70,6 +70,18 @@ def test_no_spills_at_default_blocks(report):
                                   f"LOCAL={r['local']} STACK={r['stack']} REG={r['reg']}" for r in spilled)
 
 
+def test_logit_transform_variants_compile(report):
+    """The softcap / logit_scale variants (TRANSFORM constexpr 2 / 1) of the CE and the tile kernels
+    are compiled for both archs: softcap at every dtype, logit_scale at least once per kernel (the
+    no-spill and error checks above cover them like every variant)."""
+    got = {(r["kernel"], r["dtype"], r["arch"], r["note"].rsplit(" ", 1)[-1]) for r in report["results"]
+           if not r["error"]}
+    kernels = ("_ce_forward_kernel", "_ce_backward_kernel", "_lce_forward_kernel", "_lce_backward_kernel")
+    want = {(k, dt, a, "softcap") for k in kernels for dt in ("bf16", "fp16", "fp32") for a in (80, 90)}
+    want |= {(k, "bf16", a, "scale") for k in kernels for a in (80, 90)}
+    assert want <= got, f"missing: {sorted(want - got)}"
+
+
 def test_known_kernels_discovered(report):
     assert KNOWN <= {r["kernel"] for r in report["results"]}
 
@@ -85,13 +97,17 @@ def test_ce_loads_are_128_bit_when_rows_divide_by_16(report):
 
 
 @pytest.mark.parametrize(
-    ("module", "kernel", "n_cols", "dtype"),
-    [(cross_entropy, "_ce_forward_kernel", 128256, torch.bfloat16),
-     (cross_entropy, "_ce_forward_kernel", 1000, torch.float16),
-     (cross_entropy, "_ce_backward_kernel", 128256, torch.float32),
-     (cross_entropy, "_ce_backward_kernel", 1000, torch.bfloat16)],
+    ("module", "kernel", "n_cols", "dtype", "transform"),
+    [(cross_entropy, "_ce_forward_kernel", 128256, torch.bfloat16, (None, None)),
+     (cross_entropy, "_ce_forward_kernel", 1000, torch.float16, (None, None)),
+     (cross_entropy, "_ce_backward_kernel", 128256, torch.float32, (None, None)),
+     (cross_entropy, "_ce_backward_kernel", 1000, torch.bfloat16, (None, None)),
+     (cross_entropy, "_ce_forward_kernel", 256000, torch.bfloat16, (30.0, None)),
+     (cross_entropy, "_ce_backward_kernel", 256000, torch.float32, (30.0, None)),
+     (cross_entropy, "_ce_backward_kernel", 1000, torch.bfloat16, (50.0, 0.5)),
+     (cross_entropy, "_ce_forward_kernel", 256000, torch.bfloat16, (None, 0.0625))],
 )
-def test_ce_specs_match_runtime_specialisation(module, kernel, n_cols, dtype):
+def test_ce_specs_match_runtime_specialisation(module, kernel, n_cols, dtype, transform):
     """The spec's types and divisibility are what Triton's launcher derives from the wrapper's
     real arguments (its C++ ``native_specialize_impl``), so the AOT cubin is the one a launch runs."""
     libtriton = pytest.importorskip("triton._C.libtriton")
@@ -103,6 +119,8 @@ def test_ce_specs_match_runtime_specialisation(module, kernel, n_cols, dtype):
     args = {"logits_ptr": x, "grad_ptr": torch.empty_like(x), "labels_ptr": torch.empty(4, dtype=torch.int64),
             "max_ptr": rows, "lse_ptr": rows, "target_ptr": rows, "coef_ptr": rows, "n_cols": n_cols,
             "stride_row": x.stride(0), "grad_stride_row": x.stride(0), "vocab_start": 0, "ignore_index": -100}
+    pre, cap, scale, kind = cross_entropy.transform_args(*transform)
+    args |= {"pre": pre, "cap": cap, "scale": scale}
     matches = []
     for spec in module.AOT_SPECS[kernel]:
         sig = spec["signature"]
@@ -110,7 +128,7 @@ def test_ce_specs_match_runtime_specialisation(module, kernel, n_cols, dtype):
                    for k in sig if sig[k] != "constexpr"}
         if ({k: t for k, (t, _) in runtime.items()} == {k: t for k, t in sig.items() if t != "constexpr"}
                 and {k for k, (_, a) in runtime.items() if a == "D"} == set(spec.get("divisible_by_16", ()))
-                and spec["constexprs"] == {"BLOCK_V": block} and spec["num_warps"] == num_warps):
+                and spec["constexprs"] == {"BLOCK_V": block, "TRANSFORM": kind} and spec["num_warps"] == num_warps):
             matches.append(spec["note"])
     assert matches, f"no AOT variant of {kernel} matches a launch at V={n_cols} {dtype}"
 

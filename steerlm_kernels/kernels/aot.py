@@ -120,10 +120,17 @@ def _jit_function(obj: Any) -> Any | None:
 
 
 def jit_functions(module: ModuleType) -> dict[str, Any]:
-    """``{name: JITFunction}`` of the Triton kernels *defined* in ``module`` (not imported ones)."""
+    """``{name: JITFunction}`` of the Triton kernels *defined* in ``module`` (not imported ones).
+
+    ``@triton.jit`` device functions that are only called from kernels (never launched) are named
+    in the module's ``DEVICE_FUNCTIONS`` tuple and left out: they are compiled, and checked, inside
+    every kernel variant that calls them."""
     found = {}
+    device_functions = set(getattr(module, "DEVICE_FUNCTIONS", ()))
     for name, obj in vars(module).items():
         fn = _jit_function(obj)
+        if name in device_functions:
+            continue
         if fn is not None and getattr(fn.fn, "__module__", None) == module.__name__:
             found[name] = fn
     return found

@@ -27,6 +27,57 @@ import torch
 from torch import Tensor
 
 from steerlm_kernels.kernels._triton import tl, triton
+from steerlm_kernels.kernels.reference import transform_factors
+
+# --------------------------------------------------------------------------------------------
+# The logit transform (softcap / logit_scale), shared with the tile kernels
+# --------------------------------------------------------------------------------------------
+
+#: ``TRANSFORM`` constexpr values: no transform (the plain kernels, nothing of the transform is
+#: compiled in), ``z' = pre * z`` (logit_scale only), ``z' = cap * tanh(pre * z)`` (softcap).
+NO_TRANSFORM, SCALE_ONLY, SOFTCAP = 0, 1, 2
+#: ``@triton.jit`` functions of this module called from kernels, never launched (see kernels.aot).
+DEVICE_FUNCTIONS = ("tanh_sech2", "apply_transform")
+
+
+def transform_args(softcap: float | None, scale: float | None) -> tuple[float, float, float, int]:
+    """``(pre, cap, scale, TRANSFORM)`` kernel arguments of the transform ``softcap`` / ``scale``
+    (validated numbers or None): ``z' = cap * tanh(pre * z)`` with ``pre = scale / cap``, slope
+    ``scale * sech^2``; or ``z' = pre * z`` with ``pre = scale``; or nothing."""
+    pre, cap = transform_factors(softcap, scale)
+    kind = NO_TRANSFORM if softcap is None and scale is None else (SCALE_ONLY if softcap is None else SOFTCAP)
+    return pre, cap, 1.0 if scale is None else float(scale), kind
+
+
+@triton.jit
+def tanh_sech2(y):
+    """``(tanh(y), 1 - tanh(y)^2)`` in float32 from ``tl.exp`` alone (libdevice's tanh is not
+    available under the interpreter): with ``e = exp(-2|y|)`` (never overflows),
+    ``tanh|y| = (1 - e) / (1 + e)`` and ``sech^2 y = 4e / (1 + e)^2`` (no cancellation, exact to a
+    few ulps as ``|y|`` grows and ``tanh`` saturates). Below ``|y| = 0.2`` the odd Taylor series to
+    ``y^7`` replaces ``1 - e`` (which cancels there); its truncation is under one float32 ulp.
+    NaN gives NaN; ``+-inf`` gives ``+-1`` and 0."""
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    one_e = 1.0 + e
+    t = (1.0 - e) / one_e
+    a2 = a * a
+    series = a + a * a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * -0.05396825396825397))
+    t = tl.where(a < 0.2, series, t)
+    t = tl.where(y < 0.0, -t, t)
+    return t, (4.0 * e) / (one_e * one_e)
+
+
+@triton.jit
+def apply_transform(x, pre, cap, TRANSFORM: tl.constexpr):
+    """``z'`` of float32 logits ``x`` (see :func:`transform_args`); identity for ``NO_TRANSFORM``."""
+    if TRANSFORM == 1:
+        x = x * pre
+    elif TRANSFORM == 2:
+        t, _ = tanh_sech2(x * pre)
+        x = cap * t
+    return x
+
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
@@ -44,7 +95,10 @@ def _ce_forward_kernel(
     stride_row,  # elements between rows (i64 when N*V may pass 2**31)
     vocab_start,  # first global column of this shard
     ignore_index,
+    pre,  # fp32: the transform's factor inside (see transform_args; unused for TRANSFORM == 0)
+    cap,  # fp32: the softcap (TRANSFORM == 2)
     BLOCK_V: tl.constexpr,
+    TRANSFORM: tl.constexpr,  # NO_TRANSFORM / SCALE_ONLY / SOFTCAP
 ):
     """One program = one row. Stream the row in BLOCK_V-wide tiles, keeping a running max ``m``
     and a running sum ``s = sum(exp(x - m))`` in float32 registers (one exp per element: the
@@ -73,6 +127,8 @@ def _ce_forward_kernel(
     for start in range(0, n_read, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        if TRANSFORM != 0:  # the padding must stay -inf (a softcap would map it to -cap)
+            x = tl.where(cols < n_cols, apply_transform(x, pre, cap, TRANSFORM), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf so far: s stays 0, no NaN
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
@@ -82,6 +138,8 @@ def _ce_forward_kernel(
     local = label - vocab_start
     in_shard = active & (local >= 0) & (local < n_cols)
     target = tl.load(row_ptr + local, mask=in_shard, other=0.0).to(tl.float32)
+    if TRANSFORM != 0:
+        target = tl.where(in_shard, apply_transform(target, pre, cap, TRANSFORM), 0.0)
     tl.store(max_ptr + row, tl.where(active, m, 0.0))
     tl.store(lse_ptr + row, tl.where(active, tl.log(s), 0.0))
     tl.store(target_ptr + row, target)
@@ -100,9 +158,15 @@ def _ce_backward_kernel(
     grad_stride_row,
     vocab_start,
     ignore_index,
+    pre,  # fp32: see the forward kernel
+    cap,  # fp32
+    scale,  # fp32: the slope's factor (TRANSFORM == 2)
     BLOCK_V: tl.constexpr,
+    TRANSFORM: tl.constexpr,
 ):
-    """One program = one row: ``grad = (exp((x - m) - lse) - onehot(label)) * coef``.
+    """One program = one row: ``grad = (exp((x - m) - lse) - onehot(label)) * coef``, ``x`` the
+    transformed logits, times ``dx/dz`` (``pre``, or ``scale * sech^2`` under a softcap) when a
+    transform is compiled in.
 
     ``x - m`` is exact for the logits that matter (Sterbenz), so a large common offset costs no
     precision. Each tile is loaded, turned into its gradient in float32 and stored at once, so the in-place
@@ -125,8 +189,17 @@ def _ce_backward_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         live = cols < n_read
         x = tl.load(in_ptr + cols, mask=live, other=float("-inf")).to(tl.float32)
+        if TRANSFORM == 1:
+            x = x * pre
+        elif TRANSFORM == 2:
+            t, sech2 = tanh_sech2(x * pre)
+            x = cap * t
         p = tl.exp((x - m) - lse)
         g = (p - tl.where(cols == local, 1.0, 0.0)) * coef
+        if TRANSFORM == 1:
+            g = g * pre
+        elif TRANSFORM == 2:
+            g = g * (scale * sech2)
         g = tl.where(live, g, 0.0)
         tl.store(out_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
 
@@ -142,16 +215,15 @@ def launch_config(n_cols: int) -> tuple[int, int]:
 def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int, softcap: float | None = None,
                scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(m[N], lse[N], target[N])`` float32 of ``logits [N, V]`` (see :mod:`steerlm_kernels.registry`)."""
-    if softcap is not None or scale is not None:
-        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     n_rows, n_cols = logits.shape
     m, lse, target = (torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n_rows == 0:
         return m, lse, target
     block, num_warps = launch_config(n_cols)
+    pre, cap, _, kind = transform_args(softcap, scale)
     _ce_forward_kernel[(n_rows,)](
-        logits, labels, m, lse, target, n_cols, logits.stride(0), vocab_start, ignore_index,
-        BLOCK_V=block, num_warps=num_warps,
+        logits, labels, m, lse, target, n_cols, logits.stride(0), vocab_start, ignore_index, pre, cap,
+        BLOCK_V=block, TRANSFORM=kind, num_warps=num_warps,
     )
     return m, lse, target
 
@@ -161,15 +233,14 @@ def ce_backward(
     out: Tensor, softcap: float | None = None, scale: float | None = None,
 ) -> None:
     """``out = (exp((logits - m) - lse) - onehot) * coef`` row by row; ``out`` may be ``logits`` (in place)."""
-    if softcap is not None or scale is not None:
-        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
     block, num_warps = launch_config(n_cols)
+    pre, cap, slope, kind = transform_args(softcap, scale)
     _ce_backward_kernel[(n_rows,)](
         logits, out, labels, m, lse, coef, n_cols, logits.stride(0), out.stride(0), vocab_start, ignore_index,
-        BLOCK_V=block, num_warps=num_warps,
+        pre, cap, slope, BLOCK_V=block, TRANSFORM=kind, num_warps=num_warps,
     )
 
 
@@ -186,10 +257,14 @@ def _ce_aot_variants(backward: bool) -> list[dict]:
     not; V=128256 (divisible) and V=1000 (not) at their ``launch_config``. Ints are i32 unless the
     value passes 2**31, so one variant takes 64-bit row strides; one takes int32 labels.
     """
-    cases = [(dt, "i64", n, "i32") for dt in ("bf16", "fp16", "fp32") for n in (128256, 1000)]
-    cases += [("bf16", "i32", 128256, "i32"), ("bf16", "i64", 128256, "i64")]
+    cases = [(dt, "i64", n, "i32", NO_TRANSFORM) for dt in ("bf16", "fp16", "fp32") for n in (128256, 1000)]
+    cases += [("bf16", "i32", 128256, "i32", NO_TRANSFORM), ("bf16", "i64", 128256, "i64", NO_TRANSFORM)]
+    # the transform variants (softcap: Gemma's 256k vocabulary is a multiple of 16; logit_scale)
+    cases += [(dt, "i64", 256000, "i32", SOFTCAP) for dt in ("bf16", "fp16", "fp32")]
+    cases += [("bf16", "i64", 1000, "i32", SOFTCAP), ("bf16", "i64", 256000, "i32", SCALE_ONLY),
+              ("fp32", "i64", 1000, "i32", SCALE_ONLY)]
     variants = []
-    for dt, label_ty, n_cols, stride_ty in cases:
+    for dt, label_ty, n_cols, stride_ty, kind in cases:
         block, num_warps = launch_config(n_cols)
         strides = {"stride_row": stride_ty} | ({"grad_stride_row": stride_ty} if backward else {})
         signature = (
@@ -199,7 +274,9 @@ def _ce_aot_variants(backward: bool) -> list[dict]:
             | ({"coef_ptr": "*fp32"} if backward else {"target_ptr": "*fp32"})
             | {"n_cols": "i32"}
             | strides
-            | {"vocab_start": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr"}
+            | {"vocab_start": "i32", "ignore_index": "i32", "pre": "fp32", "cap": "fp32"}
+            | ({"scale": "fp32"} if backward else {})
+            | {"BLOCK_V": "constexpr", "TRANSFORM": "constexpr"}
         )
         divisible = [k for k in signature if k.endswith("_ptr")] + list(strides) + ["vocab_start"]
         if n_cols % 16 == 0:
@@ -207,8 +284,9 @@ def _ce_aot_variants(backward: bool) -> list[dict]:
         else:
             divisible = [k for k in divisible if k not in strides]  # contiguous rows: stride == V
         variants.append({
-            "signature": signature, "constexprs": {"BLOCK_V": block}, "num_warps": num_warps,
-            "divisible_by_16": divisible, "note": f"V={n_cols} labels={label_ty} stride={stride_ty}",
+            "signature": signature, "constexprs": {"BLOCK_V": block, "TRANSFORM": kind}, "num_warps": num_warps,
+            "divisible_by_16": divisible,
+            "note": f"V={n_cols} labels={label_ty} stride={stride_ty}" + ("", " scale", " softcap")[kind],
         })
     return variants
 

@@ -35,6 +35,14 @@ import torch
 from torch import Tensor
 
 from steerlm_kernels.kernels._triton import interpreting, tl, triton
+from steerlm_kernels.kernels.cross_entropy import (
+    NO_TRANSFORM,
+    SCALE_ONLY,
+    SOFTCAP,
+    apply_transform,
+    tanh_sech2,
+    transform_args,
+)
 from steerlm_kernels.kernels.reference import merge_stats
 
 # --------------------------------------------------------------------------------------------
@@ -58,11 +66,14 @@ def _lce_forward_kernel(
     stride_lm_head,  # elements between rows of lm_head_weight
     cols_per_split,  # a multiple of BLOCK_V
     ignore_index,
+    pre,  # fp32: the logit transform's inner factor (kernels.cross_entropy.transform_args)
+    cap,  # fp32: the softcap (TRANSFORM == 2)
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands ("ieee" / "tf32")
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    TRANSFORM: tl.constexpr,  # NO_TRANSFORM / SCALE_ONLY / SOFTCAP (compiled out when 0)
 ):
     """One program = ``BLOCK_N`` rows x one split of the vocabulary (``cols_per_split`` columns).
 
@@ -106,6 +117,8 @@ def _lce_forward_kernel(
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if TRANSFORM != 0:
+            acc = apply_transform(acc, pre, cap, TRANSFORM)
         x = tl.where(col_ok[None, :], acc, float("-inf"))
 
         # target logit: exactly one tile of one split holds it (no race, no atomics)
@@ -142,6 +155,9 @@ def _lce_backward_kernel(
     stride_h,
     stride_lm_head,
     ignore_index,
+    pre,  # fp32: see the forward kernel
+    cap,  # fp32
+    scale,  # fp32: the slope's factor under a softcap
     HAS_BIAS: tl.constexpr,
     GRAD_H: tl.constexpr,
     GRAD_LM: tl.constexpr,
@@ -150,6 +166,7 @@ def _lce_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    TRANSFORM: tl.constexpr,
 ):
     """One program = one ``[BLOCK_N rows, BLOCK_V columns]`` tile of the logits' gradient.
 
@@ -191,8 +208,17 @@ def _lce_backward_kernel(
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     m = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    if TRANSFORM == 1:
+        acc = acc * pre
+    elif TRANSFORM == 2:
+        t, sech2 = tanh_sech2(acc * pre)
+        acc = cap * t
     p = tl.exp((acc - m[:, None]) - lse[:, None])
     g = (p - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)) * coef[:, None]
+    if TRANSFORM == 1:
+        g = g * pre
+    elif TRANSFORM == 2:
+        g = g * (scale * sech2)  # d z'/d z, in float32 before the one rounding below
     g = tl.where(live[:, None] & col_ok[None, :], g, 0.0)  # dead rows are exactly 0, even with NaN logits
 
     if GRAD_B:
@@ -229,7 +255,20 @@ TRITON_BLOCKS: dict[str, tuple[int, int, int, int]] = {
     "fp16": (64, 128, 64, 8),
     "fp32": (64, 64, 16, 4),
 }
+#: The float32 backward tiles under a softcap: the slope keeps a second [BLOCK_N, BLOCK_V] float32
+#: tile live, which at 64x64 spills on sm_80 (16-byte stack, triton 3.9); 32x64 does not (the
+#: forward keeps 64x64: at 32x64 it is ptxas that spills, on sm_90).
+SOFTCAP_FP32_BLOCKS: tuple[int, int, int, int] = (32, 64, 16, 4)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def tile_blocks(dtype_name: str, kind: int, backward: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_V, BLOCK_H, num_warps)`` of a tile kernel for operands of ``dtype_name``
+    under the logit transform ``kind``: :data:`TRITON_BLOCKS`, except the float32 backward with a
+    softcap (:data:`SOFTCAP_FP32_BLOCKS`)."""
+    if backward and dtype_name == "fp32" and kind == SOFTCAP:
+        return SOFTCAP_FP32_BLOCKS
+    return TRITON_BLOCKS[dtype_name]
 #: Programs the forward aims for (rows blocks x vocabulary splits): several waves on an H100.
 TARGET_PROGRAMS = 1024
 
@@ -253,15 +292,14 @@ def linear_ce_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(m[N], lse[N], target[N])`` float32 with the Triton kernel (the backend contract's
     ``ce_forward`` of the logits ``hidden @ lm_head_weight.T + bias``); ignored rows give 0 / 0 / 0."""
-    if softcap is not None or scale is not None:
-        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     hidden, lm_head_weight = _row_major(hidden), _row_major(lm_head_weight)
     n_rows, n_hidden = hidden.shape
     n_vocab = lm_head_weight.shape[0]
     target = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
     if n_rows == 0:
         return target.clone(), target.clone(), target
-    block_n, block_v, block_h, num_warps = TRITON_BLOCKS[_DTYPE_NAMES[hidden.dtype]]
+    pre, cap, _, kind = transform_args(softcap, scale)
+    block_n, block_v, block_h, num_warps = tile_blocks(_DTYPE_NAMES[hidden.dtype], kind, backward=False)
     row_blocks = triton.cdiv(n_rows, block_n)
     v_blocks = triton.cdiv(n_vocab, block_v)
     n_splits = max(1, min(v_blocks, triton.cdiv(TARGET_PROGRAMS, row_blocks)))
@@ -272,8 +310,8 @@ def linear_ce_forward(
     _lce_forward_kernel[(row_blocks, n_splits)](
         hidden, lm_head_weight, lm_head_weight if bias is None else bias, labels, part_m, part_s, target,
         n_rows, n_vocab, n_hidden, hidden.stride(0), lm_head_weight.stride(0), cols_per_split, ignore_index,
-        HAS_BIAS=bias is not None, PRECISION=_precision(hidden.dtype),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=num_warps,
+        pre, cap, HAS_BIAS=bias is not None, PRECISION=_precision(hidden.dtype),
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, TRANSFORM=kind, num_warps=num_warps,
     )
     m, lse = (part_m[0], part_s[0]) if n_splits == 1 else merge_stats(part_m, part_s)
     active = labels != ignore_index
@@ -287,8 +325,6 @@ def linear_ce_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """float32 gradient accumulators ``(grad_hidden [N, H], grad_lm_head [V, H], grad_bias [V])``
     of ``sum(coef * nll)`` from the forward's ``(m, lse)`` (``[0]`` where not needed)."""
-    if softcap is not None or scale is not None:
-        raise NotImplementedError("logit transforms are not implemented in this backend yet")
     hidden, lm_head_weight = _row_major(hidden), _row_major(lm_head_weight)
     n_rows, n_hidden = hidden.shape
     n_vocab = lm_head_weight.shape[0]
@@ -299,14 +335,15 @@ def linear_ce_backward(
     gb = torch.zeros((n_vocab,) if need_b else (0,), dtype=torch.float32, device=dev)
     if n_rows == 0 or not (need_h or need_lm or need_b):
         return gh, glm, gb
-    block_n, block_v, block_h, num_warps = TRITON_BLOCKS[_DTYPE_NAMES[hidden.dtype]]
+    pre, cap, slope, kind = transform_args(softcap, scale)
+    block_n, block_v, block_h, num_warps = tile_blocks(_DTYPE_NAMES[hidden.dtype], kind, backward=True)
     grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_vocab, block_v))
     _lce_backward_kernel[grid](
         hidden, lm_head_weight, lm_head_weight if bias is None else bias, labels, m, lse, coef.float().contiguous(),
         gh, glm, gb,
-        n_rows, n_vocab, n_hidden, hidden.stride(0), lm_head_weight.stride(0), ignore_index,
+        n_rows, n_vocab, n_hidden, hidden.stride(0), lm_head_weight.stride(0), ignore_index, pre, cap, slope,
         HAS_BIAS=bias is not None, GRAD_H=need_h, GRAD_LM=need_lm, GRAD_B=need_b,
-        PRECISION=_precision(hidden.dtype), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+        PRECISION=_precision(hidden.dtype), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, TRANSFORM=kind,
         num_warps=num_warps,
     )
     return gh, glm, gb
@@ -321,13 +358,18 @@ def _lce_aot_variants(backward: bool) -> list[dict]:
     """Compile variants at the default tile shape, one per dtype (plus int32 labels and a
     no-bias / hidden-gradient-only backward). H=4096 and V=128256 are multiples of 16, so sizes
     and row strides are marked 16-divisible as the launcher would; ``ignore_index=-100`` is not."""
-    cases = [(dt, "i64", True, (True, True, True)) for dt in ("bf16", "fp16", "fp32")]
-    cases += [("bf16", "i32", False, (True, True, False))]
+    cases = [(dt, "i64", True, (True, True, True), NO_TRANSFORM) for dt in ("bf16", "fp16", "fp32")]
+    cases += [("bf16", "i32", False, (True, True, False), NO_TRANSFORM)]
     if backward:
-        cases += [("bf16", "i64", False, (True, False, False))]
+        cases += [("bf16", "i64", False, (True, False, False), NO_TRANSFORM)]
+    # the logit transforms (softcap: Gemma; logit_scale: Cohere / Granite)
+    # (fp32 with a bias: the fp32 forward WITHOUT one has a 24-byte stack frame on sm_80 with triton
+    # 3.9, with or without a transform; it predates the transforms)
+    cases += [(dt, "i64", dt == "fp32", (True, True, dt == "fp32"), SOFTCAP) for dt in ("bf16", "fp16", "fp32")]
+    cases += [("bf16", "i64", True, (True, True, True), SCALE_ONLY)]
     variants = []
-    for dt, label_ty, has_bias, (gh, glm, gb) in cases:
-        block_n, block_v, block_h, num_warps = TRITON_BLOCKS[dt]
+    for dt, label_ty, has_bias, (gh, glm, gb), kind in cases:
+        block_n, block_v, block_h, num_warps = tile_blocks(dt, kind, backward)
         sig = {"h_ptr": f"*{dt}", "lm_head_ptr": f"*{dt}", "b_ptr": f"*{dt}", "labels_ptr": f"*{label_ty}"}
         if backward:
             sig |= {"max_ptr": "*fp32", "lse_ptr": "*fp32", "coef_ptr": "*fp32", "gh_ptr": "*fp32", "glm_ptr": "*fp32",
@@ -336,20 +378,23 @@ def _lce_aot_variants(backward: bool) -> list[dict]:
             sig |= {"part_m_ptr": "*fp32", "part_s_ptr": "*fp32", "target_ptr": "*fp32"}
         sig |= {"n_rows": "i32", "n_vocab": "i32", "n_hidden": "i32", "stride_h": "i32", "stride_lm_head": "i32"}
         sig |= {} if backward else {"cols_per_split": "i32"}
-        sig |= {"ignore_index": "i32", "HAS_BIAS": "constexpr"}
+        sig |= {"ignore_index": "i32", "pre": "fp32", "cap": "fp32"} | ({"scale": "fp32"} if backward else {})
+        sig |= {"HAS_BIAS": "constexpr"}
         constexprs: dict = {"HAS_BIAS": has_bias}
         if backward:
             sig |= {"GRAD_H": "constexpr", "GRAD_LM": "constexpr", "GRAD_B": "constexpr"}
             constexprs |= {"GRAD_H": gh, "GRAD_LM": glm, "GRAD_B": gb and has_bias}
-        sig |= {"PRECISION": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr"}
+        sig |= {"PRECISION": "constexpr", "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_H": "constexpr",
+                "TRANSFORM": "constexpr"}
         constexprs |= {"PRECISION": "ieee" if dt == "fp32" else "tf32", "BLOCK_N": block_n, "BLOCK_V": block_v,
-                       "BLOCK_H": block_h}
+                       "BLOCK_H": block_h, "TRANSFORM": kind}
         divisible = [k for k in sig if k.endswith("_ptr")] + ["n_vocab", "n_hidden", "stride_h", "stride_lm_head"]
         divisible += [] if backward else ["cols_per_split"]
         variants.append({
             "signature": sig, "constexprs": constexprs, "num_warps": num_warps, "divisible_by_16": divisible,
             "note": f"labels={label_ty} bias={has_bias}" + (f" grads(h,w,b)={gh:d}{glm:d}{gb and has_bias:d}"
-                                                              if backward else ""),
+                                                              if backward else "")
+            + ("", " scale", " softcap")[kind],
         })
     return variants
 
