@@ -392,3 +392,39 @@ def test_loss_mask_gradient_is_zero_where_masked_and_nll_elsewhere(backend, devi
     nll_lin = ref.token_nll(hidden @ w_lm.T, labels).float()
     torch.testing.assert_close(mask.grad, torch.where(masked, 0.0, nll_lin * (weight / normalizer)[:, None]),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_linear_cross_entropy_triton_tiles_strategy(device, monkeypatch):
+    """The Triton tile kernels (``STEERLM_KERNELS_LINEAR=tiles``) under the drop-in options."""
+    from tests.conftest import require_backend
+
+    require_backend("triton", device)
+    monkeypatch.setenv(sk.registry.LINEAR_ENV_VAR, "tiles")
+    hidden, weight, bias, target, w_tok = _case(device)
+    for eps, zl, reduction in ((0.1, 0.0, "mean"), (0.1, 1e-2, "none")):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        got = sk.linear_cross_entropy(*leaves[:2], target, leaves[2], label_smoothing=eps, z_loss=zl,
+                                      weight_per_token=w_tok, reduction=reduction, backend="triton")
+        refs = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+        want = ref_loss(refs[0] @ refs[1].T + refs[2], target, eps=eps, z_loss=zl, w=w_tok, reduction=reduction)
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+        got.sum().backward()
+        want.sum().backward()
+        for g, r in zip(leaves, refs):
+            torch.testing.assert_close(g.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cross_entropy_low_precision(backend, device, dtype):
+    logits = (torch.randn(3, 5, 37, device=device) * 3).to(dtype)
+    target = torch.randint(0, 37, (3, 5), device=device)
+    x = logits.clone().requires_grad_()
+    got = sk.cross_entropy(x, target, label_smoothing=0.1, z_loss=1e-2, reduction="sum", backend=backend)
+    xd = logits.double().requires_grad_()
+    want = ref_loss(xd, target, eps=0.1, z_loss=1e-2, reduction="sum")
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-4)
+    got.backward()
+    want.backward()
+    assert x.grad.dtype == dtype
+    # the kernel's rounded gradient plus the label-column / uniform terms: two roundings at most
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=2 * grad_tolerances(dtype)["rtol"], atol=2e-3)

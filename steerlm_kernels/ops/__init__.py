@@ -6,6 +6,8 @@
 * :mod:`.linear_cross_entropy` - fused linear cross entropy (custom ops + autograd), running
   :mod:`.linear_chunks` (chunks of rows: library GEMMs + the backend's CE kernels) or the Triton
   tile kernels.
+* :mod:`.dropin` - per-token ``(nll, lse, zsum)`` autograd of the drop-in cross entropies.
+* :mod:`.token_logprobs` - per-token log-probabilities and entropy from hidden states.
 
 Every op takes the resolved backend name and runs that backend's kernels
 (:func:`steerlm_kernels.registry.backend_kernels`).
