@@ -159,6 +159,22 @@ def jit_problem() -> str | None:
     return None
 
 
+def import_cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its ``No CUDA runtime is found, using
+    CUDA_HOME=...`` warning (logged at import by a CUDA build of torch on a machine without a GPU:
+    every CPU process that loads the cached build printed it; the CPU extension needs no CUDA)."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def jit_load() -> ModuleType:
     """Build the CPU extension with ``torch.utils.cpp_extension.load`` into :func:`cache_dir`
     (or load the cached build) and return the module. Several processes calling this at once
@@ -170,8 +186,7 @@ def jit_load() -> ModuleType:
     """
     import fcntl
 
-    from torch.utils import cpp_extension
-
+    cpp_extension = import_cpp_extension()
     problem = jit_problem()
     if problem is not None:
         raise ImportError(f"cannot build the cpp extension on first use: {problem}")
