@@ -97,8 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--val-data", default=None, help="validation JSONL file (loss and distance every --eval-every steps)")
     a("--val-fraction", type=float, default=None, help="hold out this fraction of --data's groups for validation")
     a("--eval-every", type=int, default=None,
-      help="steps between validations; needs --val-data or --val-fraction (default: 100 for a model directory, "
-           "20 for the built-in models)")
+      help="steps between validations; needs validation data, --val-data or --val-fraction (default: 100 for a "
+           "model directory, 20 for the built-in models)")
     a("--model", default="tiny", help="a local Hugging Face model directory, or a built-in Llama trained from "
       "scratch with the byte tokenizer: tiny (the default; the one-minute CPU run) or small (larger; slower on "
       "CPU)")
