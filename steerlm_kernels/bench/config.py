@@ -16,7 +16,7 @@ import torch
 from steerlm_kernels import registry
 from steerlm_kernels.bench import ce, group, harness, linear
 
-SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers", "score", "train")
+SECTIONS: tuple[str, ...] = ("ce", "linear", "group", "dist", "peers", "score", "train", "dropin")
 #: ``--grid``: the shapes besides the main one (``main``: none; ``make gpu-check QUICK=1`` uses it).
 GRIDS: tuple[str, ...] = ("cross", "product", "main")
 CPU = {

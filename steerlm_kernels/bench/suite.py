@@ -11,6 +11,8 @@ Sections (``--sections``, default all):
             and peak extra memory (:mod:`.score`).
 ``train``   one full SteerLM 2.0 step at V = 128,256: ours fused / ours logits / NeMo-style eager,
             step time, tokens/s, peak extra memory (each row in its own process; :mod:`.train_step`).
+``dropin``  a Hugging Face ``Trainer`` SFT step at V = 128,256 unpatched / ``hf.patch`` / Liger / CCE /
+            ``F.linear_cross_entropy``, and the loss op alone (each row in its own process; :mod:`.dropin`).
 ``peers``   Liger-Kernel and Cut Cross-Entropy against our values (:mod:`.peers`).
             On CPU the peers run only under the Triton interpreter, in a subprocess with
             ``TRITON_INTERPRET=1``: correctness only, never speed. On CUDA they are also timed in
@@ -52,6 +54,7 @@ import torch
 import steerlm_kernels as sk
 from steerlm_kernels import memory, registry
 from steerlm_kernels.bench import ce, dist, group, harness, linear, peers, peers_check
+from steerlm_kernels.bench import dropin as dropin_section
 from steerlm_kernels.bench import score as score_section
 from steerlm_kernels.bench import train_step as train_section
 from steerlm_kernels.bench.config import SECTIONS, Config, add_arguments, resolve_config
@@ -328,6 +331,12 @@ def benchmark(
                                                    memory_budget=cfg.memory_budget, log=log)
         except Exception as exc:
             train_result = {"error": harness.error_text(exc)}
+    dropin_result = None
+    if "dropin" in cfg.sections and not ses.out_of_time("dropin"):
+        try:
+            dropin_result = dropin_section.run_dropin(cfg.device, quick=cfg.quick, seed=cfg.seed, log=log)
+        except Exception as exc:
+            dropin_result = {"error": harness.error_text(exc)}
     if "ce" in cfg.sections:
         run_ce(ses, grid=True)
     if "linear" in cfg.sections:
@@ -339,8 +348,10 @@ def benchmark(
         table += "\n\n" + "\n".join(score_section.markdown(score_result))
     if train_result is not None:
         table += "\n\n" + "\n".join(train_section.markdown(train_result))
+    if dropin_result is not None:
+        table += "\n\n" + "\n".join(dropin_section.markdown(dropin_result))
     return {"meta": meta, "rows": [asdict(r) for r in rows], "peers": peers_result, "dist": dist_result,
-            "score": score_result, "train": train_result, "table": table, "_rows": rows}
+            "score": score_result, "train": train_result, "dropin": dropin_result, "table": table, "_rows": rows}
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -378,6 +389,9 @@ def run(ns: argparse.Namespace) -> int:
     train_res = result.get("train") or {}
     section_bad += [f"train: {train_res['error']}"] if train_res.get("error") else []
     section_bad += ["train: a row failed or disagrees with eager"] if train_res.get("agrees") is False else []
+    dropin_res = result.get("dropin") or {}
+    section_bad += [f"dropin: {dropin_res['error']}"] if dropin_res.get("error") else []
+    section_bad += ["dropin: a row failed or disagrees"] if dropin_res.get("agrees") is False else []
     if loud or peer_bad or section_bad:
         print()
         print("!" * 78)
@@ -394,7 +408,7 @@ def run(ns: argparse.Namespace) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         payload = {"meta": result["meta"], "rows": result["rows"], "peers": result["peers"], "dist": result["dist"],
-                   "score": result["score"], "train": result.get("train")}
+                   "score": result["score"], "train": result.get("train"), "dropin": result.get("dropin")}
         (out / "bench.json").write_text(json.dumps(payload, indent=2))
         (out / "bench.md").write_text(result["table"] + "\n")
         plots = write_plots(rows, result["meta"], out) if cfg.plots else []

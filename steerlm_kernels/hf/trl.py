@@ -39,10 +39,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import trl
 from torch import Tensor
 from torch.distributed.tensor import DTensor
-from trl.trainer.utils import FusedCausalLMOutput
+
+try:
+    import trl
+    from trl.trainer.utils import FusedCausalLMOutput
+except ImportError as exc:  # pragma: no cover - exercised only without TRL
+    raise ImportError(f"steerlm_kernels.hf.trl needs TRL >= 1.16 (pip install 'trl>=1.16'): {exc}") from exc
 
 from steerlm_kernels import linear_token_logprobs
 from steerlm_kernels.hf.heads import LogitTransform, find_head
