@@ -181,8 +181,8 @@ def _finish(nll: Tensor, lse: Tensor, zsum: Tensor, labels: Tensor, weights: Ten
         loss = (1.0 - eps) * nll + eps * (lse - zsum / n_vocab)
     if opts.z_loss > 0:
         loss = loss + opts.z_loss * lse * lse
-    if weights is not None:
-        loss = loss * weights.float()
+    if weights is not None:  # read only at non-ignored tokens (a NaN weight there stays out)
+        loss = loss * torch.where(valid, weights.float(), 0.0)
     loss = torch.where(valid, loss, 0.0)
     if opts.reduction == "none":
         out = _unshift(loss.view(shape), opts)

@@ -428,3 +428,40 @@ def test_cross_entropy_low_precision(backend, device, dtype):
     assert x.grad.dtype == dtype
     # the kernel's rounded gradient plus the label-column / uniform terms: two roundings at most
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=2 * grad_tolerances(dtype)["rtol"], atol=2e-3)
+
+
+def test_weights_and_values_at_ignored_tokens_are_never_read(device):
+    """A NaN / inf per-token weight (or hidden row) at an ignored token changes nothing."""
+    hidden, weight, bias, target, w_tok = _case(device)
+    h_bad, w_bad = hidden.clone(), w_tok.clone()
+    h_bad[0, 1], w_bad[0, 1], w_bad[1, 3] = float("nan"), float("nan"), float("inf")  # both ignored
+    for reduction, zl in (("mean", 0.0), ("none", 1e-2)):  # the fused and the recomputing paths
+        a = [t.clone().requires_grad_() for t in (hidden, w_tok, weight)]
+        b = [t.clone().requires_grad_() for t in (h_bad, w_bad, weight)]
+        good = sk.linear_cross_entropy(a[0], a[2], target, bias, weight_per_token=a[1], reduction=reduction,
+                                       label_smoothing=0.1, z_loss=zl)
+        bad = sk.linear_cross_entropy(b[0], b[2], target, bias, weight_per_token=b[1], reduction=reduction,
+                                      label_smoothing=0.1, z_loss=zl)
+        assert torch.equal(good, bad)
+        good.sum().backward()
+        bad.sum().backward()
+        for x, y in zip(a, b):
+            assert torch.isfinite(y.grad).all()
+            torch.testing.assert_close(y.grad, x.grad.masked_fill(~torch.isfinite(y), 0.0), rtol=1e-6, atol=1e-7)
+
+
+def test_logits_nan_rows_at_ignored_tokens_stay_out(backend, device):
+    logits = torch.randn(2, 6, 37, device=device) * 3
+    target = _case(device)[3]
+    bad = logits.clone()
+    bad[0, 1] = float("nan")  # target[0, 1] is ignored
+    outs = []
+    for x0 in (logits, bad):
+        x = x0.clone().requires_grad_()
+        loss = _transform_or_skip(lambda x=x: sk.cross_entropy(x, target, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
+                                                           backend=backend))
+        loss.backward()
+        outs.append((loss.detach(), x.grad))
+    assert torch.isfinite(outs[1][1]).all()
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0, atol=0)

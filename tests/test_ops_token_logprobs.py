@@ -203,3 +203,20 @@ def test_bad_tensors_name_the_argument():
         sk.linear_token_logprobs(hidden, weight, labels, bias=bias[:4])
     with pytest.raises(IndexError):
         sk.linear_token_logprobs(hidden, weight, torch.full_like(labels, 41))
+
+
+def test_nan_rows_at_ignored_labels_stay_out():
+    """A NaN hidden row whose label is ignored changes no other value or gradient."""
+    hidden, weight, bias, labels = _case("cpu")
+    labels[0, 3] = IGNORE
+    bad = hidden.clone()
+    bad[0, 3] = float("nan")
+    outs = []
+    for h0 in (hidden, bad):
+        h, w = h0.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp, ent = sk.linear_token_logprobs(h, w, labels, return_entropy=True, softcap=3.0)
+        (lp.sum() + ent.sum()).backward()
+        outs.append((lp.detach(), ent.detach(), h.grad, w.grad))
+    for x, y in zip(*outs):
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, x, rtol=0, atol=0)

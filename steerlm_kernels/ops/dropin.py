@@ -183,7 +183,8 @@ class CEStatsFunction(torch.autograd.Function):
                     x = logits[a:a + step].float()
                     t = torch.tanh(x * (float(transform[1] or 1.0) / transform[0]))
                     slope = (1.0 - t * t) * float(transform[1] or 1.0)
-                    grad[a:a + step] = (grad[a:a + step].float() + g[a:a + step, None] * slope).to(grad.dtype)
+                    add = torch.where(g[a:a + step, None] != 0, g[a:a + step, None] * slope, 0.0)  # ignored: unread
+                    grad[a:a + step] = (grad[a:a + step].float() + add).to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -226,10 +227,11 @@ def _add_corrections(grads: tuple[Tensor, Tensor, Tensor], need: tuple[bool, boo
         gh = (gh.float() + extra).to(hidden.dtype)
     if need_w:
         gw32 = gw.float()
+        h32 = torch.where((labels != ignore_index).unsqueeze(1), hidden.float(), 0.0)  # ignored rows never read
         if corr is not None:
-            gw32 = gw32.index_add_(0, local, corr.unsqueeze(1) * hidden.float())
+            gw32 = gw32.index_add_(0, local, corr.unsqueeze(1) * h32)
         if g is not None:
-            gw32 += (g @ hidden.float()).unsqueeze(0)
+            gw32 += (g @ h32).unsqueeze(0)
         gw = gw32.to(weight.dtype)
     if need_b:
         gb32 = gb.float()

@@ -122,9 +122,10 @@ def token_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | No
             g.mul_(slope)
         elif inv_temp != 1.0:
             g.mul_(inv_temp)
-        g_cd = g.to(cd)
+        idle = ((g_lp[a:e] == 0) & (g_h[a:e] == 0)).unsqueeze(1)  # rows without gradient: their values unread
+        g_cd = g.masked_fill_(idle, 0.0).to(cd)
         gh[a:e] = torch.mm(g_cd, w).to(hidden.dtype)
-        gw += torch.mm(g_cd.t(), h_c).float()
+        gw += torch.mm(g_cd.t(), h_c.masked_fill(idle, 0.0)).float()
         if bias is not None:
             gb += g.sum(dim=0)
     return gh, gw.to(weight.dtype), gb.to(weight.dtype)
