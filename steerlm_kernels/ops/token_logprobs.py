@@ -30,6 +30,7 @@ needs no communication and ``grad_hidden`` is this rank's partial (sum it over t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,37 +60,61 @@ def _chunk_u(h_c: Tensor, w: Tensor, b: Tensor | None, inv_temp: float, softcap:
     return z * inv_temp if inv_temp != 1.0 else z, slope
 
 
-def _bounds(n: int, n_vocab: int, chunk_rows: int, device: torch.device) -> list[tuple[int, int]]:
-    step = chunk_rows if chunk_rows > 0 else default_chunk_rows(n_vocab, device)
-    return even_bounds(n, max(1, min(step, n))) if n else []
+def _row_chunks(active: Tensor, n_vocab: int, chunk_rows: int) -> Iterator[Tensor | slice]:
+    """Row selections of at most ``chunk_rows`` rows (default: 256 MiB of float32 logits) covering
+    the ``active`` rows. On CPU only those rows are gathered (ignored tokens cost no matmul); on
+    other devices plain slices over every row (no host sync), the caller masking the rest."""
+    n = active.shape[0]
+    step = chunk_rows if chunk_rows > 0 else default_chunk_rows(n_vocab, active.device)
+    if active.device.type == "cpu":
+        idx = active.nonzero().squeeze(1)
+        if idx.numel() != n:
+            for a, e in (even_bounds(idx.numel(), max(1, min(step, idx.numel()))) if idx.numel() else []):
+                yield idx[a:e]
+            return
+    for a, e in (even_bounds(n, max(1, min(step, n))) if n else []):
+        yield slice(a, e)
+
+
+def _take(x: Tensor, sel: Tensor | slice) -> Tensor:
+    return x.index_select(0, sel) if isinstance(sel, Tensor) else x[sel]
+
+
+def _put(dst: Tensor, sel: Tensor | slice, src: Tensor) -> None:
+    if isinstance(sel, Tensor):
+        dst.index_copy_(0, sel, src.to(dst.dtype))
+    else:
+        dst[sel] = src
 
 
 @torch.library.custom_op("steerlm_kernels::token_logprobs_stats", mutates_args=())
-def token_logprobs_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, inv_temp: float,
-                            softcap: float | None, chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(m, lse, target, mean)`` ``[N]`` float32 of ``u`` (see the module docstring)."""
+def token_logprobs_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+                            inv_temp: float, softcap: float | None,
+                            chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(m, lse, target, mean)`` ``[N]`` float32 of ``u`` (see the module docstring); rows whose
+    label is ``ignore_index`` give 0 (on CPU they are not computed)."""
     n, n_vocab = hidden.shape[0], weight.shape[0]
     cd = _compute_dtype(hidden)
     w = weight.to(cd)
     b = None if bias is None else bias.to(cd)
     out = [torch.zeros(n, dtype=torch.float32, device=hidden.device) for _ in range(4)]
-    for a, e in _bounds(n, n_vocab, chunk_rows, hidden.device):
-        u, _ = _chunk_u(hidden[a:e].to(cd), w, b, inv_temp, softcap)
+    for sel in _row_chunks(labels != ignore_index, n_vocab, chunk_rows):
+        u, _ = _chunk_u(_take(hidden, sel).to(cd), w, b, inv_temp, softcap)
         m = u.max(dim=1).values
         u.sub_(m.unsqueeze(1))  # u - m, in place
-        y = labels[a:e].long()
+        y = _take(labels, sel).long()
         inside = (y >= 0) & (y < n_vocab)
         target = torch.where(inside, u.gather(1, y.clamp(0, n_vocab - 1).unsqueeze(1)).squeeze(1) + m, 0.0)
         p = u.exp()
         s = p.sum(dim=1)
         mean = (p * u).sum(dim=1) / s
         for dst, src in zip(out, (m, s.log(), target, mean), strict=True):
-            dst[a:e] = src
+            _put(dst, sel, src)
     return tuple(out)  # type: ignore[return-value]
 
 
 @token_logprobs_stats_op.register_fake
-def _(hidden, weight, bias, labels, inv_temp, softcap, chunk_rows):
+def _(hidden, weight, bias, labels, ignore_index, inv_temp, softcap, chunk_rows):
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
 
 
@@ -98,33 +123,36 @@ def token_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | No
                                lse: Tensor, mean: Tensor, g_lp: Tensor, g_h: Tensor, inv_temp: float,
                                softcap: float | None, chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of ``sum(g_lp * logprob + g_h * entropy)`` w.r.t. ``(hidden, weight, bias)`` from the
-    global stats ``(m, lse, mean)``; the logits are recomputed chunk by chunk. ``grad_bias`` is
-    ``[0]`` without a bias."""
-    n, n_vocab = hidden.shape[0], weight.shape[0]
+    global stats ``(m, lse, mean)``; the logits are recomputed chunk by chunk, for the rows with a
+    non-zero upstream gradient only (the others' values are never read). ``grad_bias`` is ``[0]``
+    without a bias."""
+    n_vocab = weight.shape[0]
     cd = _compute_dtype(hidden)
     w = weight.to(cd)
     b = None if bias is None else bias.to(cd)
     gh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     gb = torch.zeros(n_vocab if bias is not None else 0, dtype=torch.float32, device=weight.device)
-    for a, e in _bounds(n, n_vocab, chunk_rows, hidden.device):
-        h_c = hidden[a:e].to(cd)
+    busy = (g_lp != 0) | (g_h != 0)
+    for sel in _row_chunks(busy, n_vocab, chunk_rows):
+        h_c = _take(hidden, sel).to(cd)
+        g_lp_c, g_h_c = _take(g_lp, sel).unsqueeze(1), _take(g_h, sel).unsqueeze(1)
         u, slope = _chunk_u(h_c, w, b, inv_temp, softcap)
-        u.sub_(m[a:e].unsqueeze(1))  # u - m
-        p = (u - lse[a:e].unsqueeze(1)).exp_()
+        u.sub_(_take(m, sel).unsqueeze(1))  # u - m
+        p = (u - _take(lse, sel).unsqueeze(1)).exp_()
         # d/du = g_lp (onehot - p) - g_h p ((u - m) - mean)
-        g = u.sub_(mean[a:e].unsqueeze(1)).mul_(p).mul_(-g_h[a:e].unsqueeze(1))
-        g.sub_(p.mul_(g_lp[a:e].unsqueeze(1)))
-        y = labels[a:e].long()
-        inside = (y >= 0) & (y < n_vocab)
-        g.scatter_add_(1, y.clamp(0, n_vocab - 1).unsqueeze(1), torch.where(inside, g_lp[a:e], 0.0).unsqueeze(1))
+        g = u.sub_(_take(mean, sel).unsqueeze(1)).mul_(p).mul_(-g_h_c)
+        g.sub_(p.mul_(g_lp_c))
+        y = _take(labels, sel).long()
+        inside = ((y >= 0) & (y < n_vocab)).unsqueeze(1)
+        g.scatter_add_(1, y.clamp(0, n_vocab - 1).unsqueeze(1), torch.where(inside, g_lp_c, 0.0))
         if slope is not None:
             g.mul_(slope)
         elif inv_temp != 1.0:
             g.mul_(inv_temp)
-        idle = ((g_lp[a:e] == 0) & (g_h[a:e] == 0)).unsqueeze(1)  # rows without gradient: their values unread
+        idle = ~_take(busy, sel).unsqueeze(1)  # (slices) rows without gradient: their values unread
         g_cd = g.masked_fill_(idle, 0.0).to(cd)
-        gh[a:e] = torch.mm(g_cd, w).to(hidden.dtype)
+        _put(gh, sel, torch.mm(g_cd, w))
         gw += torch.mm(g_cd.t(), h_c.masked_fill(idle, 0.0)).float()
         if bias is not None:
             gb += g.sum(dim=0)
@@ -166,7 +194,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
                 temperature: float, softcap: float | None, chunk_rows: int,
                 process_group: Any) -> tuple[Tensor, Tensor]:
         inv_temp = 1.0 / temperature
-        m, lse, target, mean = token_logprobs_stats_op(hidden, weight, bias, labels, inv_temp, softcap, chunk_rows)
+        m, lse, target, mean = token_logprobs_stats_op(hidden, weight, bias, labels, ignore_index, inv_temp, softcap,
+                                                       chunk_rows)
         if process_group is not None:
             m, lse, target, mean = combine_logprob_partials(m, lse, target, mean, weight.shape[0], process_group)
         ignored = labels == ignore_index
