@@ -16,22 +16,26 @@
 namespace {
 
 // The pybind entry points pick the CPU or (when built) CUDA kernels by the logits' device.
+// softcap (0: none) and scale (1: none) are the logit transform of the registry's contract.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward(const at::Tensor& logits, const at::Tensor& labels,
-                                                          int64_t vocab_start, int64_t ignore_index) {
+                                                          int64_t vocab_start, int64_t ignore_index, double softcap,
+                                                          double scale) {
 #ifdef SK_WITH_CUDA
-  if (logits.is_cuda()) return steerlm::ce_forward_cuda_op(logits, labels, vocab_start, ignore_index);
+  if (logits.is_cuda()) return steerlm::ce_forward_cuda_op(logits, labels, vocab_start, ignore_index, softcap, scale);
 #endif
-  return steerlm::ce_forward_cpu(logits, labels, vocab_start, ignore_index);
+  return steerlm::ce_forward_cpu(logits, labels, vocab_start, ignore_index, softcap, scale);
 }
 
 void ce_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& m, const at::Tensor& lse,
-                 const at::Tensor& coef, int64_t vocab_start, int64_t ignore_index, const at::Tensor& out) {
+                 const at::Tensor& coef, int64_t vocab_start, int64_t ignore_index, const at::Tensor& out,
+                 double softcap, double scale) {
 #ifdef SK_WITH_CUDA
   if (logits.is_cuda()) {
-    return steerlm::ce_backward_cuda_op(logits, labels, m, lse, coef, vocab_start, ignore_index, out);
+    return steerlm::ce_backward_cuda_op(logits, labels, m, lse, coef, vocab_start, ignore_index, out, softcap,
+                                        scale);
   }
 #endif
-  steerlm::ce_backward_cpu(logits, labels, m, lse, coef, vocab_start, ignore_index, out);
+  steerlm::ce_backward_cpu(logits, labels, m, lse, coef, vocab_start, ignore_index, out, softcap, scale);
 }
 
 at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& cu_seqlens) {
@@ -43,17 +47,20 @@ at::Tensor segment_sum(const at::Tensor& x, const at::Tensor& cu_seqlens) {
 
 // Dispatcher form of ce_backward: returns nothing, mutates `out`.
 void ce_backward_op(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& m, const at::Tensor& lse,
-                    const at::Tensor& coef, int64_t vocab_start, int64_t ignore_index, at::Tensor out) {
-  steerlm::ce_backward_cpu(logits, labels, m, lse, coef, vocab_start, ignore_index, out);
+                    const at::Tensor& coef, int64_t vocab_start, int64_t ignore_index, at::Tensor out, double softcap,
+                    double scale) {
+  steerlm::ce_backward_cpu(logits, labels, m, lse, coef, vocab_start, ignore_index, out, softcap, scale);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(steerlm_kernels_C, m) {
-  m.def("ce_forward(Tensor logits, Tensor labels, int vocab_start, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ce_forward(Tensor logits, Tensor labels, int vocab_start, int ignore_index, float softcap=0.0, "
+      "float scale=1.0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "ce_backward(Tensor logits, Tensor labels, Tensor m, Tensor lse, Tensor coef, int vocab_start, "
-      "int ignore_index, Tensor(a!) out) -> ()");
+      "int ignore_index, Tensor(a!) out, float softcap=0.0, float scale=1.0) -> ()");
   m.def("segment_sum(Tensor x, Tensor cu_seqlens) -> Tensor");
   m.def("group_softmax(Tensor x, Tensor cu_groups) -> Tensor");
   m.def("steerlm2_weights(Tensor seq_nll, Tensor log_q, Tensor ws, Tensor cu_groups) -> (Tensor, Tensor, Tensor)");
@@ -72,11 +79,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ce_forward", &ce_forward, "(m[N], lse[N], target[N]) float32 of logits [N, V]: row max, "
         "log-sum-exp relative to it, target logit",
         py::arg("logits"), py::arg("labels"), py::arg("vocab_start"), py::arg("ignore_index"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("softcap") = 0.0, py::arg("scale") = 1.0, py::call_guard<py::gil_scoped_release>());
   m.def("ce_backward", &ce_backward,
         "out = (exp((logits - m) - lse) - onehot) * coef row by row; out may be logits", py::arg("logits"),
         py::arg("labels"), py::arg("m"), py::arg("lse"), py::arg("coef"), py::arg("vocab_start"), py::arg("ignore_index"),
-        py::arg("out"), py::call_guard<py::gil_scoped_release>());
+        py::arg("out"), py::arg("softcap") = 0.0, py::arg("scale") = 1.0, py::call_guard<py::gil_scoped_release>());
   m.def("segment_sum", &segment_sum, "y[b] = sum(x[cu[b]:cu[b+1]]), bounds clamped",
         py::arg("x"), py::arg("cu_seqlens"), py::call_guard<py::gil_scoped_release>());
   // The group ops are CPU-only (CUDA tensors go to the Triton kernels of ops/group.py).

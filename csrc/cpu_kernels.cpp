@@ -162,6 +162,66 @@ inline float hmax(const Vec& v) {
   return m;
 }
 
+// ---- the logit transform (softcap / logit_scale) -----------------------------------------------
+//
+// z' = cap * tanh(pre * x) (K = 2: a softcap, pre = scale / cap) or pre * x (K = 1: a scale
+// only, pre = scale), dz'/dx = scale * sech^2(pre * x) or pre. K is a template parameter: the
+// plain kernels (K = 0) compile exactly as before.
+struct Xform {
+  float pre = 1.f;    // the factor inside
+  float cap = 0.f;    // the softcap (K = 2)
+  float scale = 1.f;  // the slope's factor (K = 2)
+};
+
+// (tanh y, sech^2 y) lane-wise, as the Triton kernels compute them: e = exp(-2|y|) (never
+// overflows), tanh|y| = (1 - e) / (1 + e), sech^2 = 4e / (1 + e)^2 (no cancellation as tanh
+// saturates); below |y| = 0.2 the odd Taylor series to y^7 (1 - e cancels there). NaN gives NaN.
+inline void vtanh_sech2(const Vec& y, Vec& t, Vec& s2) {
+  const Vec a = y.abs();
+  const Vec e = vexp(a * Vec(-2.f));
+  const Vec one_e = Vec(1.f) + e;
+  const Vec a2 = a * a;
+  const Vec series = a + a * a2 * (Vec(-0.333333333333f) + a2 * (Vec(0.133333333333f) + a2 * Vec(-0.0539682539683f)));
+  Vec ta = Vec::blendv((Vec(1.f) - e) / one_e, series, a < Vec(0.2f));
+  t = Vec::blendv(ta, ta.neg(), y < Vec(0.f));
+  s2 = (Vec(4.f) * e) / (one_e * one_e);
+}
+
+// z' of x, and (with `slope`) dz'/dx, lane-wise.
+template <int K>
+inline Vec vtransform(const Vec& x, const Xform& f, Vec* slope = nullptr) {
+  if constexpr (K == 0) {
+    return x;
+  } else if constexpr (K == 1) {
+    if (slope) *slope = Vec(f.pre);
+    return x * Vec(f.pre);
+  } else {
+    Vec t, s2;
+    vtanh_sech2(x * Vec(f.pre), t, s2);
+    if (slope) *slope = s2 * Vec(f.scale);
+    return t * Vec(f.cap);
+  }
+}
+
+// The same for one value (the lane-wise code on a broadcast: every element, vector or tail,
+// goes through the same arithmetic).
+template <int K>
+inline float transform1(float x, const Xform& f, float* slope = nullptr) {
+  if constexpr (K == 0) {
+    return x;
+  } else {
+    Vec sv;
+    const Vec z = vtransform<K>(Vec(x), f, &sv);
+    alignas(64) float lanes[kW];
+    if (slope) {
+      sv.store(lanes);
+      *slope = lanes[0];
+    }
+    z.store(lanes);
+    return lanes[0];
+  }
+}
+
 // ---- per-row kernels --------------------------------------------------------------------------
 
 // The statistics of one row, relative to its max: m = max(x) (0 for a row of -inf only) and
@@ -176,8 +236,8 @@ struct RowStats {
   float lse;
 };
 
-template <typename T>
-RowStats row_stats(const T* x, int64_t V, float* buf) {
+template <int K, typename T>
+RowStats row_stats(const T* x, int64_t V, float* buf, const Xform& f) {
   float m = kNegInf;
   Vec acc(0.f);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
@@ -185,12 +245,16 @@ RowStats row_stats(const T* x, int64_t V, float* buf) {
     int64_t nv = len / kW * kW;
     Vec vmax(kNegInf);
     for (int64_t j = 0; j < nv; j += kW) {
-      Vec v = load_f32(x + c0 + j);
+      Vec v = vtransform<K>(load_f32(x + c0 + j), f);
       v.store(buf + j);
       vmax = fast_max(vmax, v);
     }
     if (nv < len) {  // tail: widen scalar-wise, pad the last vector with -inf (exp -> 0)
       for (int64_t j = nv; j < len; ++j) buf[j] = static_cast<float>(x[c0 + j]);
+      if constexpr (K != 0) {  // transform the tail's lanes as whole vectors, then pad (softcap(-inf) = -cap)
+        for (int64_t j = len; j < nv + kW; ++j) buf[j] = 0.f;
+        vtransform<K>(Vec::loadu(buf + nv), f).store(buf + nv);
+      }
       for (int64_t j = len; j < nv + kW; ++j) buf[j] = kNegInf;
       vmax = fast_max(vmax, Vec::loadu(buf + nv));
       nv += kW;
@@ -224,18 +288,32 @@ RowStats row_stats(const T* x, int64_t V, float* buf) {
 // x - m is exact for every logit that matters (Sterbenz), so a large common offset costs nothing.
 // x[local] is read before the row is written, and every vector is read before it is stored, so
 // out == x (in place) is safe.
-template <typename T>
-void row_grad(const T* x, T* out, int64_t V, float m, float lse, float c, int64_t local) {
-  const float x_local = local >= 0 ? static_cast<float>(x[local]) : 0.f;
+// With a transform (K != 0): z' = transform(x) replaces x, and each element is multiplied by its
+// slope dz'/dx, in float32 before the single rounding.
+template <int K, typename T>
+void row_grad(const T* x, T* out, int64_t V, float m, float lse, float c, int64_t local, const Xform& f) {
+  float slope_local = 1.f;
+  const float x_local = local >= 0 ? transform1<K>(static_cast<float>(x[local]), f, &slope_local) : 0.f;
   const Vec mv(m), lv(lse), cv(c);
   int64_t j = 0;
   for (; j + 2 * kW <= V; j += 2 * kW) {
-    const Vec a = vexp((load_f32(x + j) - mv) - lv) * cv;
-    const Vec b = vexp((load_f32(x + j + kW) - mv) - lv) * cv;
-    store_2x(out + j, a, b);
+    if constexpr (K == 0) {
+      const Vec a = vexp((load_f32(x + j) - mv) - lv) * cv;
+      const Vec b = vexp((load_f32(x + j + kW) - mv) - lv) * cv;
+      store_2x(out + j, a, b);
+    } else {
+      Vec sa, sb;
+      const Vec za = vtransform<K>(load_f32(x + j), f, &sa);
+      const Vec zb = vtransform<K>(load_f32(x + j + kW), f, &sb);
+      store_2x(out + j, vexp((za - mv) - lv) * cv * sa, vexp((zb - mv) - lv) * cv * sb);
+    }
   }
-  for (; j < V; ++j) out[j] = static_cast<T>(std::exp((static_cast<float>(x[j]) - m) - lse) * c);
-  if (local >= 0) out[local] = static_cast<T>((std::exp((x_local - m) - lse) - 1.f) * c);
+  for (; j < V; ++j) {
+    float sj = 1.f;
+    const float zj = transform1<K>(static_cast<float>(x[j]), f, &sj);
+    out[j] = static_cast<T>(std::exp((zj - m) - lse) * c * sj);
+  }
+  if (local >= 0) out[local] = static_cast<T>((std::exp((x_local - m) - lse) - 1.f) * c * slope_local);
 }
 
 // Label of row i as int64 (labels are int32 or int64, contiguous).
@@ -248,6 +326,26 @@ struct Labels {
   }
   int64_t operator[](int64_t i) const { return i64 ? i64[i] : static_cast<int64_t>(i32[i]); }
 };
+
+// The transform's kernel parameters from the contract's (softcap, scale): softcap 0 = none,
+// scale 1 = none (pre = scale / softcap rounded once to float32, as the Triton launchers do).
+Xform make_xform(double softcap, double scale, int& kind) {
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "softcap must be finite and >= 0 (0: none), got ", softcap);
+  TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "scale must be finite and > 0, got ", scale);
+  Xform f;
+  if (softcap > 0.0) {
+    kind = 2;
+    f.pre = static_cast<float>(scale / softcap);
+    f.cap = static_cast<float>(softcap);
+    f.scale = static_cast<float>(scale);
+  } else if (scale != 1.0) {
+    kind = 1;
+    f.pre = static_cast<float>(scale);
+  } else {
+    kind = 0;
+  }
+  return f;
+}
 
 // Threads for `elems` units of work: 1 for small problems (no fork/join cost), else torch's
 // intra-op thread count (torch.set_num_threads is honoured).
@@ -276,9 +374,9 @@ at::Tensor check_rows(const at::Tensor& t, int64_t n, const char* name, bool is_
 }
 
 // All rows of the forward: (m, lse, target) per row, ignored rows skipped (0/0/0, never read).
-template <typename T>
+template <int K, typename T>
 void forward_rows(const T* base, int64_t N, int64_t V, int64_t stride, Labels lab, int64_t vocab_start,
-                  int64_t ignore_index, float* max_p, float* lse_p, float* tgt_p) {
+                  int64_t ignore_index, float* max_p, float* lse_p, float* tgt_p, const Xform& f) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(V, 1));
 #pragma omp parallel num_threads(n_threads(N * V))
   {
@@ -293,21 +391,21 @@ void forward_rows(const T* base, int64_t N, int64_t V, int64_t stride, Labels la
         continue;
       }
       const T* row = base + i * stride;  // int64 offset
-      const RowStats st = row_stats(row, V, buf);
+      const RowStats st = row_stats<K>(row, V, buf, f);
       max_p[i] = st.m;
       lse_p[i] = st.lse;
       const int64_t local = label - vocab_start;
-      tgt_p[i] = (local >= 0 && local < V) ? static_cast<float>(row[local]) : 0.f;
+      tgt_p[i] = (local >= 0 && local < V) ? transform1<K>(static_cast<float>(row[local]), f) : 0.f;
     }
   }
 }
 
 // All rows of the backward. Rows with coef == 0 (after forcing ignored labels to 0) are zeroed
 // with memset (+0.0 is all-zero bits in every dtype) and their logits are not read.
-template <typename T>
+template <int K, typename T>
 void backward_rows(const T* base, T* obase, int64_t N, int64_t V, int64_t stride, int64_t out_stride,
                    Labels lab, const float* max_p, const float* lse_p, const float* coef_p, int64_t vocab_start,
-                   int64_t ignore_index) {
+                   int64_t ignore_index, const Xform& f) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(V, 1));
 #pragma omp parallel for num_threads(n_threads(N * V)) schedule(dynamic, grain)
   for (int64_t i = 0; i < N; ++i) {
@@ -319,7 +417,7 @@ void backward_rows(const T* base, T* obase, int64_t N, int64_t V, int64_t stride
       continue;
     }
     const int64_t local = label - vocab_start;
-    row_grad(base + i * stride, orow, V, max_p[i], lse_p[i], c, (local >= 0 && local < V) ? local : -1);
+    row_grad<K>(base + i * stride, orow, V, max_p[i], lse_p[i], c, (local >= 0 && local < V) ? local : -1, f);
   }
 }
 
@@ -481,10 +579,13 @@ void group_exp_block(const int64_t* c, int64_t ga, int64_t gb, const GroupScratc
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
-    const at::Tensor& logits, const at::Tensor& labels_in, int64_t vocab_start, int64_t ignore_index) {
+    const at::Tensor& logits, const at::Tensor& labels_in, int64_t vocab_start, int64_t ignore_index, double softcap,
+    double scale) {
   check_logits(logits, "logits");
   const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
   const at::Tensor labels = check_rows(labels_in, N, "labels", true);
+  int kind = 0;
+  const Xform f = make_xform(softcap, scale, kind);
   at::Tensor row_max = at::empty({N}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({N}, logits.options().dtype(at::kFloat));
   at::Tensor target = at::empty({N}, logits.options().dtype(at::kFloat));
@@ -493,24 +594,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
   float* tgt_p = target.data_ptr<float>();
   const Labels lab(labels);
   const void* in = logits.const_data_ptr();
+  const auto run = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    const T* x = static_cast<const T*>(in);
+    if (kind == 0) forward_rows<0>(x, N, V, stride, lab, vocab_start, ignore_index, max_p, lse_p, tgt_p, f);
+    else if (kind == 1) forward_rows<1>(x, N, V, stride, lab, vocab_start, ignore_index, max_p, lse_p, tgt_p, f);
+    else forward_rows<2>(x, N, V, stride, lab, vocab_start, ignore_index, max_p, lse_p, tgt_p, f);
+  };
   switch (logits.scalar_type()) {
-    case at::kFloat:
-      forward_rows(static_cast<const float*>(in), N, V, stride, lab, vocab_start, ignore_index, max_p, lse_p, tgt_p);
-      break;
-    case at::kBFloat16:
-      forward_rows(static_cast<const c10::BFloat16*>(in), N, V, stride, lab, vocab_start, ignore_index, max_p,
-                   lse_p, tgt_p);
-      break;
-    default:  // kHalf (check_logits allows nothing else)
-      forward_rows(static_cast<const c10::Half*>(in), N, V, stride, lab, vocab_start, ignore_index, max_p, lse_p,
-                   tgt_p);
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    default: run(c10::Half{});  // kHalf (check_logits allows nothing else)
   }
   return {row_max, lse, target};
 }
 
 void ce_backward_cpu(
     const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& max_in, const at::Tensor& lse_in,
-    const at::Tensor& coef_in, int64_t vocab_start, int64_t ignore_index, const at::Tensor& out) {
+    const at::Tensor& coef_in, int64_t vocab_start, int64_t ignore_index, const at::Tensor& out, double softcap,
+    double scale) {
   check_logits(logits, "logits");
   check_logits(out, "out");
   TORCH_CHECK(out.sizes() == logits.sizes(), "out must have the shape of logits ", logits.sizes(),
@@ -522,6 +624,8 @@ void ce_backward_cpu(
   const at::Tensor row_max = check_rows(max_in, N, "m", false);
   const at::Tensor lse = check_rows(lse_in, N, "lse", false);
   const at::Tensor coef = check_rows(coef_in, N, "coef", false);
+  int kind = 0;
+  const Xform f = make_xform(softcap, scale, kind);
   const float* max_p = row_max.data_ptr<float>();
   const float* lse_p = lse.data_ptr<float>();
   const float* coef_p = coef.data_ptr<float>();
@@ -530,18 +634,22 @@ void ce_backward_cpu(
   void* o = out.data_ptr();
   if (o != in && N > 0) advise_huge_pages(o, ((N - 1) * out_stride + V) * out.element_size());
   const Labels lab(labels);
+  const auto run = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    const T* x = static_cast<const T*>(in);
+    T* y = static_cast<T*>(o);
+    if (kind == 0) {
+      backward_rows<0>(x, y, N, V, stride, out_stride, lab, max_p, lse_p, coef_p, vocab_start, ignore_index, f);
+    } else if (kind == 1) {
+      backward_rows<1>(x, y, N, V, stride, out_stride, lab, max_p, lse_p, coef_p, vocab_start, ignore_index, f);
+    } else {
+      backward_rows<2>(x, y, N, V, stride, out_stride, lab, max_p, lse_p, coef_p, vocab_start, ignore_index, f);
+    }
+  };
   switch (logits.scalar_type()) {
-    case at::kFloat:
-      backward_rows(static_cast<const float*>(in), static_cast<float*>(o), N, V, stride, out_stride, lab, max_p,
-                    lse_p, coef_p, vocab_start, ignore_index);
-      break;
-    case at::kBFloat16:
-      backward_rows(static_cast<const c10::BFloat16*>(in), static_cast<c10::BFloat16*>(o), N, V, stride,
-                    out_stride, lab, max_p, lse_p, coef_p, vocab_start, ignore_index);
-      break;
-    default:  // kHalf
-      backward_rows(static_cast<const c10::Half*>(in), static_cast<c10::Half*>(o), N, V, stride, out_stride, lab,
-                    max_p, lse_p, coef_p, vocab_start, ignore_index);
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    default: run(c10::Half{});  // kHalf
   }
 }
 

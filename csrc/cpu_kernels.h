@@ -17,15 +17,21 @@ namespace steerlm {
 // to it, target the logit at column label - vocab_start when it lies in [0, V), else 0; so
 // nll = lse - (target - m), with nothing ever added to m (no precision lost to a large common
 // offset). Rows whose label is ignore_index are not read and get 0/0/0.
+// The logit transform: softcap > 0 and/or scale != 1 replace every logit x by
+// z' = softcap * tanh(scale * x / softcap) (or scale * x without a softcap) before all of the
+// above (target included); softcap = 0 and scale = 1 (the defaults) compile to the plain kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t ignore_index);
+    const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, int64_t ignore_index,
+    double softcap = 0.0, double scale = 1.0);
 
 // out = (exp((logits - m) - lse) - onehot(label - vocab_start)) * coef, row by row, in float32,
 // rounded once to out's dtype. coef is forced to 0 for ignored labels; rows with coef == 0 are
-// written as zeros without reading the logits. `out` may be `logits` itself (in place).
+// written as zeros without reading the logits. `out` may be `logits` itself (in place). With a
+// transform (softcap, scale as ce_forward_cpu), logits -> z' and each element times dz'/dx.
 void ce_backward_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& m, const at::Tensor& lse,
-    const at::Tensor& coef, int64_t vocab_start, int64_t ignore_index, const at::Tensor& out);
+    const at::Tensor& coef, int64_t vocab_start, int64_t ignore_index, const at::Tensor& out,
+    double softcap = 0.0, double scale = 1.0);
 
 // y[b] = sum(x[cu[b]:cu[b+1]]) with the bounds clamped to [0, T]; float32 out, fixed order.
 at::Tensor segment_sum_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens);

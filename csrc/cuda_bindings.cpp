@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "cuda_bindings.h"
 #include "cuda_kernels.h"
 
@@ -37,6 +39,23 @@ at::Tensor rows(const at::Tensor& t, int64_t n, const char* name, bool is_label)
   return t.to(at::kFloat).contiguous();
 }
 
+// The kernels' transform from the contract's (softcap, scale) (0 / 1: none), as the CPU kernels.
+Transform make_transform(double softcap, double scale) {
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "softcap must be finite and >= 0 (0: none), got ", softcap);
+  TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "scale must be finite and > 0, got ", scale);
+  Transform f;
+  if (softcap > 0.0) {
+    f.kind = 2;
+    f.pre = static_cast<float>(scale / softcap);
+    f.cap = static_cast<float>(softcap);
+    f.scale = static_cast<float>(scale);
+  } else if (scale != 1.0) {
+    f.kind = 1;
+    f.pre = static_cast<float>(scale);
+  }
+  return f;
+}
+
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -44,8 +63,10 @@ void check_launch(cudaError_t err) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda_op(const at::Tensor& logits, const at::Tensor& labels_in,
-                                                                  int64_t vocab_start, int64_t ignore_index) {
+                                                                  int64_t vocab_start, int64_t ignore_index,
+                                                                  double softcap, double scale) {
   check_2d(logits, "logits");
+  const Transform f = make_transform(softcap, scale);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0);
   const at::Tensor labels = rows(labels_in, n, "labels", true);
@@ -55,14 +76,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda_op(const at::Tens
   check_launch(ce_forward_cuda(logits.data_ptr(), dtype_of(logits), n, logits.size(1), logits.stride(0),
                                labels.data_ptr(), labels.scalar_type() == at::kLong, vocab_start, ignore_index,
                                row_max.data_ptr<float>(), lse.data_ptr<float>(), target.data_ptr<float>(),
-                               c10::cuda::getCurrentCUDAStream().stream()));
+                               c10::cuda::getCurrentCUDAStream().stream(), f));
   return {row_max, lse, target};
 }
 
 void ce_backward_cuda_op(const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& max_in,
                          const at::Tensor& lse_in, const at::Tensor& coef_in, int64_t vocab_start,
-                         int64_t ignore_index, at::Tensor out) {
+                         int64_t ignore_index, at::Tensor out, double softcap, double scale) {
   check_2d(logits, "logits");
+  const Transform f = make_transform(softcap, scale);
   check_2d(out, "out");
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type(),
               "out must have the shape and dtype of logits");
@@ -76,7 +98,7 @@ void ce_backward_cuda_op(const at::Tensor& logits, const at::Tensor& labels_in, 
                                 dtype_of(logits), n, logits.size(1), labels.data_ptr(),
                                 labels.scalar_type() == at::kLong, row_max.data_ptr<float>(), lse.data_ptr<float>(),
                                 coef.data_ptr<float>(), vocab_start, ignore_index,
-                                c10::cuda::getCurrentCUDAStream().stream()));
+                                c10::cuda::getCurrentCUDAStream().stream(), f));
 }
 
 at::Tensor segment_sum_cuda_op(const at::Tensor& x_in, const at::Tensor& cu_in) {

@@ -86,14 +86,26 @@ def simd() -> str:
     return str(getattr(extension(), "simd", "unknown"))
 
 
+def softcap_arg(softcap: float | None) -> float:
+    """The extension's ``softcap`` argument: 0 for none."""
+    return 0.0 if softcap is None else float(softcap)
+
+
+def scale_arg(scale: float | None) -> float:
+    """The extension's ``scale`` argument: 1 for none."""
+    return 1.0 if scale is None else float(scale)
+
+
 def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: int, softcap: float | None = None,
                scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(m[N], lse[N], target[N])`` float32 of CPU ``logits [N, V]`` (unit column stride, any row
     stride): row max, log-sum-exp relative to it, target logit; ignored rows are not read and
     get 0/0/0. See :mod:`steerlm_kernels.registry`."""
-    if softcap is not None or scale is not None:
-        raise NotImplementedError("logit transforms are not implemented in this backend yet")
-    m, lse, target = extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index))
+    if softcap is None and scale is None:  # the plain kernels (and the call an older build knows)
+        m, lse, target = extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index))
+    else:
+        m, lse, target = extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index),
+                                                softcap_arg(softcap), scale_arg(scale))
     return m, lse, target
 
 
@@ -104,9 +116,11 @@ def ce_backward(
     """``out = (exp((logits - m) - lse) - onehot) * coef`` row by row, rounded once to ``out.dtype``;
     rows with ``coef == 0`` or an ignored label are zeroed without reading ``logits``. ``out``
     may be ``logits`` itself (in place)."""
-    if softcap is not None or scale is not None:
-        raise NotImplementedError("logit transforms are not implemented in this backend yet")
-    extension().ce_backward(logits, labels, m, lse, coef, int(vocab_start), int(ignore_index), out)
+    if softcap is None and scale is None:
+        extension().ce_backward(logits, labels, m, lse, coef, int(vocab_start), int(ignore_index), out)
+    else:
+        extension().ce_backward(logits, labels, m, lse, coef, int(vocab_start), int(ignore_index), out,
+                                softcap_arg(softcap), scale_arg(scale))
 
 
 def segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:

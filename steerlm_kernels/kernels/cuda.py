@@ -67,9 +67,11 @@ def ce_forward(logits: Tensor, labels: Tensor, vocab_start: int, ignore_index: i
     column stride, any row stride; ``labels [N]`` int32/int64): row max, log-sum-exp relative to
     it, target logit; ignored rows are not read and get 0/0/0. See :mod:`steerlm_kernels.registry`."""
     check_cuda(logits, labels)
-    if softcap is not None or scale is not None:
-        raise NotImplementedError("logit transforms are not implemented in this backend yet")
-    m, lse, target = cpp.extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index))
+    if softcap is None and scale is None:
+        m, lse, target = cpp.extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index))
+    else:
+        m, lse, target = cpp.extension().ce_forward(logits, labels, int(vocab_start), int(ignore_index),
+                                                    cpp.softcap_arg(softcap), cpp.scale_arg(scale))
     return m, lse, target
 
 
@@ -81,9 +83,11 @@ def ce_backward(
     once to ``out.dtype`` (``[N, V]``, the logits' dtype); rows with ``coef == 0`` or an ignored
     label are zeroed without reading ``logits``. ``out`` may be ``logits`` itself (in place)."""
     check_cuda(logits, labels, m, lse, coef, out)
-    if softcap is not None or scale is not None:
-        raise NotImplementedError("logit transforms are not implemented in this backend yet")
-    cpp.extension().ce_backward(logits, labels, m, lse, coef, int(vocab_start), int(ignore_index), out)
+    if softcap is None and scale is None:
+        cpp.extension().ce_backward(logits, labels, m, lse, coef, int(vocab_start), int(ignore_index), out)
+    else:
+        cpp.extension().ce_backward(logits, labels, m, lse, coef, int(vocab_start), int(ignore_index), out,
+                                    cpp.softcap_arg(softcap), cpp.scale_arg(scale))
 
 
 def segment_sum(x: Tensor, cu_seqlens: Tensor) -> Tensor:
