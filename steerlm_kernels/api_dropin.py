@@ -378,6 +378,7 @@ def linear_token_logprobs(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float | None = None,
     return_entropy: bool = False,
     cu_seqlens: Tensor | None = None,
     ignore_index: int = -100,
@@ -386,9 +387,9 @@ def linear_token_logprobs(
     chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token ``log softmax(z' / temperature)[label]`` (and the entropy of that distribution) of
-    ``z = hidden @ weight.T + bias``, ``z' = softcap * tanh(z / softcap)`` (the model's logit soft
-    cap, applied before the temperature, as a Hugging Face model followed by TRL's division), never
-    holding ``[N, V]`` (chunks of rows).
+    ``z = hidden @ weight.T + bias``, ``z' = softcap * tanh(logit_scale * z / softcap)`` (either part
+    optional: the model's logit scale / soft cap, applied before the temperature, as a Hugging Face
+    model followed by TRL's division), never holding ``[N, V]`` (chunks of rows).
 
     Args:
         hidden: ``[..., H]`` float32 / bfloat16 / float16; weight: ``[V, H]`` (the LM head);
@@ -396,7 +397,8 @@ def linear_token_logprobs(
             that dtype, as the model's LM head would (float16 on CPU: float32), then float32.
         labels: int64 / int32 of shape ``hidden.shape[:-1]`` (the already shifted next tokens);
             ``ignore_index`` gives log-probability 0 and entropy 0.
-        temperature: positive float dividing the (capped) logits.
+        temperature: positive float dividing the (scaled, capped) logits.
+        softcap, logit_scale: the model's logit transform (Gemma 2/3, Cohere, Granite), or None.
         return_entropy: also return the per-token entropy ``lse - sum_j p_j u_j`` (nats).
         cu_seqlens: packed sequences: ``hidden [T, H]``, ``labels [T]``, ``cu_seqlens [B + 1]``
             (int32 / int64, 0 to ``T``, non-decreasing). Checked, and nothing else: a token's
@@ -425,7 +427,7 @@ def linear_token_logprobs(
     labels = v.check_labels(labels, hidden, "hidden")
     ignore_index = v.check_int("ignore_index", ignore_index)
     temp = _check_float("temperature", temperature, 0.0, low_open=True)
-    cap = check_transform(softcap, None)[0]
+    cap, scale = check_transform(softcap, logit_scale)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     if cu_seqlens is not None:
@@ -444,7 +446,7 @@ def linear_token_logprobs(
     labels_k = labels1d
     if process_group is not None:
         labels_k = shard_labels(labels1d, vocab_start, n_local, ignore_index)
-    logprob, entropy = TokenLogprobsFunction.apply(hidden2d, weight, bias, labels_k, ignore_index, temp, cap,
+    logprob, entropy = TokenLogprobsFunction.apply(hidden2d, weight, bias, labels_k, ignore_index, temp, cap, scale,
                                                    chunk_rows, process_group)
     logprob = logprob.view(labels.shape)
     return (logprob, entropy.view(labels.shape)) if return_entropy else logprob

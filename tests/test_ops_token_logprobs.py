@@ -15,11 +15,13 @@ from steerlm_kernels.ops.token_logprobs import TokenLogprobsFunction
 IGNORE = -100
 
 
-def ref_logprobs(hidden, weight, bias, labels, temperature=1.0, softcap=None):
+def ref_logprobs(hidden, weight, bias, labels, temperature=1.0, softcap=None, scale=None):
     """float64 ``(logprob, entropy)``, 0 where ignored."""
     z = hidden.double() @ weight.double().T
     if bias is not None:
         z = z + bias.double()
+    if scale is not None:
+        z = z * scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     logp = torch.log_softmax(z / temperature, dim=-1)
@@ -39,25 +41,28 @@ def _case(device, dtype=torch.float32, shape=(2, 7), h=16, v=41):
     return hidden, weight, bias, labels
 
 
-OPTIONS = {
-    "plain": (1.0, None, False, 0),
-    "temperature": (0.6, None, True, 3),
-    "softcap": (1.0, 2.5, True, 0),
-    "softcap_temperature_bias": (1.7, 4.0, True, 5),
-    "hot": (0.25, None, True, 1),
+OPTIONS = {  # temperature, softcap, bias, chunk_size, logit_scale
+    "plain": (1.0, None, False, 0, None),
+    "temperature": (0.6, None, True, 3, None),
+    "softcap": (1.0, 2.5, True, 0, None),
+    "softcap_temperature_bias": (1.7, 4.0, True, 5, None),
+    "hot": (0.25, None, True, 1, None),
+    "scale": (1.0, None, False, 4, 0.4),
+    "scale_softcap_temperature": (0.8, 3.0, True, 6, 1.7),
 }
 
 
 @pytest.mark.parametrize("case", sorted(OPTIONS))
 def test_logprobs_and_entropy_match_float64(device, case):
-    temperature, softcap, use_bias, chunk = OPTIONS[case]
+    temperature, softcap, use_bias, chunk, scale = OPTIONS[case]
     hidden, weight, bias, labels = _case(device)
     bias = bias if use_bias else None
     leaves = [None if t is None else t.clone().requires_grad_() for t in (hidden, weight, bias)]
     lp, ent = sk.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], temperature=temperature,
-                                       softcap=softcap, return_entropy=True, chunk_size=chunk or None)
+                                       softcap=softcap, logit_scale=scale, return_entropy=True,
+                                       chunk_size=chunk or None)
     refs = [None if t is None else t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
-    want_lp, want_ent = ref_logprobs(*refs, labels, temperature, softcap)
+    want_lp, want_ent = ref_logprobs(*refs, labels, temperature, softcap, scale)
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == labels.shape
     assert (lp <= 0).all() and (ent >= -1e-6).all()
     torch.testing.assert_close(lp.double(), want_lp.detach(), rtol=1e-5, atol=2e-6)
@@ -147,7 +152,7 @@ def test_function_called_directly(device):
     """The autograd Function itself, on flat inputs (what the API calls)."""
     hidden, weight, _, labels = _case(device, shape=(9,))
     h = hidden.clone().requires_grad_()
-    lp, ent = TokenLogprobsFunction.apply(h, weight, None, labels, IGNORE, 1.0, None, 4, None)
+    lp, ent = TokenLogprobsFunction.apply(h, weight, None, labels, IGNORE, 1.0, None, None, 4, None)
     want_lp, want_ent = ref_logprobs(hidden, weight, None, labels)
     torch.testing.assert_close(lp.double(), want_lp, rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=2e-6)
@@ -176,6 +181,7 @@ def test_memory_is_chunks_not_n_by_v():
 
 BAD = {
     "temperature": (ValueError, {"temperature": 0.0}),
+    "logit_scale": (ValueError, {"logit_scale": float("inf")}),
     "softcap": (ValueError, {"softcap": -1.0}),
     "return_entropy": (TypeError, {"return_entropy": "yes"}),
     "ignore_index": (TypeError, {"ignore_index": None}),

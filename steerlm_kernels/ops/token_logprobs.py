@@ -1,8 +1,8 @@
 """Per-token log-probabilities and entropies straight from hidden states and the LM head.
 
 For row ``i`` of ``hidden [N, H]``: ``z = hidden_i @ weight.T (+ bias)`` (the LM head's own GEMM, in
-the inputs' dtype, then float32), ``z' = softcap * tanh(z / softcap)`` (optional), ``u = z' /
-temperature``, and
+the inputs' dtype, then float32), ``z' = softcap * tanh(logit_scale * z / softcap)`` (either part
+optional), ``u = z' / temperature``, and
 
     logprob_i = u_y - logsumexp(u),      entropy_i = logsumexp(u) - sum_j softmax(u)_j u_j.
 
@@ -15,8 +15,8 @@ no backend choice). Two ``torch.library`` custom ops (opaque to ``torch.compile`
   this shard), and ``E[u] - m`` under the row's softmax;
 * ``token_logprobs_backward_op`` -> ``(grad_hidden, grad_weight, grad_bias)`` of
   ``sum(g_lp * logprob + g_h * entropy)``, recomputing each chunk's logits from the global stats:
-  ``d/du = g_lp (onehot - p) - g_h p (u - E[u])``, times ``1 / temperature`` and the softcap's
-  slope ``1 - (z' / softcap)^2``.
+  ``d/du = g_lp (onehot - p) - g_h p (u - E[u])``, times ``du/dz = logit_scale (1 - (z' /
+  softcap)^2) / temperature``.
 
 :class:`TokenLogprobsFunction` wires them together. The forward is the same code whether or not a
 gradient is wanted (``torch.no_grad()`` scoring pass or training pass): the log-probabilities are
@@ -48,16 +48,18 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
     return torch.float32 if hidden.dtype == torch.float16 and hidden.device.type == "cpu" else hidden.dtype
 
 
-def _chunk_u(h_c: Tensor, w: Tensor, b: Tensor | None, inv_temp: float, softcap: float | None
-             ) -> tuple[Tensor, Tensor | None]:
-    """``(u [rows, V] float32, du/dz with a softcap, else None: then du/dz = inv_temp)`` of one chunk."""
+def _chunk_u(h_c: Tensor, w: Tensor, b: Tensor | None, inv_temp: float, softcap: float | None,
+             scale: float | None) -> tuple[Tensor, Tensor | float]:
+    """``(u [rows, V] float32, du/dz)`` of one chunk: ``z = h W^T + b``, ``z' = softcap * tanh(scale *
+    z / softcap)`` (either optional), ``u = z' * inv_temp``; ``du/dz`` a tensor with a softcap,
+    else a number."""
     z = (torch.mm(h_c, w.t()) if b is None else torch.addmm(b, h_c, w.t())).float()
-    slope = None
-    if softcap is not None:
-        t = torch.tanh(z / softcap)
-        slope = (1.0 - t * t) * inv_temp
-        z = t * softcap
-    return z * inv_temp if inv_temp != 1.0 else z, slope
+    s = 1.0 if scale is None else scale
+    if softcap is None:
+        return (z * (s * inv_temp) if s * inv_temp != 1.0 else z), s * inv_temp
+    t = torch.tanh(z * (s / softcap))
+    slope = (1.0 - t * t) * (s * inv_temp)
+    return t.mul_(softcap * inv_temp), slope
 
 
 def _row_chunks(active: Tensor, n_vocab: int, chunk_rows: int) -> Iterator[Tensor | slice]:
@@ -89,7 +91,7 @@ def _put(dst: Tensor, sel: Tensor | slice, src: Tensor) -> None:
 
 @torch.library.custom_op("steerlm_kernels::token_logprobs_stats", mutates_args=())
 def token_logprobs_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-                            inv_temp: float, softcap: float | None,
+                            inv_temp: float, softcap: float | None, logit_scale: float | None,
                             chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(m, lse, target, mean)`` ``[N]`` float32 of ``u`` (see the module docstring); rows whose
     label is ``ignore_index`` give 0 (on CPU they are not computed)."""
@@ -99,7 +101,7 @@ def token_logprobs_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None,
     b = None if bias is None else bias.to(cd)
     out = [torch.zeros(n, dtype=torch.float32, device=hidden.device) for _ in range(4)]
     for sel in _row_chunks(labels != ignore_index, n_vocab, chunk_rows):
-        u, _ = _chunk_u(_take(hidden, sel).to(cd), w, b, inv_temp, softcap)
+        u, _ = _chunk_u(_take(hidden, sel).to(cd), w, b, inv_temp, softcap, logit_scale)
         m = u.max(dim=1).values
         u.sub_(m.unsqueeze(1))  # u - m, in place
         y = _take(labels, sel).long()
@@ -114,14 +116,15 @@ def token_logprobs_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 @token_logprobs_stats_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, inv_temp, softcap, chunk_rows):
+def _(hidden, weight, bias, labels, ignore_index, inv_temp, softcap, logit_scale, chunk_rows):
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
 
 
 @torch.library.custom_op("steerlm_kernels::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, m: Tensor,
                                lse: Tensor, mean: Tensor, g_lp: Tensor, g_h: Tensor, inv_temp: float,
-                               softcap: float | None, chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+                               softcap: float | None, logit_scale: float | None,
+                               chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of ``sum(g_lp * logprob + g_h * entropy)`` w.r.t. ``(hidden, weight, bias)`` from the
     global stats ``(m, lse, mean)``; the logits are recomputed chunk by chunk, for the rows with a
     non-zero upstream gradient only (the others' values are never read). ``grad_bias`` is ``[0]``
@@ -137,7 +140,7 @@ def token_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | No
     for sel in _row_chunks(busy, n_vocab, chunk_rows):
         h_c = _take(hidden, sel).to(cd)
         g_lp_c, g_h_c = _take(g_lp, sel).unsqueeze(1), _take(g_h, sel).unsqueeze(1)
-        u, slope = _chunk_u(h_c, w, b, inv_temp, softcap)
+        u, slope = _chunk_u(h_c, w, b, inv_temp, softcap, logit_scale)
         u.sub_(_take(m, sel).unsqueeze(1))  # u - m
         p = (u - _take(lse, sel).unsqueeze(1)).exp_()
         # d/du = g_lp (onehot - p) - g_h p ((u - m) - mean)
@@ -146,10 +149,8 @@ def token_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | No
         y = _take(labels, sel).long()
         inside = ((y >= 0) & (y < n_vocab)).unsqueeze(1)
         g.scatter_add_(1, y.clamp(0, n_vocab - 1).unsqueeze(1), torch.where(inside, g_lp_c, 0.0))
-        if slope is not None:
+        if isinstance(slope, Tensor) or slope != 1.0:
             g.mul_(slope)
-        elif inv_temp != 1.0:
-            g.mul_(inv_temp)
         idle = ~_take(busy, sel).unsqueeze(1)  # (slices) rows without gradient: their values unread
         g_cd = g.masked_fill_(idle, 0.0).to(cd)
         _put(gh, sel, torch.mm(g_cd, w))
@@ -160,7 +161,7 @@ def token_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | No
 
 
 @token_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, labels, m, lse, mean, g_lp, g_h, inv_temp, softcap, chunk_rows):
+def _(hidden, weight, bias, labels, m, lse, mean, g_lp, g_h, inv_temp, softcap, logit_scale, chunk_rows):
     return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(
         weight.shape[0] if bias is not None else 0)
 
@@ -191,30 +192,30 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-                temperature: float, softcap: float | None, chunk_rows: int,
+                temperature: float, softcap: float | None, logit_scale: float | None, chunk_rows: int,
                 process_group: Any) -> tuple[Tensor, Tensor]:
         inv_temp = 1.0 / temperature
         m, lse, target, mean = token_logprobs_stats_op(hidden, weight, bias, labels, ignore_index, inv_temp, softcap,
-                                                       chunk_rows)
+                                                       logit_scale, chunk_rows)
         if process_group is not None:
             m, lse, target, mean = combine_logprob_partials(m, lse, target, mean, weight.shape[0], process_group)
         ignored = labels == ignore_index
         logprob = torch.where(ignored, 0.0, (target - m) - lse)
         entropy = torch.where(ignored, 0.0, lse - mean)
         ctx.save_for_backward(hidden, weight, bias, labels, m, lse, mean)
-        ctx.run = (ignore_index, inv_temp, softcap, chunk_rows)
+        ctx.run = (ignore_index, inv_temp, softcap, logit_scale, chunk_rows)
         return logprob, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_lp: Tensor, g_h: Tensor):
         hidden, weight, bias, labels, m, lse, mean = ctx.saved_tensors
-        ignore_index, inv_temp, softcap, chunk_rows = ctx.run
+        ignore_index, inv_temp, softcap, logit_scale, chunk_rows = ctx.run
         ignored = labels == ignore_index
         g_lp = torch.where(ignored, 0.0, g_lp.float()).contiguous()
         g_h = torch.where(ignored, 0.0, g_h.float()).contiguous()
         gh, gw, gb = token_logprobs_backward_op(hidden, weight, bias, labels, m, lse, mean, g_lp, g_h, inv_temp,
-                                                softcap, chunk_rows)
+                                                softcap, logit_scale, chunk_rows)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         return (gh if need_h else None, gw if need_w else None, gb if need_b and bias is not None else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
