@@ -29,7 +29,19 @@ float32 rounds ``lse`` away when ``|m|`` is large (at ``m = 1e8`` an ulp is 8: `
 equal logits would come out 0 instead of ``log 7``). This costs nothing on the ``[N, V]`` side
 (the logits are read as before) and one more float per row on the ``[N]`` side.
 
-``ce_forward(logits, labels, vocab_start, ignore_index) -> (m[N], lse[N], target[N])``
+The logit transform: ``ce_forward`` and ``ce_backward`` take two trailing arguments
+``softcap: float | None = None`` and ``scale: float | None = None`` (validated: finite, > 0;
+None: none). With either, every logit ``x`` is replaced, before anything below, by
+``z' = softcap * tanh(scale * x / softcap)`` (``scale * x`` without a softcap; scale first, then
+cap), so ``m``, ``lse`` and ``target`` are those of the TRANSFORMED row (``target`` = the
+transformed target logit), and the backward applies the chain rule ``dz'/dx = scale * (1 -
+tanh^2)`` (or ``scale``) to every element, in float32 before the one rounding. The transform is
+elementwise, so vocabulary shards merge as below unchanged. With neither, the backends run their
+plain kernels (the Triton ``TRANSFORM`` constexpr, the C++/CUDA template parameter, are 0: the
+transform is compiled out). The C++ / CUDA extension takes ``softcap = 0`` and ``scale = 1`` for
+None.
+
+``ce_forward(logits, labels, vocab_start, ignore_index, softcap=None, scale=None) -> (m[N], lse[N], target[N])``
     ``m`` is the row max (the largest logit in float32; **0 when every logit of the row is
     -inf**, so that no ``-inf - -inf`` arises), ``lse = log(sum(exp(x - m)))`` over the row
     (``-inf`` for a row of ``-inf`` only; NaN when the row holds NaN or ``+inf``), and
@@ -40,7 +52,7 @@ equal logits would come out 0 instead of ``log 7``). This costs nothing on the `
     as ``M = max m_r`` over the shards with ``lse_r > -inf``,
     ``lse = log(sum_r exp((m_r - M) + lse_r))``, ``target = sum_r target_r``
     (:func:`steerlm_kernels.kernels.reference.merge_stats`).
-``ce_backward(logits, labels, m, lse, coef, vocab_start, ignore_index, out) -> None``
+``ce_backward(logits, labels, m, lse, coef, vocab_start, ignore_index, out, softcap=None, scale=None) -> None``
     ``out[i] = (exp((logits[i] - m[i]) - lse[i]) - onehot(labels[i] - vocab_start)) * coef[i]``,
     the subtraction of ``m`` first (exact for the logits that matter), computed in float32 and
     rounded once to ``out.dtype``; rows with ``coef == 0`` or an ignored label are written as
@@ -252,7 +264,8 @@ class BackendKernels:
     """One backend's implementations of the backend contract (see the module docstring).
 
     ``linear_tiles_forward`` / ``linear_tiles_backward`` are the Triton tile kernels of the fused
-    linear ops (:mod:`steerlm_kernels.kernels.linear_tiles`); None on backends without them.
+    linear ops (:mod:`steerlm_kernels.kernels.linear_tiles`; trailing ``softcap, scale`` as
+    ``ce_forward``); None on backends without them.
     """
 
     name: str
