@@ -48,7 +48,7 @@ def hf_model(kind: str, vocab: int = 262, seed: int = 0, **extra) -> torch.nn.Mo
     """Tiny models built from config (nothing downloads): llama, llama_tied, gemma2 (soft-capped at 0.5),
     cohere (logits x 4), granite (logits / 0.25)."""
     if kind in ("llama", "llama_tied"):
-        return build_tiny(seed, tie_word_embeddings=kind == "llama_tied", **extra)[0]
+        return build_tiny(seed, vocab_size=vocab, tie_word_embeddings=kind == "llama_tied", **extra)[0]
     cfg_cls, kw = {
         "gemma2": (transformers.Gemma2Config, {"final_logit_softcapping": 0.5, "head_dim": 16}),
         "cohere": (transformers.CohereConfig, {"logit_scale": 4.0}),
@@ -291,3 +291,21 @@ def test_fsdp2_two_processes_equal_one(tmp_path, tied):
     for k in one["params"]:
         torch.testing.assert_close(torch.tensor(two["params"][k]), torch.tensor(one["params"][k]),
                                    rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_fused_chunks_are_small_on_cpu(dataset, monkeypatch):
+    """On CPU the wrapper's fused losses run in chunks of <= 32 MiB of float32 logits (the library's default
+    is sized for GPUs); an explicit chunk_size wins."""
+    import steerlm_kernels.steerlm2.model as M
+    from steerlm_kernels.steerlm2.loss_path import CPU_CHUNK_BYTES, chunk_rows
+
+    seen = []
+    real = M.linear_weighted_sequence_loss
+    monkeypatch.setattr(M, "linear_weighted_sequence_loss",
+                        lambda *a, **kw: (seen.append(kw["chunk_size"]), real(*a, **kw))[1])
+    model = hf_model("llama", vocab=40000)
+    cfg = {"steerlm2": {"forward_micro_batch_size": 4, "micro_batch_size": 4}}
+    batch = SteerLM2Collator.for_dataset(dataset)([dataset[0]])
+    GPTSteerLMModel.from_hf(model, cfg, "fused", backend="torch").get_loss_and_metrics(batch)
+    assert seen and all(c == CPU_CHUNK_BYTES // (4 * 40000) for c in seen), seen
+    assert chunk_rows(model.lm_head.weight, 7) == 7 and chunk_rows(torch.empty(10**7, 1)) == 16

@@ -19,15 +19,19 @@ micro-batch sizes ``mbs`` in {1, 2, 4, 8} (both phases' micro-batches):
 Each (implementation, micro-batch size) runs in its own process (a fresh heap: the peak is that
 row's alone): step 1 measures the peak extra memory
 (:func:`~steerlm_kernels.memory.measure_extra_memory`: RSS high-water mark on CPU, the caching
-allocator's peak on CUDA; gradients included) and gives the loss and distance compared across
-rows; step 2 is timed. ``--memory-budget MiB``: the largest micro-batch size whose peak fits.
+allocator's peak on CUDA) above the model and its gradient buffers (allocated and zeroed before the
+step and kept, as a loop with ``zero_grad(set_to_none=False)`` or DDP's bucket views keeps them:
+the same ``4 x parameters`` bytes for every implementation, not the loss path's) and gives the loss
+and distance compared across rows; step 2 is timed. ``--memory-budget MiB``: the largest
+micro-batch size whose peak fits.
 
 Byte model (per micro-batch of ``n = mbs * S`` rows, ``e`` bytes per element of the model dtype):
 eager holds the logits (``e n V``), their float32 log-softmax (``4 n V``) and in backward the
 float32 gradient of that and the logits' gradient (``4 n V + e n V``): about ``(8 + 2e) n V``, i.e.
 ``16 n V`` in float32 (2 GiB at ``n = 512``); ours logits holds the logits and their gradient
 (``2 e n V``, ``8 n V`` in float32); ours fused holds one chunk of ``chunk_rows x V`` float32 logits
-and an ``H``-sized gradient buffer: independent of ``n`` beyond the activations. SPEC targets on CPU:
+(32 MiB on CPU), the hidden states' gradient and the head-weight-sized gradient the fused loss
+computes in its forward (``4 V H``): independent of ``n`` beyond the activations. SPEC targets on CPU:
 fused <= 0.35x eager's peak extra memory and >= 1.5x its tokens/s at every micro-batch size.
 """
 
@@ -124,6 +128,8 @@ def eager_step(model: torch.nn.Module, batch: dict[str, Tensor], mbs: int) -> tu
 
 def _step_fn(impl: str, model: torch.nn.Module, batch: dict[str, Tensor], mbs: int) -> Callable[[], tuple]:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for p in model.parameters():  # the gradient buffers exist before the step and are kept (module notes)
+        p.grad = torch.zeros_like(p)
     if impl == "NeMo-style eager":
         def run() -> tuple[float, float]:
             return eager_step(model, batch, mbs)
@@ -140,7 +146,7 @@ def _step_fn(impl: str, model: torch.nn.Module, batch: dict[str, Tensor], mbs: i
     def step() -> tuple[float, float]:
         out = run()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
         return out
 
     return step

@@ -28,12 +28,27 @@ from steerlm_kernels.api_linear import linear_sequence_nll
 from steerlm_kernels.hf.heads import CausalLMHead, fused_support
 from steerlm_kernels.steerlm2.model_helpers import eval_mode, logits_of
 
-__all__ = ["LOSS_PATHS", "head_call", "match_dtypes", "probe_fused", "resolve_loss_path"]
+__all__ = ["CPU_CHUNK_BYTES", "LOSS_PATHS", "chunk_rows", "head_call", "match_dtypes", "probe_fused",
+           "resolve_loss_path"]
 
 #: ``--loss-path`` values.
 LOSS_PATHS: tuple[str, ...] = ("auto", "fused", "logits")
 #: Tokens of the probe sequence.
 PROBE_TOKENS = 16
+#: Bytes of float32 logits per chunk of the fused path on CPU: the ``[chunk_rows, V]`` chunk is that path's
+#: largest buffer (the library's default, 256 MiB, is sized for GPUs); GEMMs of >= 64 rows lose little.
+CPU_CHUNK_BYTES = 32 << 20
+
+
+def chunk_rows(weight: Tensor, chunk_size: int | None = None) -> int | None:
+    """Rows per logits chunk of the fused losses for an LM head ``weight [V, H]``: ``chunk_size`` when
+    given; on CPU ``CPU_CHUNK_BYTES`` of float32 logits (at least 16 rows); else None (the library's
+    default: 256 MiB, at least 4096 rows on CUDA)."""
+    if chunk_size is not None:
+        return chunk_size
+    if weight.device.type != "cpu":
+        return None
+    return max(16, CPU_CHUNK_BYTES // (4 * max(1, weight.shape[0])))
 
 
 @contextlib.contextmanager

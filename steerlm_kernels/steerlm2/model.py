@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from steerlm_kernels.api import SteerLM2Weights, sequence_nll, steerlm2_weights, weighted_sequence_loss
 from steerlm_kernels.api_linear import linear_sequence_nll, linear_weighted_sequence_loss
 from steerlm_kernels.distributed import group_size_rank, sum_over_context
-from steerlm_kernels.steerlm2.loss_path import head_call, match_dtypes, resolve_loss_path
+from steerlm_kernels.steerlm2.loss_path import chunk_rows, head_call, match_dtypes, resolve_loss_path
 from steerlm_kernels.steerlm2.model_helpers import (
     BATCH_KEYS,
     LOG_Q_KEY,
@@ -102,7 +102,8 @@ class GPTSteerLMModel(nn.Module):
             returning it.
         process_group: tensor-parallel group over which the vocabulary is split (module notes).
         cp_group: context-parallel group over which the sequence is split (module notes).
-        chunk_size: rows per logits chunk of the fused path (default: 256 MiB, >= 4096 rows on CUDA).
+        chunk_size: rows per logits chunk of the fused path (default: 32 MiB of float32 logits on CPU,
+            the library's on CUDA: :func:`~steerlm_kernels.steerlm2.loss_path.chunk_rows`).
         backend: kernel backend for every op (``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"``).
         inplace_backward: let the phase-2 backward write the logits' gradient into the logits'
             storage (saves one ``[N, V]`` buffer). Only safe when nothing in the model's autograd
@@ -300,14 +301,14 @@ class GPTSteerLMModel(nn.Module):
 
     def _linear_nll(self, hidden: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, loss_mask: Tensor) -> Tensor:
         with match_dtypes(hidden, w, b) as (hidden, w, b):
-            return linear_sequence_nll(hidden, w, labels, loss_mask, bias=b, chunk_size=self.chunk_size,
+            return linear_sequence_nll(hidden, w, labels, loss_mask, bias=b, chunk_size=chunk_rows(w, self.chunk_size),
                                        **self._groups, **self._transform)
 
     def _linear_loss(self, hidden: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, loss_mask: Tensor,
                      weight: Tensor, normalizer: Tensor | float) -> Tensor:
         with match_dtypes(hidden, w, b) as (hidden, w, b):
             return linear_weighted_sequence_loss(
-                hidden, w, labels, loss_mask, weight, normalizer, bias=b, chunk_size=self.chunk_size,
+                hidden, w, labels, loss_mask, weight, normalizer, bias=b, chunk_size=chunk_rows(w, self.chunk_size),
                 **self._groups, **self._transform)
 
     def _hf_step(self, mb: Mapping[str, Any], model: Callable | None, weighted: bool) -> Tensor:
