@@ -148,14 +148,15 @@ def test_linear_cross_entropy_equals_torch_functional(device):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2], ids=["fused", "recomputing"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_linear_cross_entropy_low_precision(backend, device, dtype):
+def test_linear_cross_entropy_low_precision(backend, device, dtype, z_loss):
     hidden, weight, bias, target, w_tok = _case(device, dtype)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    got = sk.linear_cross_entropy(*leaves[:2], target, leaves[2], label_smoothing=0.1, z_loss=1e-2,
-                                  weight_per_token=w_tok, reduction="sum", backend=backend)
+    got = sk.linear_cross_entropy(*leaves[:2], target, leaves[2], label_smoothing=0.1, z_loss=z_loss,
+                                  weight_per_token=w_tok, reduction="sum", backend=backend, chunk_size=5)
     refs = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
-    want = ref_loss(refs[0] @ refs[1].T + refs[2], target, eps=0.1, z_loss=1e-2, w=w_tok, reduction="sum")
+    want = ref_loss(refs[0] @ refs[1].T + refs[2], target, eps=0.1, z_loss=z_loss, w=w_tok, reduction="sum")
     torch.testing.assert_close(got.double(), want.detach(), rtol=2e-3, atol=2e-3)
     got.backward()
     want.backward()
