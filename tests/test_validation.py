@@ -112,3 +112,38 @@ def test_groups_without_torch_distributed(no_kernels):
         sk.token_nll(logits, labels, process_group=object())
     with pytest.raises(ValueError, match="cp_group"):
         sk.sequence_nll(logits, labels, mask, cp_group=object())
+
+
+# the logit transforms: validated by every function of both families before any kernel runs
+_TRANSFORM_CALLS = {
+    "token_nll": lambda L, y, m, w, n, **kw: sk.token_nll(L, y, **kw),
+    "sequence_nll": lambda L, y, m, w, n, **kw: sk.sequence_nll(L, y, m, **kw),
+    "weighted_sequence_loss": lambda L, y, m, w, n, **kw: sk.weighted_sequence_loss(L, y, m, w, n, **kw),
+    "linear_sequence_nll": lambda L, y, m, w, n, **kw: sk.linear_sequence_nll(L, torch.randn(7, L.shape[-1]),
+                                                                              y % 7, m, **kw),
+    "linear_weighted_sequence_loss": lambda L, y, m, w, n, **kw: sk.linear_weighted_sequence_loss(
+        L, torch.randn(7, L.shape[-1]), y % 7, m, w, n, **kw),
+}
+_BAD_TRANSFORMS = [
+    ("softcap", 0.0, ValueError), ("softcap", -5.0, ValueError), ("softcap", float("nan"), ValueError),
+    ("softcap", float("inf"), ValueError), ("softcap", True, TypeError), ("softcap", "30", TypeError),
+    ("softcap", torch.tensor(30.0), TypeError),
+    ("logit_scale", 0.0, ValueError), ("logit_scale", -0.5, ValueError), ("logit_scale", float("nan"), ValueError),
+    ("logit_scale", float("-inf"), ValueError), ("logit_scale", False, TypeError), ("logit_scale", [2.0], TypeError),
+]
+
+
+@pytest.mark.parametrize("fn", sorted(_TRANSFORM_CALLS))
+@pytest.mark.parametrize(("name", "value", "exc"), _BAD_TRANSFORMS, ids=lambda x: repr(x)[:12])
+def test_bad_logit_transform_raises_before_any_kernel(no_kernels, fn, name, value, exc):
+    with pytest.raises(exc, match=name):
+        _TRANSFORM_CALLS[fn](*_good(), **{name: value})
+
+
+def test_logit_transform_accepts_ints_and_numpy_floats():
+    np = pytest.importorskip("numpy")
+    from steerlm_kernels.validation import check_logit_transform
+
+    assert check_logit_transform(30, np.float32(0.5)) == (30.0, 0.5)
+    assert check_logit_transform(None, 1.0) == (None, None)  # a scale of 1 is the identity
+    assert check_logit_transform(None, None) == (None, None)
