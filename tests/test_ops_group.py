@@ -326,7 +326,9 @@ def test_steerlm2_weights_under_vmap(backend, device):
 
 def test_cross_entropy_ops_refuse_torch_func_with_pytorchs_error():
     """Pinned: the cross-entropy autograd Functions are not setup_context-style, so torch.func
-    raises PyTorch's own RuntimeError naming setup_context (README "torch.compile and torch.func")."""
+    raises PyTorch's own RuntimeError naming setup_context (README, "Semantics worth knowing").
+    Converting them (and their custom ops' autograd) to setup_context style is a feature: replace
+    this test by a float64 check of torch.func.grad then, and update the README."""
     logits = torch.randn(4, 9)
     labels = torch.randint(0, 9, (4,))
     with pytest.raises(RuntimeError, match="setup_context"):
