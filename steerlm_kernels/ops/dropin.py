@@ -9,8 +9,14 @@ logits ``z'``:
 * ``zsum = sum_j z'_j`` over the FULL vocabulary (label smoothing's uniform term; under tensor
   parallelism the shards' partial sums are added, never one shard's alone).
 
-The two functions here return the three from the existing forward ops, and take an upstream
-gradient for each. Since ``d lse / dz = p`` and ``d nll / dz = p - onehot``, the logits gradient is
+:class:`CEStatsFunction` (logits in) and :class:`LinearCEStatsFunction` (hidden states + head;
+the backward recomputes the logits chunk by chunk) return the three from the existing forward
+ops, and take an upstream gradient for each. :class:`LinearCEFusedFunction` serves losses whose
+coefficients are known in the forward (``sum`` / ``mean`` without z-loss): it computes the head's
+gradient from the forward's own logits chunks (three matmuls per chunk instead of four) and hands
+it to autograd through a zero-valued carrier.
+
+Since ``d lse / dz = p`` and ``d nll / dz = p - onehot``, the logits gradient is
 
     g_nll (p - onehot) + g_lse p + g_sum 1 = (g_nll + g_lse) (p - onehot) + g_lse onehot + g_sum 1,
 
