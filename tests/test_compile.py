@@ -240,3 +240,34 @@ def test_compile_holds_the_first_call_in_a_fresh_process(family, backend, device
     proc = subprocess.run([sys.executable, "-c", CHILD, family, backend], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "COMPILED-FIRST-OK" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_logit_transforms_compile_fullgraph(backend, device):
+    """softcap / logit_scale (floats in the custom ops' schemas) trace without graph breaks, in the
+    logits-in and the fused-linear families, values and gradients equal to float64."""
+    torch._dynamo.reset()
+    logits, labels, mask = _inputs(device)
+    logits = logits * 6
+    weight, normalizer = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    hidden = torch.randn(3, 7, 16, device=device)
+    lm_head = torch.randn(64, 16, device=device) * 0.5
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, h, w):
+        loss = sk.weighted_sequence_loss(x, labels, mask, weight, normalizer, softcap=5.0, logit_scale=1.5,
+                                         backend=backend)
+        lin = sk.linear_sequence_nll(h, w, labels, mask, softcap=5.0, logit_scale=1.5, backend=backend)
+        return loss, lin
+
+    x, h, w = (t.clone().requires_grad_() for t in (logits, hidden, lm_head))
+    loss, lin = step(x, h, w)
+    (loss + lin.sum()).backward()
+    xd, hd, wd = (t.double().requires_grad_() for t in (logits, hidden, lm_head))
+    exp_loss = ref.weighted_sequence_loss(xd, labels, mask, weight, normalizer, softcap=5.0, logit_scale=1.5)
+    exp_lin = ref.sequence_nll(hd @ wd.T, labels, mask, softcap=5.0, logit_scale=1.5)
+    (exp_loss + exp_lin.sum()).backward()
+    torch.testing.assert_close(loss.double(), exp_loss.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lin.double(), exp_lin.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), hd.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-5)
