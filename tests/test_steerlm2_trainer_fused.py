@@ -309,3 +309,32 @@ def test_fused_chunks_are_small_on_cpu(dataset, monkeypatch):
     GPTSteerLMModel.from_hf(model, cfg, "fused", backend="torch").get_loss_and_metrics(batch)
     assert seen and all(c == CPU_CHUNK_BYTES // (4 * 40000) for c in seen), seen
     assert chunk_rows(model.lm_head.weight, 7) == 7 and chunk_rows(torch.empty(10**7, 1)) == 16
+
+
+# ---------------------------------------------------------------------------------------------------
+# train --loss-path: the start line and summary.json say which path and why; a refused fused is one line
+
+def test_train_command_reports_the_loss_path(tmp_path, capsys):
+    from steerlm_kernels.steerlm2 import train
+
+    fast = ["--groups-per-step", "2", "--backend", "torch", "--steps", "1", "--device", "cpu"]
+    assert train.main([*fast, "--output", str(tmp_path / "auto")]) == 0
+    out = capsys.readouterr().out
+    assert "loss path: fused (LM head (untied) + final hidden states" in out
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())["summary"]
+    assert summary["loss_path"] == "fused" and "probe" in summary["loss_path_reason"]
+    assert train.main([*fast, "--loss-path", "logits", "--output", str(tmp_path / "logits")]) == 0
+    assert json.loads((tmp_path / "logits" / "summary.json").read_text())["summary"]["loss_path"] == "logits"
+
+    model, tok = build_tiny(0)
+    model.config.output_multiplier = 2.0  # an unknown transform after the head
+    model.save_pretrained(tmp_path / "odd")
+    tok.save_pretrained(tmp_path / "odd")
+    capsys.readouterr()
+    code = train.main([*fast, "--model", str(tmp_path / "odd"), "--loss-path", "fused", "--output",
+                       str(tmp_path / "refused")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "--loss-path fused" in err[0] and "output_multiplier" in err[0], err
+    assert train.main([*fast, "--model", str(tmp_path / "odd"), "--output", str(tmp_path / "fallback")]) == 0
+    assert "loss path: logits (the fused path cannot serve this model: config.output_multiplier" in \
+        capsys.readouterr().out
