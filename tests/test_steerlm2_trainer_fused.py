@@ -65,11 +65,11 @@ def needs_transforms(kind: str):
         pytest.skip("the installed fused ops take no softcap= / logit_scale=")
 
 
-def make_trainer(out: Path, ds, model, loss_path: str, steps: int = 2) -> SteerLM2Trainer:
+def make_trainer(out: Path, ds, model, loss_path: str, steps: int = 2, **kw) -> SteerLM2Trainer:
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, learning_rate=0.5, optim="sgd",
         lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True)
+        use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, dataloader_drop_last=True, **kw)
     return SteerLM2Trainer(model=model.train(), args=args, train_dataset=ds, metrics_path=False,
                            steerlm2={"forward_micro_batch_size": 7, "micro_batch_size": 4, "backend": "torch",
                                      "loss_path": loss_path})
@@ -105,6 +105,20 @@ def test_trainer_fused_steps_equal_logits_steps(dataset, tmp_path, kind):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-6, msg=name)
         moved = max(moved, float((p.detach() - r.detach()).abs().max()))
     assert moved > 1e-4  # the steps changed the weights
+
+
+def test_gradient_accumulation_equal_on_both_paths(dataset, tmp_path):
+    """gradient_accumulation_steps=2: one optimizer step over 2 batches, fused == logits (loss, weights)."""
+    runs = []
+    for path in ("fused", "logits"):
+        model = hf_model("llama")
+        t = make_trainer(tmp_path / path, dataset, model, path, steps=1, gradient_accumulation_steps=2)
+        t.train()
+        runs.append((t.steerlm_history, model))
+    assert len(runs[0][0]) == 1 and runs[0][0][0]["loss"] == pytest.approx(runs[1][0][0]["loss"], rel=1e-5)
+    assert runs[0][0][0]["grad_norm"] == pytest.approx(runs[1][0][0]["grad_norm"], rel=1e-5)
+    for (name, p), q in zip(runs[0][1].named_parameters(), runs[1][1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-6, msg=name)
 
 
 def test_trainer_fused_step_gradients_include_the_head(dataset, tmp_path):
