@@ -25,6 +25,9 @@ Conventions shared by every function:
 * The NLL is formed relative to each row's max (``lse - (target - m)``, never ``m + lse``): a
   large common offset of the logits costs no precision (``token_nll`` of seven logits equal to
   ``1e8`` is ``log 7``).
+* ``softcap`` / ``logit_scale`` (every loss): the logits are transformed to
+  ``softcap * tanh(logit_scale * z / softcap)`` (either part optional) inside the kernels before
+  the softmax; see :func:`token_nll`.
 * Double backward is not supported: differentiating a gradient of these losses raises PyTorch's
   "trying to differentiate twice a function that was marked with @once_differentiable"
   ``RuntimeError`` (a first-order ``backward(create_graph=True)`` works).

@@ -21,6 +21,8 @@ Conventions (beyond those of :mod:`steerlm_kernels.api`):
   per-element gradient are float32; ``grad_weight`` is accumulated in float32 across chunks.
 * Gradients flow to ``hidden``, ``lm_head_weight`` and ``bias`` (whichever require grad), and to
   float ``loss_mask`` / ``weight`` / ``normalizer`` tensors that require grad.
+* ``softcap`` / ``logit_scale``: as in :mod:`steerlm_kernels.api`, applied to each chunk's (or
+  tile's) logits inside the backend's kernels, forward and backward; nothing extra is held.
 * Determinism: values and gradients are deterministic on every backend with chunks (as
   deterministic as the GEMMs). The Triton tile kernels accumulate the gradients with float32
   atomic adds (run-to-run differences at float32 rounding level).

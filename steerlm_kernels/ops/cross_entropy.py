@@ -16,6 +16,11 @@ the ``[N, V]`` logits (:func:`steerlm_kernels.registry.backend_kernels`; the Tri
 ``(m, lse, target)`` are combined by one collective (:mod:`steerlm_kernels.distributed`); the
 backward needs none.
 
+**Logit transforms** (``softcap`` / ``logit_scale``, validated by the API): every op takes them as
+two trailing optional floats and hands them to the backend as the contract's ``softcap, scale``
+(``z' = softcap * tanh(logit_scale * z / softcap)``, scale first): the statistics are those of
+the transformed logits and the backward applies ``dz'/dz``; None for both runs the plain kernels.
+
 ``inplace_backward`` is honoured only where the logits' rows are disjoint in memory: a view whose
 rows may overlap (expanded, stride 0, or any row stride below ``V``; decided from sizes and
 strides alone, nothing is read) falls back to the out-of-place backward, since a gradient written
