@@ -73,7 +73,8 @@ def missing_app_dependencies() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in ("train", "sample", "score", "pipeline", "steer-eval") and missing_app_dependencies():
+    app_commands = ("train", "sample", "score", "pipeline", "steer-eval", "sft")
+    if argv[:1] and argv[0] in app_commands and missing_app_dependencies():
         print(f"steerlm-kernels {argv[0]}: error: the SteerLM 2.0 application needs "
               f"{', '.join(missing_app_dependencies())}: pip install 'steerlm-kernels[app]'", file=sys.stderr)
         return 2
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "score": "fill log(P(y|x)) and log(Q(y|a,x)) with the fused kernels (streaming, resumable)",
         "pipeline": "sample -> score -> train on the embedded default (bundled prompts, tiny model, CPU)",
         "steer-eval": "does the model follow the attribute it is asked for? (curve, slope, CIs, fluency)",
+        "sft": "warm start: fine-tune on responses under labels drawn independently of them (no steering)",
     }
     for name, text in data_commands.items():
         data_parser = sub.add_parser(name, help=text)

@@ -58,6 +58,7 @@ from steerlm_kernels.steerlm2.loss_path import LOSS_PATHS, resolve_loss_path
 from steerlm_kernels.steerlm2.run_dir import SETTINGS as RUN_SETTINGS
 from steerlm_kernels.steerlm2.run_dir import check_checkpoint, check_resume, claim_run_dir
 from steerlm_kernels.steerlm2.templates import TEMPLATES
+from steerlm_kernels.steerlm2.train_guards import add_guard_arguments, fluency_callbacks, preset_note, print_warnings
 
 __all__ = ["BUILTIN_PRESET", "NEMO_PRESET", "TrainError", "add_arguments", "main", "run"]
 
@@ -146,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
            "model's logits; auto = fused wherever the model allows it (default: %(default)s)")
     a("--output", default=None, help="output directory (default: runs/<timestamp>)")
     a("--seed", type=int, default=0, help="seed of the model init and data order (default: %(default)s)")
-    return parser
+    return add_guard_arguments(parser)  # --heldout: held-out fluency (train_guards)
 
 
 def _is_builtin(spec: str) -> bool:
@@ -405,6 +406,7 @@ def _train(ns: argparse.Namespace) -> int:
                   "micro_batch_size": s["micro_batch_size"], "backend": ns.backend, "loss_path": ns.loss_path},
         callbacks=[_progress_callback(steps, trainer_ref)])
     trainer_ref.append(trainer)
+    guards = fluency_callbacks(ns, tokenizer, ns.template, s["eval_every"], trainer_ref, TrainError)  # val_nll
     trainer.remove_callback(transformers.PrinterCallback)  # our progress line replaces its dict per log
     n_params = sum(p.numel() for p in model.parameters())
     if rank0:
@@ -416,6 +418,7 @@ def _train(ns: argparse.Namespace) -> int:
         print(f"steps {steps} x {s['groups_per_step']} groups, lr {s['lr']} ({s['lr_schedule']}, warm-up "
               f"{s['warmup_steps']}), micro-batches {s['forward_micro_batch_size']} (baseline) / "
               f"{s['micro_batch_size']} (training), output {out}" + (f", resuming from {resume}" if resume else ""))
+        print(preset_note(ns.model, _is_builtin(ns.model), BUILTIN_PRESET if _is_builtin(ns.model) else NEMO_PRESET))
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
@@ -458,6 +461,7 @@ def _train(ns: argparse.Namespace) -> int:
     if first is not None and last_mean is not None:
         ratio = f"{last_mean / first:.2f}x" if first else "no ratio: the first step's distance is 0"
         print(f"distance: first step {first:.4f} -> mean of the last {len(last)} steps {last_mean:.4f} ({ratio})")
+    print_warnings(first, last_mean, len(last), guards)  # distance rose, held-out NLL rose (train_guards)
     print(f"wrote {final}/ (from_pretrained), {out / 'metrics.jsonl'}, {out / 'summary.json'}")
     print(f"wrote {out / 'metrics.png'}" if why_not is None else f"no plot: {why_not}")
     return 0
