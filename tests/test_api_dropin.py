@@ -458,3 +458,24 @@ def test_logits_nan_rows_at_ignored_tokens_stay_out(backend, device):
     assert torch.isfinite(outs[1][1]).all()
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0, atol=0)
+
+
+def test_int32_target_custom_ignore_index_and_strided_views(backend, device):
+    """int32 targets, another ignore_index, a non-contiguous hidden / weight: the same as the
+    contiguous int64 call with the default ignore_index."""
+    hidden, weight, bias, target, w_tok = _case(device)
+    base = target.masked_fill(target == IGNORE, 5)
+    ignored = target == IGNORE
+    t32 = base.masked_fill(ignored, -1).to(torch.int32)
+    h_t = hidden.transpose(0, 1).contiguous().transpose(0, 1)  # [2, 6, 16] with a non-flattenable layout
+    w_t = weight.T.contiguous().T  # column-major [V, H]
+    assert not h_t.is_contiguous() and not w_t.is_contiguous()
+    for reduction in ("none", "mean"):
+        got = sk.linear_cross_entropy(h_t, w_t, t32, bias, ignore_index=-1, reduction=reduction, label_smoothing=0.1,
+                                      backend=backend)
+        want = sk.linear_cross_entropy(hidden, weight, base.masked_fill(ignored, IGNORE), bias, reduction=reduction,
+                                       label_smoothing=0.1, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        x = (hidden @ weight.T + bias).transpose(0, 1).contiguous().transpose(0, 1)
+        got_l = sk.cross_entropy(x, t32, ignore_index=-1, reduction=reduction, label_smoothing=0.1, backend=backend)
+        torch.testing.assert_close(got_l, want, rtol=1e-5, atol=1e-5)
