@@ -135,3 +135,29 @@ def test_sample_file_stores_ids_and_flags_and_batches_transparently(tiny, tmp_pa
     assert all(enc(tok, r["value"]) == r["token_ids"] for r in resp if r["exact"])
     assert any(not r["exact"] for r in resp)  # random bytes: some invalid UTF-8, flagged
     assert all(torch.tensor(r["token_ids"]).lt(262).all() for r in resp)
+
+
+class _EarlyStop(torch.nn.Module):
+    """The tiny Llama with its EOS logit raised: rows end at different steps (finished rows leave the batch)."""
+
+    def __init__(self, inner, bonus: float = 4.0) -> None:
+        super().__init__()
+        self.inner, self.bonus = inner, bonus
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=use_cache)
+        out.logits[..., EOS] += self.bonus
+        return out
+
+
+def test_batched_equals_alone_when_rows_finish_at_different_steps(tiny) -> None:
+    model, tok = tiny
+    early = _EarlyStop(model, bonus=3.0)
+    prompts, seeds = _prompts(tok, 4) * 4, list(range(16))
+    kw = {"stops": [EOS], "pad_id": 256, "max_new_tokens": 30}
+    together = G.generate_rows(early, prompts, seeds, **kw)
+    alone = [G.generate_rows(early, [p], [s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert together == alone
+    lengths = {len(r) for r in together}
+    assert len(lengths) > 3 and all(r[-1] == EOS for r in together if len(r) < 30)  # varied ends: rows dropped

@@ -6,7 +6,9 @@ tokens, and every row draws its tokens from its **own** ``torch.Generator`` (see
 by the Gumbel-max trick on the temperature-scaled, nucleus-filtered log-probabilities. A row's
 tokens therefore depend on its prompt and its seed only - not on which other rows share its batch,
 nor on the batch size - so a batch of prompts gives what each prompt gives alone (up to the
-floating-point rounding of the batched matmuls, which the tests find exact on CPU).
+floating-point rounding of the batched matmuls, which the tests find exact on CPU). Finished rows
+leave the batch (a cache with ``batch_select_indices``, as Hugging Face's) once they are a quarter
+of it, so a batch of short and long responses costs about what its responses' tokens cost.
 
 :func:`sample_prompts` draws ``num_responses`` responses per prompt: response ``i`` of a prompt
 with seed ``s`` uses the stream :func:`row_seed` ``(s, i, k)`` for its ``k``-th draw (a draw
@@ -221,6 +223,7 @@ def generate_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[
     ids, mask, pos = _left_pad(prompts, pad_id, device)
     stop_t = torch.tensor(list(stops) or [-1], device=device)
     out_rows: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # the original row of each batch row (finished rows are dropped)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     key = _cache_key(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
@@ -228,13 +231,19 @@ def generate_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[
     logits = _logits_of(out)[:, -1, :].float()
     last_pos = pos[:, -1:]
     for step in range(max_new_tokens):
-        nxt = _pick(logits, gens, temperature, top_p)
-        for r, t in enumerate(nxt.tolist()):
-            if not done[r]:
+        nxt = _pick(logits, [gens[r] for r in active], temperature, top_p)
+        for r, t, finished in zip(active, nxt.tolist(), done.tolist()):
+            if not finished:
                 out_rows[r].append(t)
         done |= torch.isin(nxt, stop_t)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
+        select = getattr(cache, "batch_select_indices", None)
+        if select is not None and 4 * int(done.sum()) >= len(active):  # drop the finished rows from the batch
+            keep = (~done).nonzero().flatten()
+            select(keep)
+            active = [active[j] for j in keep.tolist()]
+            nxt, mask, last_pos, done = nxt[keep], mask[keep], last_pos[keep], done[keep]
         feed = torch.where(done, torch.full_like(nxt, pad_id), nxt).unsqueeze(1)
         mask = torch.cat([mask, torch.ones_like(feed)], dim=1)
         last_pos = last_pos + 1
