@@ -13,7 +13,7 @@ Part 1, ``trainer``: one SFT step of the Hugging Face ``Trainer`` (``training_st
                     only: rope / RMSNorm / SwiGLU left alone so that only the head differs). Triton: CUDA only.
 ``cce patch``       Cut Cross-Entropy's ``cce_patch(model)``, where installed (the PyPI 25.1.1 wheel ships no
                     ``cut_cross_entropy.transformers``: reported as not available).
-``torch lce``       ``F.linear_cross_entropy`` (torch >= 2.13, chunked ``LinearCrossEntropyOptions()``) run
+``torch lce``       ``F.linear_cross_entropy`` (torch >= 2.13, chunked: :func:`torch_lce_options`) run
                     in place of ours through the same patch (the peer that runs everywhere).
 ``cce``             CCE's ``linear_cross_entropy`` (Triton ``impl="cce"`` on CUDA, its ``impl="torch_compile"``
                     elsewhere; ``filter_eps=None``: exact gradients) through the same patch.
@@ -24,9 +24,10 @@ Part 2, ``op``: the loss alone, forward + backward on ``hidden [N, H]`` and ``we
 gradient against a float64 chunked reference (the projection ``sum(g * R) / ||g_ref||`` estimates the
 relative gradient error).
 
-Each row runs in its own process (a fresh heap; class-level patches stay there): a warm-up step, a step
-measured for peak extra memory (:func:`steerlm_kernels.memory.measure_extra_memory`; gradients already
-allocated) and for agreement, then timed steps (the best of ``repeats``).
+Each row runs in its own process (a fresh heap; class-level patches stay there): a first step (warm-up, and
+the values compared for agreement: every row starts from the same weights), a step measured for peak extra
+memory (:func:`steerlm_kernels.memory.measure_extra_memory`; gradients already allocated), then timed steps
+(the best of ``repeats``).
 
 Byte model (``n = B x S`` rows, float32 logits): the unpatched head holds the logits (``4 n V``, plus the
 ``e n V`` model-dtype copy on GPU), their log-softmax (``4 n V``) and in backward its gradient and the
@@ -56,7 +57,7 @@ from steerlm_kernels.bench.harness import device_name, error_text, sync
 from steerlm_kernels.memory import measure_extra_memory
 
 __all__ = ["CPU", "GPU", "OP_IMPLS", "PEERS", "QUICK", "TRAINER_IMPLS", "evaluate_targets", "fill_agreement",
-           "markdown", "peer_loss", "reference_loss_grads", "run_dropin", "run_row", "why_not"]
+           "markdown", "peer_loss", "reference_loss_grads", "run_dropin", "run_row", "torch_lce_options", "why_not"]
 
 CPU: dict[str, Any] = {"v": 128256, "h": 256, "layers": 2, "dtype": "fp32", "b": 2, "s": 512, "repeats": 2}
 GPU: dict[str, Any] = {"v": 128256, "h": 4096, "layers": 1, "dtype": "bf16", "b": 4, "s": 4096, "repeats": 3}
@@ -96,13 +97,21 @@ def _cce_impl(device: torch.device) -> str:
     return "cce" if device.type == "cuda" else "torch_compile"
 
 
+def torch_lce_options(hidden: Tensor) -> Any:
+    """``F.linear_cross_entropy``'s chunking: its defaults on CUDA; on CPU ``batch_chunk_size=256`` (its ``"auto"``
+    chunking took 43 s for one forward at N=1024, H=256, V=16,000 on this 2-core machine, 256-row chunks 8 s)."""
+    if hidden.device.type == "cuda":
+        return torch.nn.LinearCrossEntropyOptions()
+    return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=256)
+
+
 def peer_loss(impl: str, hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
     """Sum over the non-ignored rows of ``hidden [n, H]`` / ``target [n]`` by a peer (float32 scalar)."""
     if impl == "eager":
         return F.cross_entropy(F.linear(hidden, weight).float(), target, reduction="sum")
     if impl == "torch lce":
-        return F.linear_cross_entropy(hidden, weight, target, reduction="sum",
-                                      options=torch.nn.LinearCrossEntropyOptions()).float()
+        options = torch_lce_options(hidden)
+        return F.linear_cross_entropy(hidden, weight, target, reduction="sum", options=options).float()
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -283,9 +292,10 @@ def run_row(part: str, impl: str, cfg: dict[str, Any], device: torch.device, see
         return {"part": part, "impl": impl, "skipped": reason}
     torch.manual_seed(seed)
     step = (_trainer_step if part == "trainer" else _op_step)(impl, cfg, device, seed)
-    step(False)  # warm-up: allocations, compilation (CCE's torch_compile impl), autotuning
+    # warm-up (allocations, CCE's torch_compile compilation, autotuning) and agreement: the first step, from the
+    # same weights in every row
+    out = step(True)
     extra, _ = measure_extra_memory(lambda: step(False), device)
-    out = step(True)  # agreement: every row takes the same steps, so this is the same third step everywhere
     times = []
     for _ in range(cfg["repeats"]):
         sync(device)
