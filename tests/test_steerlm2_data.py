@@ -618,3 +618,34 @@ def test_dataset_templates_scored_span(template: str) -> None:
 def test_dataset_chat_template_without_one_is_a_named_error() -> None:
     with pytest.raises(skd.SteerLMDataError, match=r"record 1, key 'responses\[0\].value'.*chat template"):
         skd.SteerLM2Dataset([_record(2)], template="chat")
+
+
+def test_unscored_records_are_skipped_counted_and_warned(tmp_path) -> None:
+    unscored = {**_record(2, "long"), "unscored": "too long"}  # stale sums beside the marker
+    bare = {**_record(2), "unscored": "too long"}
+    for r in bare["responses"]:
+        del r["log(Q(y|a,x))"]  # no sums at all: still skipped, not a missing-key error
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (_record(3), unscored, _record(2, "x"), bare)))
+    with pytest.warns(skd.SteerLMDataWarning, match=r'skipped 2 record\(s\) marked "unscored" by score \(lines 2, 4\)'):
+        ds = skd.SteerLM2Dataset(path, max_seq_length=None)
+    assert len(ds) == 2 and ds.unscored_lines == [2, 4] and ds.group_sizes == [3, 2]
+    with pytest.warns(skd.SteerLMDataWarning, match=r"skipped 1 record"):
+        assert len(skd.SteerLM2Dataset([_record(3), unscored], max_seq_length=None)) == 1
+    only = tmp_path / "only.jsonl"
+    only.write_text(json.dumps(unscored) + "\n")
+    with pytest.raises(skd.SteerLMDataError, match='all 1 records are marked "unscored"'):
+        skd.SteerLM2Dataset(only)
+    with pytest.raises(skd.SteerLMDataError, match="line 4, key 'responses\\[0\\].log\\(Q"):
+        skd.read_jsonl(path)  # without the list: validated like any record
+
+
+def test_lone_surrogate_escape_is_a_named_line_error(tmp_path) -> None:
+    good = json.dumps(_record(2))
+    path = tmp_path / "s.jsonl"
+    path.write_text(good + "\n" + good.replace('"sys"', '"sys\\ud800"') + "\n")
+    with pytest.raises(skd.SteerLMDataError, match=r"s.jsonl, line 2, key '<json>': .*lone surrogate"):
+        skd.read_jsonl(path)
+    pair = tmp_path / "pair.jsonl"  # a valid surrogate pair is one character: accepted
+    pair.write_text(good.replace('"sys"', '"sys \\ud83d\\ude00"') + "\n")
+    assert skd.read_jsonl(pair)[0].system == "sys \U0001f600"

@@ -11,7 +11,13 @@
   ``--allow-partial-checkpoint`` resumed with a warning that names what restarts from scratch.
 * :func:`train_settings` is what ``provenance.json`` records for a run (the settings that change
   its results, the model's and the data's fingerprints); a resume compares them
-  (:func:`~steerlm_kernels.steerlm2.provenance.compare_settings`).
+  (:func:`~steerlm_kernels.steerlm2.provenance.compare_settings`): the first difference is refused
+  with one line naming it and both values, ``--allow-changed SETTING[,...]`` accepts it.
+* :func:`claim_run_dir`: ``DIR/.lock`` (:class:`~steerlm_kernels.steerlm2.outputs.OutputLock`) is
+  held for the command's life: a second ``train`` on ``DIR`` fails at once, naming the PID.
+* :func:`check_resume`: ``--steps`` below the checkpoint's step is refused. ``metrics.jsonl`` is cut
+  back to the checkpoint's step by the trainer (a torn last line too, its mode kept): the checkpoint,
+  not the metrics file, is what a resume restores.
 """
 
 from __future__ import annotations

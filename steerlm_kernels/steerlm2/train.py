@@ -11,17 +11,10 @@ auto|PATH``), ``final/`` (a Hugging Face model directory with its tokenizer), ``
 strict-JSON line per step and per evaluation), ``summary.json``, ``metrics.png`` (matplotlib) and
 ``provenance.json`` (what made the run: :func:`~steerlm_kernels.steerlm2.run_dir.train_settings`).
 
-Runs are never lost or mixed (:mod:`~steerlm_kernels.steerlm2.run_dir`,
-:mod:`~steerlm_kernels.steerlm2.outputs`): a directory that holds an earlier run is refused without
-``--resume`` (continue it) or ``--overwrite`` (remove that run's files first); ``DIR/.lock`` holds
-the run for the command's life (a second ``train`` on it fails at once, naming the PID). A resume
-is refused, with one line, when the checkpoint is past ``--steps``, when it lacks the optimizer,
-scheduler, RNG or data-position state (``--allow-partial-checkpoint``: resumed with a warning), or
-when a recorded setting differs (data, model, template, seed, groups per step, micro-batch sizes,
-learning-rate settings, precision, backend, world size: ``--allow-changed SETTING[,...]`` accepts
-it). ``metrics.jsonl`` is cut back to the checkpoint's step (a torn last line too, its mode kept);
-the checkpoint, not the metrics file, is what a resume restores. "done: N steps" counts the steps
-this process ran.
+Runs are never lost or mixed (:mod:`~steerlm_kernels.steerlm2.run_dir` has the rules): an earlier
+run in ``DIR`` needs ``--resume`` or ``--overwrite``; ``DIR/.lock`` holds it while the command runs;
+a resume past ``--steps``, from an incomplete checkpoint or with other recorded settings is refused
+(``--allow-partial-checkpoint``, ``--allow-changed``); "done: N steps" counts this process's steps.
 
 Defaults: for a model directory NeMo-Aligner's (``gpt_sft.yaml``: lr 3e-5 cosine to 9e-7 after 10
 warm-up steps, weight decay 0.01, betas 0.9/0.98, gradient clip 1.0, bf16 on CUDA, one epoch, checkpoints
