@@ -36,6 +36,7 @@ from typing import Any
 from steerlm_kernels.steerlm2 import sample, score
 from steerlm_kernels.steerlm2.jsonl_stream import count_nonblank_lines
 from steerlm_kernels.steerlm2.records import sample_data_path
+from steerlm_kernels.steerlm2.rounds import add_round_arguments, run_rounds, wanted
 from steerlm_kernels.steerlm2.templates import TEMPLATES
 
 __all__ = ["DEFAULTS", "EXAMPLE_SCORER", "add_arguments", "commands", "run"]
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--allow-changed", default=None, metavar="SETTING[,SETTING]",
                         help="with --resume: accept these changes of the pipeline's recorded settings (the steps "
                              "still check their own): " + ", ".join(SETTINGS))
-    return parser
+    return add_round_arguments(parser)  # --iterations, --levels, --sft-data, steer-eval per round (rounds)
 
 
 def _train_argv(ns: argparse.Namespace, scored: Path, out: Path) -> tuple[list[str], Any]:
@@ -190,6 +191,8 @@ def _run(ns: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     except (OSError, ValueError) as exc:
         print(f"steerlm-kernels pipeline: error: {exc}", file=sys.stderr)
         return 2
+    if wanted(ns):  # warm start / several levels / iterations: rounds.py
+        return run_rounds(ns, out, _train_argv)
     argvs = commands(ns, out)
     t0 = time.perf_counter()
     for name, module in (("sample", sample), ("score", score)):
