@@ -29,9 +29,12 @@ into each response):
     byte-level model emitted invalid UTF-8 (decoded to U+FFFD) or a tokenizer would merge the
     text differently: the text then is not the sampled sequence.
 
-``score`` and ``train`` read ``value`` (never ``token_ids``): for a response with ``exact`` true the
-two are the same tokens. ``score --drop-flagged`` removes responses that are ``capped`` or not
-``exact`` (see :func:`drop_flagged`); ``score`` and ``steer-eval`` report their share.
+Decision: ``score`` and ``train`` read ``value`` (never ``token_ids``); for a response with ``exact``
+true the two are the same tokens, and the responses that are ``capped`` or not ``exact`` are
+**dropped** before scoring (:func:`drop_flagged`; ``pipeline`` does it, ``--keep-flagged`` keeps
+them): dropping by a property of the response alone is rejection sampling from ``Q'``, exact for
+SteerLM 2.0's group-normalised weights. ``score`` scores whatever it is given; ``sample`` reports
+the capped count and ``steer-eval`` the capped share.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Output: one SteerLM 2.0 record per well-formed input record, in order - the inpu
 "exact": bool}, ...]`` (no scores: next come the attribute scorer and ``steerlm-kernels score``):
 ``token_ids`` are the sampled ids of ``value``, ``capped`` marks a response cut at
 ``--max-new-tokens``, ``exact`` says that ``value`` re-tokenises to ``token_ids`` (false, e.g., for
-invalid UTF-8 from a byte-level model); ``score --drop-flagged`` drops the capped and inexact ones.
+invalid UTF-8 from a byte-level model); ``pipeline`` drops the capped and inexact ones before ``score``.
 The end-of-turn text is not part of ``value``
 (``nemo``: the ``\\n`` before ``<extra_id_1>`` is removed), so rendering ``value`` with the same
 template gives back the sampled scored span. A draw that decodes to an empty text is drawn again
@@ -253,7 +253,7 @@ def sample_file(prompts: str | Path, output: str | Path, model: Any, tokenizer: 
           f"tokens) to {output} in {summary.seconds:.1f}s ({summary.resumed} from an earlier run)", file=log)
     if summary.capped:
         print(f"sample: {summary.capped} of {summary.responses} responses hit --max-new-tokens {max_new_tokens} "
-              "(\"capped\": true; score --drop-flagged drops them)", file=log)
+              "(\"capped\": true; pipeline drops them before score)", file=log)
     if summary.malformed:
         print(f"sample: {len(summary.malformed)} malformed lines of {source} skipped (lines "
               f"{', '.join(str(n) for n, _ in summary.malformed[:20])})", file=log)
