@@ -99,6 +99,18 @@ def test_1_hard_link_of_the_input_is_never_truncated(tmp_path) -> None:
     assert not (tmp_path / "link.jsonl.provenance.json").exists()  # refused before anything was written
 
 
+def test_1_train_never_overwrites_its_data(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    data = write(out / "metrics.jsonl", records(4))  # the data file is where the run writes its metrics
+    before = data.read_bytes()
+    os.link(data, tmp_path / "data.jsonl")
+    assert train.main([*FAST, "--steps", "1", "--data", str(tmp_path / "data.jsonl"), "--output", str(out),
+                       "--overwrite"]) == 2
+    assert "metrics.jsonl is the same file as --data" in last_line(capsys)
+    assert data.read_bytes() == before
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. train into an earlier run without --resume
 

@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from steerlm_kernels.steerlm2.outputs import OutputError, OutputLock, refuse_existing
+from steerlm_kernels.steerlm2.outputs import OutputError, OutputLock, check_not_input, refuse_existing
 from steerlm_kernels.steerlm2.provenance import (
     compare_settings,
     file_fingerprint,
@@ -115,12 +115,16 @@ def train_settings(ns: argparse.Namespace, s: dict[str, Any], *, data: Path, pre
     return settings, about
 
 
-def claim_run_dir(out: Path, *, resume: bool, overwrite: bool, stack: contextlib.ExitStack) -> Path:
+def claim_run_dir(out: Path, *, resume: bool, overwrite: bool, stack: contextlib.ExitStack,
+                  inputs: dict[str, str | None] | None = None) -> Path:
     """Check and create ``out``, take its lock ``out/.lock`` (held until ``stack`` closes), refuse an
     earlier run without ``resume`` / ``overwrite``; ``overwrite`` removes that run's files
-    (:func:`clear_run`). Raises ValueError / OutputError with one line naming ``--output``."""
+    (:func:`clear_run`). ``inputs`` (``{option: path}``): none may be a file the run writes (same
+    inode). Raises ValueError / OutputError with one line naming ``--output``."""
     from steerlm_kernels.steerlm2.metrics import check_output_dir
 
+    for name in RUN_FILES:
+        check_not_input(out / name, inputs or {}, option=f"--output {out}:")
     out = check_output_dir(out)
     stack.enter_context(OutputLock(out / ".lock", f"--output {out}"))
     refuse_existing(f"--output {out}", run_contents(out), resume=resume, overwrite=overwrite,

@@ -359,7 +359,8 @@ def _train(ns: argparse.Namespace) -> int:
         raise TrainError(f"--groups-per-step {s['groups_per_step']} is not a multiple of the {world} processes")
     out = Path(ns.output) if ns.output else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if rank0:
-        out = _checked(claim_run_dir, out, resume=ns.resume is not None, overwrite=ns.overwrite, stack=_HELD)
+        out = _checked(claim_run_dir, out, resume=ns.resume is not None, overwrite=ns.overwrite, stack=_HELD,
+                       inputs={"--data": ns.data, "--val-data": ns.val_data})
     resume = _resume_path(ns, out)
     if resume is not None:
         note = _checked(check_checkpoint, Path(resume), allow_partial=ns.allow_partial_checkpoint)
