@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from collections import Counter
 
@@ -60,3 +61,21 @@ def test_sft_lowers_the_loss_and_writes_a_model(tmp_path, capsys) -> None:
 def test_sft_parser_defaults() -> None:
     ns = sft.add_arguments(argparse.ArgumentParser()).parse_args(["--data", "d", "--output", "o"])
     assert ns.model == "tiny" and ns.unlabelled_fraction == 0.3 and ns.randomise == "verbosity"
+
+
+def test_weighted_data_reads_the_importance_weights_and_trains(tmp_path, capsys) -> None:
+    scored = tmp_path / "scored.jsonl"
+    resp = [{"from": "Assistant", "value": v, "log(P(a|x,y))": a, "log(P(y|x))": -5.0, "log(Q(y|a,x))": -5.0}
+            for v, a in (("short.", -0.1), ("a much longer answer here.", -6.0))]
+    scored.write_text(json.dumps({"system": "", "prompt_turns": [{"from": "User", "value": "q?"}],
+                                  "label": "verbosity:0", "responses": resp}) + "\n")
+    (rec, ws), = sft.read_groups(scored)
+    assert rec["label"] == "verbosity:0" and rec["responses"] == ["short.", "a much longer answer here."]
+    assert sum(ws) == pytest.approx(1.0) and ws[0] == pytest.approx(1 / (1 + math.exp(-5.9)), rel=1e-6)
+    out = tmp_path / "w"
+    argv = ["sft", "--data", str(sample_data_path()), "--weighted-data", str(scored), "--output", str(out),
+            "--steps", "3", "--batch-size", "4"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["settings"]["weighted_data"] == str(scored)
+    assert cli.main([*argv, "--weighted-fraction", "2"]) == 2
+    assert "--weighted-fraction must be in [0, 1]" in capsys.readouterr().err

@@ -15,6 +15,13 @@ linear warm-up and cosine decay, batches of ``--batch-size`` pairs. ``--output D
 ``final/`` (a Hugging Face model directory with its tokenizer, usable as ``--model`` anywhere),
 ``metrics.jsonl`` (``step``, ``loss``, ``lr``; ``heldout_nll`` every ``--eval-every`` steps with
 ``--heldout``) and ``summary.json``. Failures: one line, exit status 2.
+
+``--weighted-data SCORED`` (an alternative recipe, *not* NeMo's SteerLM 2.0 objective): importance-
+weighted SFT on a scored SteerLM 2.0 file. ``--weighted-fraction`` of every batch are responses of
+its groups drawn with probability ``ws`` (the group-normalised importance weights of the file:
+samples of the target ``P(y|a,x)``), rendered under their record's **own** label; the rest are
+pairs of ``--data`` as above (an SFT anchor that keeps the model fluent). No negative weights, so
+no probability is pushed off the sampled text.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--randomise", default=d["randomise"], help="comma-separated attributes whose level is drawn at random")
     a("--levels", type=int, nargs="+", default=d["levels"], help="levels drawn for --randomise (default: 0..4)")
     a("--heldout", default=None, help="SteerLM 2.0 JSONL whose responses' NLL is reported every --eval-every steps")
+    a("--weighted-data", default=None, help="scored SteerLM 2.0 JSONL: importance-weighted SFT on it (see above)")
+    a("--weighted-fraction", type=float, default=0.5, help="share of each batch from --weighted-data")
     a("--eval-every", type=int, default=d["eval_every"], help="steps between held-out NLLs (default: %(default)s)")
     a("--max-seq-length", type=int, default=d["max_seq_length"], help="longer pairs are skipped (counted)")
     a("--seed", type=int, default=d["seed"], help="seed of the model init, labels and order (default: %(default)s)")
@@ -105,6 +114,22 @@ def read_pairs(path: str | Path, option: str = "--data") -> list[dict[str, Any]]
     if not pairs:
         raise CommandError(f"{option} {path}: no responses")
     return pairs
+
+
+def read_groups(path: str | Path) -> list[tuple[dict[str, Any], list[float]]]:
+    """``[(record dict, ws)]`` of a scored SteerLM 2.0 file (``ws``: its importance weights)."""
+    from steerlm_kernels.steerlm2.records import SteerLMDataError, importance_weights, read_jsonl
+
+    if not Path(path).is_file():
+        raise CommandError(f"--weighted-data {path}: no such file")
+    try:
+        records = read_jsonl(path)
+    except (SteerLMDataError, ValueError, OSError) as exc:
+        raise CommandError(f"--weighted-data: {exc}") from None
+    return [({"system": r.system, "prompt_turns": list(r.prompt_turns), "label": r.label, "role": r.response_role,
+              "responses": [x.value for x in r.responses]},
+             importance_weights([x.log_p_a for x in r.responses], [x.log_p_y for x in r.responses],
+                                [x.log_q for x in r.responses]).tolist()) for r in records]
 
 
 def _batch(seqs: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,11 +183,15 @@ def train_sft(ns: argparse.Namespace, log: Any = None) -> dict[str, Any]:
             raise CommandError(f"--{name.replace('_', '-')} must be positive, got {getattr(ns, name)}")
     if not (math.isfinite(ns.lr) and ns.lr > 0) or ns.warmup_steps < 0 or not 0 <= ns.unlabelled_fraction <= 1:
         raise CommandError("--lr must be > 0, --warmup-steps >= 0 and --unlabelled-fraction in [0, 1]")
+    if not 0 <= getattr(ns, "weighted_fraction", 0.5) <= 1:
+        raise CommandError(f"--weighted-fraction must be in [0, 1], got {ns.weighted_fraction}")
     try:
         out = check_output_dir(ns.output)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     pairs = read_pairs(ns.data)
+    groups = read_groups(ns.weighted_data) if getattr(ns, "weighted_data", None) else []
+    n_weighted = round(ns.batch_size * ns.weighted_fraction) if groups else 0
     held = read_pairs(ns.heldout, "--heldout") if ns.heldout else None
     try:
         model, tok = load_model_and_tokenizer(ns.model, seed=ns.seed)
@@ -181,6 +210,13 @@ def train_sft(ns: argparse.Namespace, log: Any = None) -> dict[str, Any]:
     first_nll = heldout_nll(model, tok, held, ns.template, pad) if held else None
     for step in range(1, ns.steps + 1):
         seqs = []
+        for _ in range(n_weighted):  # a response of a random group, drawn by its importance weight
+            rec, ws = groups[rng.randrange(len(groups))]
+            value = rec["responses"][rng.choices(range(len(ws)), weights=ws)[0]]
+            ids, start = encode_example(tok, ns.template, rec["system"], rec["prompt_turns"], rec["label"], value,
+                                        response_role=rec["role"])
+            if len(ids) <= ns.max_seq_length:
+                seqs.append((ids, start))
         while len(seqs) < ns.batch_size:
             if not order:
                 order = list(range(len(pairs)))
