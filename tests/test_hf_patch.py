@@ -172,6 +172,23 @@ def test_autocast_runs_the_head_in_the_autocast_dtype():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_chunk_size_changes_nothing_but_the_chunks(chunk_size):
+    from steerlm_kernels.hf.patch import default_chunk_rows
+
+    ref_model = tiny("gemma3")
+    model = patch(copy.deepcopy(ref_model), chunk_size=chunk_size)
+    ids, mask, labels = batch()
+    ref, ref_g = loss_and_grads(ref_model, input_ids=ids, attention_mask=mask, labels=labels)
+    out, g = loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert_same(ref_g, g)
+    assert default_chunk_rows(torch.empty(128256, 256)) == 256  # bounded by H
+    assert default_chunk_rows(torch.empty(128256, 4096)) == (256 << 20) // (4 * 128256)  # by 256 MiB
+    with pytest.raises(ValueError, match="chunk_size"):
+        patch(tiny("llama"), chunk_size=0)
+
+
 def test_skip_logits_true_fuses_in_eval_too():
     ref_model = tiny("llama").eval()
     model = patch(copy.deepcopy(ref_model), skip_logits=True)

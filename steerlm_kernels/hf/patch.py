@@ -30,7 +30,7 @@ import torch
 from steerlm_kernels import linear_cross_entropy
 from steerlm_kernels.hf.heads import find_head
 
-__all__ = ["autocast_operands", "is_patched", "patch", "unpatch"]
+__all__ = ["autocast_operands", "default_chunk_rows", "is_patched", "patch", "unpatch"]
 
 #: Attribute of a patched model holding its :class:`_PatchState`.
 _STATE = "_steerlm_kernels_patch"
@@ -44,7 +44,15 @@ class _PatchState:
     labels_index: int | None  # position of ``labels`` among forward's positional parameters
     skip_logits: bool | None
     backend: str
+    chunk_size: int | None
     active: bool = True
+
+
+def default_chunk_rows(weight: torch.Tensor) -> int:
+    """``min(H, 256 MiB / (4 V))`` rows for ``weight [V, H]``: a float32 logits chunk no larger than the head's
+    weight gradient nor than the library's default chunk (at least 1)."""
+    vocab, hidden = weight.shape
+    return max(1, min(hidden, (256 << 20) // (4 * max(vocab, 1))))
 
 
 def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -63,7 +71,8 @@ def is_patched(model: torch.nn.Module) -> bool:
     return state is not None and state.active
 
 
-def patch(model: torch.nn.Module, *, skip_logits: bool | None = None, backend: str = "auto") -> torch.nn.Module:
+def patch(model: torch.nn.Module, *, skip_logits: bool | None = None, backend: str = "auto",
+          chunk_size: int | None = None) -> torch.nn.Module:
     """Route ``model``'s causal-LM loss through :func:`steerlm_kernels.linear_cross_entropy`; returns ``model``.
 
     Args:
@@ -74,6 +83,9 @@ def patch(model: torch.nn.Module, *, skip_logits: bool | None = None, backend: s
             model's own forward always; useful only to switch the patch off without ``unpatch``).
         backend: passed to :func:`steerlm_kernels.linear_cross_entropy` (``"auto"``, ``"triton"``, ``"cpp"``,
             ``"torch"``).
+        chunk_size: rows of float32 logits per chunk of the fused loss. Default: ``min(H, 256 MiB / (4 V))``
+            rows (``H`` the hidden size), i.e. a chunk never larger than the LM head's weight gradient
+            (``V x H``), which the step holds anyway, nor than the library's 256 MiB default.
 
     Patching a patched model updates its options. Raises ``ValueError`` naming the reason for a model the
     fused loss cannot serve (no ``nn.Linear`` LM head, an unknown logit transform, a forward that does not
@@ -85,9 +97,11 @@ def patch(model: torch.nn.Module, *, skip_logits: bool | None = None, backend: s
         raise TypeError(f"patch(skip_logits=): expected None, True or False, got {skip_logits!r}")
     if not isinstance(backend, str):
         raise TypeError(f"patch(backend=): expected a backend name, got {type(backend).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"patch(chunk_size=): expected a positive int or None, got {chunk_size!r}")
     state = getattr(model, _STATE, None)
     if state is not None:
-        state.skip_logits, state.backend, state.active = skip_logits, backend, True
+        state.skip_logits, state.backend, state.chunk_size, state.active = skip_logits, backend, chunk_size, True
         return model
     find_head(model)  # FusedPathUnsupported (a ValueError) says why not
     if not callable(getattr(model, "loss_function", None)):
@@ -110,6 +124,7 @@ def patch(model: torch.nn.Module, *, skip_logits: bool | None = None, backend: s
         labels_index=names.index("labels") if "labels" in names else None,
         skip_logits=skip_logits,
         backend=backend,
+        chunk_size=chunk_size,
     )
     setattr(model, _STATE, state)
     model.forward = bound
@@ -177,6 +192,7 @@ def _forward(model: torch.nn.Module, state: _PatchState, args: tuple, kwargs: di
                 reduction="mean",
                 shift=shift_labels is None,
                 num_items=num_items_in_batch,
+                chunk_size=state.chunk_size or default_chunk_rows(weight),
                 backend=state.backend,
                 **head.transform.kwargs(),
             )
