@@ -28,6 +28,11 @@ Conventions shared by every function:
 * ``softcap`` / ``logit_scale`` (every loss): the logits are transformed to
   ``softcap * tanh(logit_scale * z / softcap)`` (either part optional) inside the kernels before
   the softmax; see :func:`token_nll`.
+* ``torch.func``: ``grad``, ``vjp``, ``jacrev`` and ``vmap`` (of ``grad`` too) work on every loss of
+  both families (``vmap`` runs the kernels once per example: PyTorch's batching fallback, which
+  warns). Forward mode (``jvp``, ``torch.autograd.forward_ad``) is not supported: it raises
+  PyTorch's ``NotImplementedError`` ("You must implement the jvp function ..."), never a
+  silently zero tangent. Under a transform ``inplace_backward`` is ignored (out-of-place backward).
 * Double backward is not supported: differentiating a gradient of these losses raises PyTorch's
   "trying to differentiate twice a function that was marked with @once_differentiable"
   ``RuntimeError`` (a first-order ``backward(create_graph=True)`` works).
@@ -48,7 +53,7 @@ from steerlm_kernels import validation as v
 from steerlm_kernels.distributed import check_groups, sum_over_context
 from steerlm_kernels.ops.cross_entropy import token_nll_2d
 from steerlm_kernels.ops.group import SegmentSoftmaxFunction, steerlm2_weights_by_sizes_op
-from steerlm_kernels.ops.segment import segment_sum_op
+from steerlm_kernels.ops.segment import segment_sum
 
 __all__ = [
     "SteerLM2Weights",
@@ -188,7 +193,7 @@ def sequence_nll(
         logits, labels, loss_mask, ignore_index, check_labels, inplace_backward, backend, process_group, softcap,
         logit_scale,
     )
-    seq = segment_sum_op(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
+    seq = segment_sum(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
     return sum_over_context(seq, cp_group)
 
 

@@ -63,7 +63,7 @@ from steerlm_kernels import registry
 from steerlm_kernels import validation as v
 from steerlm_kernels.distributed import check_groups, sum_over_context, vocab_shard
 from steerlm_kernels.ops.linear_cross_entropy import linear_nll_with_grad, linear_token_nll, shard_labels
-from steerlm_kernels.ops.segment import segment_sum_op
+from steerlm_kernels.ops.segment import segment_sum
 
 __all__ = ["linear_sequence_nll", "linear_weighted_sequence_loss"]
 
@@ -172,7 +172,7 @@ def linear_sequence_nll(
                            name, process_group, *transform)
     if mask1d is not None:
         nll = nll * mask1d
-    seq = segment_sum_op(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
+    seq = segment_sum(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
     return sum_over_context(seq, cp_group)
 
 
@@ -250,6 +250,6 @@ def linear_weighted_sequence_loss(
                                         strategy, chunk_rows, name, process_group, *transform)
     if mask1d is not None:
         nll = nll * mask1d
-    seq = segment_sum_op(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
+    seq = segment_sum(nll, cu, name) if cu is not None else nll.view(labels.shape).sum(dim=-1)
     loss = (per_seq * sum_over_context(seq, cp_group)).sum()
     return loss if carrier is None else loss + carrier

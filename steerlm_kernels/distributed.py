@@ -115,11 +115,17 @@ def combine_vocab_partials(
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ``group`` in the forward; identity in the backward (see the module docstring)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:
+    def forward(x: Tensor, group: Any) -> Tensor:
         out = x.clone()
         dist.all_reduce(out, group=group)
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # forward / setup_context style: torch.func can run it
+        pass
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from steerlm_kernels import registry
@@ -111,19 +112,26 @@ def _(logits, labels, m, lse, coef, vocab_start, ignore_index, backend, softcap=
 
 
 class TokenNLLFunction(torch.autograd.Function):
-    """``nll[N] = lse - (target - m)`` (0 where ignored) of ``logits [N, V]``, differentiable once.
+    """``(nll[N], m[N], lse[N])`` of ``logits [N, V]`` (``nll = lse - (target - m)``, 0 where
+    ignored; ``m`` / ``lse`` non-differentiable, returned so that ``setup_context`` can save them),
+    differentiable once w.r.t. the logits.
+
+    Written in the ``forward`` / ``setup_context`` style, so that ``torch.func`` transforms
+    (``grad``, ``vjp``; ``vmap`` through a generated rule) can run it.
 
     With ``process_group`` the logits are this rank's vocabulary shard and the partials are
     combined by one collective (:mod:`steerlm_kernels.distributed`); the backward needs none.
     Saves ``logits`` (no copy), ``labels`` and ``m``, ``lse`` ([N] float32 each) for the one-pass
     backward. With ``inplace_backward`` the gradient is written into the logits' storage, which
     the caller must not read afterwards, unless the logits' rows may overlap in memory
-    (:func:`steerlm_kernels.validation.rows_may_overlap`): then the backward is out of place.
+    (:func:`steerlm_kernels.validation.rows_may_overlap`) or a ``torch.func`` transform is active
+    (its wrapped tensors cannot be written behind its back): then the backward is out of place.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
-        ctx,
         logits: Tensor,
         labels: Tensor,
         ignore_index: int,
@@ -133,20 +141,26 @@ class TokenNLLFunction(torch.autograd.Function):
         process_group: Any,
         softcap: float | None = None,
         logit_scale: float | None = None,
-    ) -> Tensor:
-        nll, m, lse, vocab_start = _token_nll_forward(logits, labels, ignore_index, check_labels, backend,
-                                                      process_group, softcap, logit_scale)
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        nll, m, lse, _ = _token_nll_forward(logits, labels, ignore_index, check_labels, backend, process_group,
+                                            softcap, logit_scale)
+        return nll, m, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        logits, labels, ignore_index, _, inplace_backward, backend, process_group, softcap, logit_scale = inputs
+        _, m, lse = output
+        ctx.mark_non_differentiable(m, lse)
         ctx.save_for_backward(logits, labels, m, lse)
-        ctx.transform = (softcap, logit_scale)
-        ctx.vocab_start = vocab_start
+        ctx.vocab_start = vocab_shard(logits.shape[1], process_group)[0]
         ctx.ignore_index = ignore_index
-        ctx.inplace_backward = inplace_backward and not rows_may_overlap(logits)
+        ctx.inplace_backward = inplace_backward and not rows_may_overlap(logits) and not _func_wrapped(logits)
         ctx.backend = backend
-        return nll
+        ctx.transform = (softcap, logit_scale)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_nll: Tensor):
+    def backward(ctx, grad_nll: Tensor, *_: Any):
         logits, labels, m, lse = ctx.saved_tensors
         coef = grad_nll.float().contiguous()
         args = (labels, m, lse, coef, ctx.vocab_start, ctx.ignore_index, ctx.backend, *ctx.transform)
@@ -156,6 +170,25 @@ class TokenNLLFunction(torch.autograd.Function):
         else:
             grad = ce_backward_op(logits, *args)
         return grad, None, None, None, None, None, None, None, None
+
+
+def _func_wrapped(x: Tensor) -> bool:
+    """Is ``x`` a ``torch.func`` transform's wrapped tensor? (Never while torch.compile traces:
+    dynamo cannot call the check, and compiles no functorch transform of these ops.)"""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def autograd_needed(*tensors: Tensor | None) -> bool:
+    """Must the op go through its ``autograd.Function``? Yes when any tensor requires grad (grad
+    mode on; ``torch.func.grad`` / ``vjp`` wrap their inputs so), or carries a forward-mode tangent
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``): the Functions have no ``jvp``, so forward
+    mode then fails with PyTorch's clear error instead of a silently missing (zero) tangent. The
+    forward-mode check is skipped while ``torch.compile`` traces (dynamo has no forward AD)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def nll_from_stats(m: Tensor, lse: Tensor, target: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -199,10 +232,10 @@ def token_nll_2d(
     Goes through autograd only when a gradient is needed; otherwise (baseline phase) it calls
     the forward op directly and keeps nothing alive.
     """
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if autograd_needed(logits):
         return TokenNLLFunction.apply(
             logits, labels, ignore_index, check_labels, inplace_backward, backend, process_group, softcap,
             logit_scale,
-        )
+        )[0]
     return _token_nll_forward(logits, labels, ignore_index, check_labels, backend, process_group, softcap,
                               logit_scale)[0]

@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from steerlm_kernels import registry
 from steerlm_kernels.distributed import combine_vocab_partials
-from steerlm_kernels.ops.cross_entropy import nll_from_stats
+from steerlm_kernels.ops.cross_entropy import autograd_needed, nll_from_stats
 from steerlm_kernels.ops.linear_chunks import linear_grads, linear_stats, linear_stats_and_grads
 from steerlm_kernels.validation import check_label_range
 
@@ -243,22 +243,33 @@ class LinearTokenNLLFunction(torch.autograd.Function):
     recomputes the logits chunk by chunk (tile by tile with the tile kernels). With
     ``process_group``, ``lm_head_weight`` / ``bias`` are this rank's vocabulary shard, ``labels``
     shard-local (:func:`shard_labels`), the saved ``(m, lse)`` are the global ones, and
-    ``grad_hidden`` is this rank's partial (see the module notes)."""
+    ``grad_hidden`` is this rank's partial (see the module notes).
+
+    Returns ``(nll, m, lse)`` (``m`` / ``lse`` non-differentiable, for ``setup_context``): the
+    ``forward`` / ``setup_context`` style lets ``torch.func`` transforms run it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+    def forward(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
                 check_labels: bool, strategy: str, chunk_rows: int, backend: str, process_group: Any,
-                softcap: float | None = None, logit_scale: float | None = None) -> Tensor:
+                softcap: float | None = None, logit_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
         m, lse, target = _linear_stats(hidden, lm_head_weight, bias, labels, ignore_index, check_labels, strategy,
                                        chunk_rows, backend, process_group, softcap, logit_scale)
+        return nll_from_stats(m, lse, target, labels, ignore_index), m, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        hidden, lm_head_weight, bias, labels, ignore_index, _, strategy, chunk_rows, backend, _, softcap, scale = inputs
+        _, m, lse = output
+        ctx.mark_non_differentiable(m, lse)
         ctx.save_for_backward(hidden, lm_head_weight, bias, labels, m, lse)
-        ctx.transform = (softcap, logit_scale)
+        ctx.transform = (softcap, scale)
         ctx.ignore_index, ctx.strategy, ctx.chunk_rows, ctx.backend = ignore_index, strategy, chunk_rows, backend
-        return nll_from_stats(m, lse, target, labels, ignore_index)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_nll: Tensor):
+    def backward(ctx, grad_nll: Tensor, *_: Any):
         hidden, lm_head_weight, bias, labels, m, lse = ctx.saved_tensors
         need_h, need_lm, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
@@ -286,14 +297,20 @@ class LinearGradCarrierFunction(torch.autograd.Function):
     (``lm_head_weight`` / ``bias`` this rank's vocabulary shard, ``labels`` shard-local): the
     forward op, one collective for the global ``lse``, then the recomputing gradient op (four
     matmuls; ``grad_hidden`` is this rank's partial). No communication in backward.
+
+    ``forward`` / ``setup_context`` style (``torch.func`` transforms can run it): which gradients
+    to compute is passed in (``need_h, need_lm, need_b``: the caller reads ``requires_grad``), and
+    the forward returns ``(carrier, nll, grad_hidden, grad_lm_head, grad_bias)``, all but the
+    carrier non-differentiable; callers use the first two.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
+    def forward(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
                 ignore_index: int, check_labels: bool, strategy: str, chunk_rows: int, backend: str,
-                process_group: Any, softcap: float | None = None,
-                logit_scale: float | None = None) -> tuple[Tensor, Tensor]:
-        need_h, need_lm, need_b = ctx.needs_input_grad[:3]
+                process_group: Any, softcap: float | None, logit_scale: float | None, need_h: bool, need_lm: bool,
+                need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         need_b = need_b and bias is not None
         coef32 = coef.detach().float().contiguous()
         run = (strategy, chunk_rows, backend, need_h, need_lm, need_b, softcap, logit_scale)
@@ -305,22 +322,25 @@ class LinearGradCarrierFunction(torch.autograd.Function):
                                            strategy, chunk_rows, backend, process_group, softcap, logit_scale)
             gh, glm, gb = linear_ce_backward_op(hidden, lm_head_weight, bias, labels, m, lse, coef32, ignore_index,
                                                 *run)
-        nll = nll_from_stats(m, lse, target, labels, ignore_index)
+        return lse.new_zeros(()), nll_from_stats(m, lse, target, labels, ignore_index), gh, glm, gb
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, nll, gh, glm, gb = output
+        ctx.mark_non_differentiable(nll, gh, glm, gb)
         ctx.save_for_backward(gh, glm, gb)
-        ctx.need = (need_h, need_lm, need_b)
-        ctx.mark_non_differentiable(nll)
-        return lse.new_zeros(()), nll
+        ctx.need = (inputs[-3], inputs[-2], inputs[-1] and inputs[2] is not None)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_carrier: Tensor, grad_nll: Tensor | None):
+    def backward(ctx, grad_carrier: Tensor, *_: Any):
         g = grad_carrier.float()
         scaled = [(x * g).to(x.dtype) if need else None for x, need in zip(ctx.saved_tensors, ctx.need, strict=True)]
-        return (*scaled, None, None, None, None, None, None, None, None, None, None)
+        return (*scaled, *([None] * 13))
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return autograd_needed(*tensors)
 
 
 def linear_token_nll(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
@@ -335,7 +355,7 @@ def linear_token_nll(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None
     ``z' = softcap * tanh(logit_scale * z / softcap)`` (validated; None: none)."""
     args = (ignore_index, check_labels, strategy, chunk_rows, backend, process_group, softcap, logit_scale)
     if _needs_grad(hidden, lm_head_weight, bias):
-        return LinearTokenNLLFunction.apply(hidden, lm_head_weight, bias, labels, *args)
+        return LinearTokenNLLFunction.apply(hidden, lm_head_weight, bias, labels, *args)[0]
     return nll_from_stats(*_linear_stats(hidden, lm_head_weight, bias, labels, *args), labels, ignore_index)
 
 
@@ -349,7 +369,8 @@ def linear_nll_with_grad(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | 
     ``process_group``, its collective run). ``softcap`` / ``logit_scale`` as :func:`linear_token_nll`."""
     args = (ignore_index, check_labels, strategy, chunk_rows, backend, process_group, softcap, logit_scale)
     if _needs_grad(hidden, lm_head_weight, bias):
-        carrier, nll = LinearGradCarrierFunction.apply(hidden, lm_head_weight, bias, labels, coef, *args)
+        need = (hidden.requires_grad, lm_head_weight.requires_grad, bias is not None and bias.requires_grad)
+        carrier, nll, *_ = LinearGradCarrierFunction.apply(hidden, lm_head_weight, bias, labels, coef, *args, *need)
         return nll, carrier
     stats = _linear_stats(hidden, lm_head_weight, bias, labels, *args)
     return nll_from_stats(*stats, labels, ignore_index), None
