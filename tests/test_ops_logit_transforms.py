@@ -284,3 +284,20 @@ def test_modules_and_megatron_carry_the_transform(device):
         sk.nn.TokenNLL(softcap=0.0)
     with pytest.raises(TypeError, match="logit_scale"):
         sk.nn.LinearSequenceNLL(logit_scale="2")
+
+
+def test_softcap_of_infinite_logits(backend, device):
+    """``c * tanh(+-inf / c) = +-c``: infinite logits (a vocabulary padded with -inf, an overflowed
+    +inf) are capped like any other under a softcap, on every backend, as the float64 formula says
+    (without a softcap +inf gives NaN and -inf weighs nothing, as before)."""
+    logits = torch.randn(3, 300) * 3
+    logits[0, 250:] = float("-inf")
+    logits[1, 7] = float("inf")
+    labels = torch.tensor([3, 7, 299])
+    x = logits.to(device).requires_grad_()
+    nll = sk.token_nll(x, labels.to(device), softcap=5.0, backend=backend)
+    nll.sum().backward()
+    exp_nll, exp_grad = _grad64(lambda t: ref.token_nll(t, labels, IGNORE, 5.0), logits)
+    assert torch.isfinite(nll).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(nll.double().cpu(), exp_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), exp_grad, rtol=1e-5, atol=1e-6)
