@@ -49,3 +49,21 @@ def test_flagged_responses_are_dropped_before_scoring(tmp_path) -> None:
     assert rounds.drop_flagged_file(src, tmp_path / "k.jsonl") == (2, 1)
     kept = [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()]
     assert kept == [{"responses": [{"value": "b", "capped": False, "exact": True}]}]
+
+
+def test_weighted_sft_recipe_warm_starts_and_trains_with_sft(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    argv = ["pipeline", "--sft-data", str(sample_data_path()), "--sft-steps", "2", "--recipe", "weighted-sft",
+            "--levels", "0", "4", "--max-prompts", "2", "--num-responses", "2", "--max-new-tokens", "6", "--steps",
+            "2", "--eval-samples", "1", "--eval-levels", "0", "4", "--keep-flagged", "--output", str(out), "--quiet",
+            "--train-args", "--batch-size 4"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    sft_model = out / "sft" / "final"
+    assert f"steerlm-kernels sft --data {sample_data_path()}" in err  # the warm start
+    assert f"--sft-model {sft_model} --steerlm-model {sft_model}" in err  # round 1: Q' = the SFT model
+    assert f"--weighted-data {out / 'round-1' / 'scored.jsonl'}" in err and "--batch-size 4" in err
+    assert (out / "round-1" / "train" / "final").is_dir() and (out / "rounds.json").is_file()
+    bad = ["pipeline", "--recipe", "weighted-sft", "--levels", "0", "4", "--output", str(tmp_path / "x")]
+    assert cli.main(bad) == 2
+    assert "--recipe weighted-sft needs --sft-data" in capsys.readouterr().err

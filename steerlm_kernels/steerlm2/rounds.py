@@ -9,7 +9,9 @@ Used by ``steerlm-kernels pipeline`` when ``--iterations`` > 1, ``--levels`` or 
     round-<r>/kept.jsonl      the samples without the responses cut at the token cap or not exact
                               (generation.drop_flagged; --keep-flagged keeps them)
     round-<r>/scored.jsonl    steerlm-kernels score --sft-model SFT --steerlm-model Q'
-    round-<r>/train/          steerlm-kernels train --model Q' (its final/ is Q' of round r + 1)
+    round-<r>/train/          steerlm-kernels train --model Q' (its final/ is Q' of round r + 1); with
+                              --recipe weighted-sft: steerlm-kernels sft --model Q' --weighted-data scored
+                              --data SFT_DATA (importance-weighted SFT + anchor: not NeMo's objective)
     round-<r>/steer-eval/     steerlm-kernels steer-eval --model round-<r>/train/final --reference SFT
     rounds.json               per round: the steer-eval summary (effect, p, slope, monotone, NLL, capped)
 
@@ -48,7 +50,10 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a("--eval-levels", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="steer-eval's levels (default: 0..4)")
     a("--no-eval", action="store_true", help="no steer-eval after the rounds")
     a("--keep-flagged", action="store_true", help="score the responses cut at the token cap / not exact too")
-    a("--train-args", default="", help="extra train options, e.g. \"--lr 1e-3 --lr-schedule constant\"")
+    a("--recipe", default="nemo", choices=("nemo", "weighted-sft"),
+      help="nemo: steerlm-kernels train (NeMo's SteerLM 2.0 objective, the default); weighted-sft: sft on the scored "
+           "responses drawn by their importance weights, mixed with --sft-data (needs it)")
+    a("--train-args", default="", help="extra train (or sft) options, e.g. \"--lr 1e-3 --lr-schedule constant\"")
     return parser
 
 
@@ -115,6 +120,9 @@ def run_rounds(ns: argparse.Namespace, out: Path, train_argv: Callable[[argparse
         print("steerlm-kernels pipeline: error: --iterations, --sft-steps and --eval-samples must be positive",
               file=sys.stderr)
         return 2
+    if ns.recipe == "weighted-sft" and not ns.sft_data:
+        print("steerlm-kernels pipeline: error: --recipe weighted-sft needs --sft-data (its anchor)", file=sys.stderr)
+        return 2
     flags = ["--resume"] if ns.resume else ["--overwrite"] if ns.overwrite else []
     quiet = ["--quiet"] if ns.quiet else []
     prompts = ns.prompts or str(sample_data_path())
@@ -150,9 +158,14 @@ def run_rounds(ns: argparse.Namespace, out: Path, train_argv: Callable[[argparse
                                  ns.attribute_scorer, "--seed", str(ns.seed), *flags, *quiet])
         if status:
             return status
-        argv, _ = train_argv(argparse.Namespace(**{**vars(ns), "model": q_model}), rd / "scored.jsonl", rd / "train")
-        argv += (["--heldout", eval_prompts] if _has_responses(eval_prompts) else []) + shlex.split(ns.train_args)
-        status = _call("train", argv)
+        heldout = ["--heldout", eval_prompts] if _has_responses(eval_prompts) else []
+        if ns.recipe == "weighted-sft":
+            argv = ["--model", q_model, "--data", ns.sft_data, "--weighted-data", str(rd / "scored.jsonl"), "--output",
+                    str(rd / "train"), "--steps", str(ns.steps), "--template", ns.template, "--seed", str(ns.seed + r)]
+        else:
+            argv, _ = train_argv(argparse.Namespace(**{**vars(ns), "model": q_model}), rd / "scored.jsonl",
+                                 rd / "train")
+        status = _call("sft" if ns.recipe == "weighted-sft" else "train", argv + heldout + shlex.split(ns.train_args))
         if status:
             return status
         q_model = str(rd / "train" / "final")
