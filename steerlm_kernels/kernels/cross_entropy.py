@@ -11,6 +11,12 @@ Two passes over the ``[N, V]`` logits make the whole logits-in family:
   ``grad = (exp((x - m) - lse) - onehot) * coef`` in float32, rounded once to the logits' dtype.
   ``out`` may be the logits themselves (in place), which saves the second ``N x V`` buffer.
 
+Logit transforms (``softcap`` / ``scale``, the registry contract): a ``TRANSFORM`` constexpr
+selects ``z' = cap * tanh(pre * x)`` or ``pre * x`` (applied to every loaded logit, the target
+included; the backward multiplies by ``dz'/dx``, in float32 before the rounding). At 0 the
+transform is compiled out: the plain kernels are unchanged. ``tanh`` is written from ``tl.exp``
+(:func:`tanh_sech2`), which the interpreter runs too.
+
 Rows whose label is ``ignore_index`` are neither read nor differentiated. Both kernels take
 ``vocab_start``: under tensor (vocabulary) parallelism a rank holds columns
 ``[vocab_start, vocab_start + V)`` of the full vocabulary and the target logit is loaded only by

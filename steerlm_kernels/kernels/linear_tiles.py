@@ -21,6 +21,10 @@ default strategy, chunks of rows through library GEMMs, is :mod:`steerlm_kernels
   deterministic** (float32 addition order varies between runs; the values agree to float32
   rounding). The forward values are deterministic.
 
+Both kernels apply the logit transform (``softcap`` / ``scale``) to each logits tile when their
+``TRANSFORM`` constexpr asks for it (compiled out otherwise), as the CE kernels do
+(:mod:`steerlm_kernels.kernels.cross_entropy`).
+
 Why chunks are the default on CUDA (a byte / FLOP model, not yet a measurement: ``steerlm-kernels
 bench --sections linear`` on a GPU times both, rows ``triton`` and ``triton-tiles``): the tile
 backward adds each ``[BLOCK_N, H]`` slice of ``grad_hidden`` once per vocabulary tile and each
