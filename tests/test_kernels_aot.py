@@ -161,8 +161,28 @@ def test_kernel_without_spec_is_an_error(tmp_path):
         AOT_SPECS = {"_badsig_kernel": [{"signature": {"x_ptr": "*fp32", "BLOCK": "constexpr"},
                                          "constexprs": {"BLOCK": 64}, "num_warps": 1}]}
         """))
+    # a @triton.jit device function named in DEVICE_FUNCTIONS needs no spec (it is compiled inside
+    # the kernels that call it); the same function not named there is flagged
+    (pkg / "helpers.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+
+        DEVICE_FUNCTIONS = ("twice",)
+
+
+        @triton.jit
+        def twice(x):
+            return x * 2
+
+
+        @triton.jit
+        def thrice(x):
+            return x * 3
+        """))
     proc = _aot("--package", "fakeops", "--discover-only", pythonpath=str(tmp_path), timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "fakeops.helpers.thrice: @triton.jit kernel has no entry in AOT_SPECS" in proc.stderr
+    assert "fakeops.helpers.twice" not in proc.stderr
     assert "fakeops.orphan._orphan_kernel: @triton.jit kernel has no entry in AOT_SPECS" in proc.stderr
     assert "AOT_SPECS['_gone_kernel']: no @triton.jit kernel" in proc.stderr
     assert "AOT_SPECS['_badsig_kernel'][0]: signature names" in proc.stderr
