@@ -18,7 +18,8 @@ Conventions shared by every function:
 * ``loss_mask``: bool, integer or float of the labels' shape; it multiplies each token's NLL.
   Tokens whose mask is exactly 0 are treated as ignored: their logits are never read (so prompt
   tokens cost no bandwidth), their labels are not checked, and they contribute exactly 0 even
-  when their logits are NaN.
+  when their logits are NaN. Hence, for a float mask that requires grad, ``d loss / d loss_mask``
+  is 0 at those tokens (their NLL is never computed), not their NLL.
 * Results are float32. All accumulation is float32; reductions are deterministic (no atomics).
 * ``backend``: ``"auto"`` (default), ``"triton"``, ``"cpp"`` or ``"torch"``; see
   :func:`steerlm_kernels.backends`. ``$STEERLM_KERNELS_BACKEND`` overrides ``"auto"``.

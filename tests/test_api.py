@@ -444,3 +444,15 @@ def test_double_backward_raises_a_clear_error(backend, device):
     assert_close(g.detach(), expected, **ref.grad_tolerances(torch.float32))
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.pow(2).sum().backward()
+
+
+def test_loss_mask_gradient_is_zero_where_the_mask_is_zero(backend, device):
+    """Documented: tokens with mask 0 are never read, so a float mask's gradient there is 0 (not the
+    token's NLL); elsewhere it is the token's NLL (float64)."""
+    logits = torch.randn(2, 4, 9, device=device)
+    labels = torch.randint(0, 9, (2, 4), device=device)
+    mask = torch.tensor([[1.0, 0.0, 0.5, 1.0], [0.0, 1.0, 1.0, 0.0]], device=device, requires_grad=True)
+    sk.sequence_nll(logits, labels, mask, backend=backend).sum().backward()
+    nll = ref.token_nll(logits.cpu(), labels.cpu())
+    expected = torch.where(mask.detach().cpu() == 0, 0.0, nll)
+    torch.testing.assert_close(mask.grad.double().cpu(), expected, rtol=1e-5, atol=1e-6)
