@@ -35,7 +35,7 @@ def test_every_row_is_there_and_agrees(result):
     for r in ran:
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
         assert r["loss_rel_diff"] <= 1e-4 and r["grad_rel_diff"] <= 1e-4, r
-        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["cpu_ms"] >= 0
     assert "skipped" in rows["trainer", "liger"] and "CUDA" in rows["trainer", "liger"]["skipped"]
     for r in result["rows"]:
         assert "error" not in r, r
@@ -98,7 +98,7 @@ def test_agreement_flags_a_disagreeing_or_failed_row():
 
 def test_markdown_has_both_tables_and_the_skips(result):
     text = "\n".join(dropin.markdown(result))
-    assert "Trainer SFT step" in text and "loss op" in text and ": yes" in text
+    assert "Trainer SFT step" in text and "loss op" in text and ": yes" in text and "CPU ms" in text
     assert "| sk patch |" in text and "| ours |" in text and "not run:" in text
     assert "Failed: x" in "\n".join(dropin.markdown({"error": "x"}))
 

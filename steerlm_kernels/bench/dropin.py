@@ -19,7 +19,8 @@ Part 1, ``trainer``: one SFT step of the Hugging Face ``Trainer`` (``training_st
                     elsewhere; ``filter_eps=None``: exact gradients) through the same patch.
 
 Part 2, ``op``: the loss alone, forward + backward on ``hidden [N, H]`` and ``weight [V, H]`` (``N = B x S``):
-``eager`` (``F.linear`` + ``F.cross_entropy``), ``ours`` (``sk.linear_cross_entropy``), ``torch lce``,
+``eager`` (``F.linear`` + ``F.cross_entropy``), ``ours`` (``sk.linear_cross_entropy`` with hf.patch's chunk:
+:func:`steerlm_kernels.hf.patch.default_chunk_rows`), ``torch lce``,
 ``liger`` (``liger_fused_linear_cross_entropy``), ``cce``. Agreement: loss and a random projection of each
 gradient against a float64 chunked reference (the projection ``sum(g * R) / ||g_ref||`` estimates the
 relative gradient error).
@@ -27,7 +28,8 @@ relative gradient error).
 Each row runs in its own process (a fresh heap; class-level patches stay there): a first step (warm-up, and
 the values compared for agreement: every row starts from the same weights), a step measured for peak extra
 memory (:func:`steerlm_kernels.memory.measure_extra_memory`; gradients already allocated), then timed steps
-(the best of ``repeats``).
+(the best of ``repeats`` by wall time; ``cpu_ms`` is that step's process CPU time, which a loaded shared
+machine inflates less).
 
 Byte model (``n = B x S`` rows, float32 logits): the unpatched head holds the logits (``4 n V``, plus the
 ``e n V`` model-dtype copy on GPU), their log-softmax (``4 n V``) and in backward its gradient and the
@@ -59,7 +61,7 @@ from steerlm_kernels.memory import measure_extra_memory
 __all__ = ["CPU", "GPU", "OP_IMPLS", "PEERS", "QUICK", "TRAINER_IMPLS", "evaluate_targets", "fill_agreement",
            "markdown", "peer_loss", "reference_loss_grads", "run_dropin", "run_row", "torch_lce_options", "why_not"]
 
-CPU: dict[str, Any] = {"v": 128256, "h": 256, "layers": 2, "dtype": "fp32", "b": 2, "s": 512, "repeats": 2}
+CPU: dict[str, Any] = {"v": 128256, "h": 256, "layers": 2, "dtype": "fp32", "b": 2, "s": 512, "repeats": 5}
 GPU: dict[str, Any] = {"v": 128256, "h": 4096, "layers": 1, "dtype": "bf16", "b": 4, "s": 4096, "repeats": 3}
 QUICK: dict[str, Any] = {"v": 500, "h": 32, "layers": 1, "dtype": "fp32", "b": 2, "s": 16, "repeats": 1}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -242,8 +244,9 @@ def _op_step(impl: str, cfg: dict[str, Any], device: torch.device, seed: int) ->
     def step(measure: bool) -> dict:
         if impl == "ours":
             import steerlm_kernels as sk
+            from steerlm_kernels.hf.patch import default_chunk_rows
 
-            loss = sk.linear_cross_entropy(hidden, weight, target)
+            loss = sk.linear_cross_entropy(hidden, weight, target, chunk_size=default_chunk_rows(weight))
         else:
             loss = peer_loss(impl, hidden[keep], weight, target[keep]) / count
         loss.backward()
@@ -296,17 +299,19 @@ def run_row(part: str, impl: str, cfg: dict[str, Any], device: torch.device, see
     # same weights in every row
     out = step(True)
     extra, _ = measure_extra_memory(lambda: step(False), device)
-    times = []
+    times, cpu = [], []
     for _ in range(cfg["repeats"]):
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(False)
         sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     seconds = min(times)
     tokens = cfg["b"] * cfg["s"]
+    # cpu_ms: this process's CPU time (all threads) of the fastest step: the work, robust to a loaded machine
     return {"part": part, "impl": impl, "step_ms": 1e3 * seconds, "tokens_per_s": tokens / seconds,
-            "extra_mib": extra, **out}
+            "cpu_ms": 1e3 * cpu[times.index(seconds)], "extra_mib": extra, **out}
 
 
 def _in_subprocess(part: str, impl: str, cfg: dict[str, Any], device: torch.device, seed: int,
@@ -397,16 +402,18 @@ def markdown(result: dict[str, Any]) -> list[str]:
     names = {"trainer": "Trainer SFT step (forward + backward + SGD)", "op": "loss op (forward + backward)"}
     for part in result["targets"]:
         lines += ["", f"**{names[part]}**", "",
-                  "| implementation | step ms | tokens/s | vs base | peak extra MiB | vs base | loss rel diff "
-                  "| grad rel diff |", "|---|---|---|---|---|---|---|---|"]
+                  "| implementation | step ms | CPU ms | tokens/s | vs base | peak extra MiB | vs base | loss rel diff "
+                  "| grad rel diff |", "|---|---|---|---|---|---|---|---|---|"]
         for r in (x for x in result["rows"] if x["part"] == part):
             if "loss" not in r:
                 lines.append(f"| {r['impl']} | {'not run: ' + r['skipped'] if 'skipped' in r else 'error: '}"
-                             f"{r.get('error', '')} | | | | | | |")
+                             f"{r.get('error', '')} | | | | | | | |")
                 continue
             extra = "n/a" if r["extra_mib"] is None else f"{r['extra_mib']:,.1f}"
             mem = r.get("memory_vs_base")
-            lines.append(f"| {r['impl']} | {r['step_ms']:,.0f} | {r['tokens_per_s']:,.0f} | "
+            cpu_ms = r.get("cpu_ms")
+            lines.append(f"| {r['impl']} | {r['step_ms']:,.0f} | {'n/a' if cpu_ms is None else f'{cpu_ms:,.0f}'} | "
+                         f"{r['tokens_per_s']:,.0f} | "
                          f"{r.get('speed_vs_base', float('nan')):.2f}x | {extra} | "
                          f"{'n/a' if mem is None else f'{mem:.2f}x'} | {r.get('loss_rel_diff', float('nan')):.1e} | "
                          f"{r.get('grad_rel_diff', float('nan')):.1e} |")
