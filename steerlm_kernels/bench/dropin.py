@@ -260,14 +260,18 @@ def _op_step(impl: str, cfg: dict[str, Any], device: torch.device, seed: int) ->
     return step
 
 
-def reference_loss_grads(cfg: dict[str, Any], seed: int = 0, chunk: int = 128) -> dict[str, float]:
-    """The op part's float64 reference (CPU, chunks of ``chunk`` rows): ``{loss, grad_proj, grad_norm}``."""
+def reference_loss_grads(cfg: dict[str, Any], seed: int = 0, chunk: int | None = None,
+                         device: torch.device | str = "cpu") -> dict[str, float]:
+    """The op part's float64 reference on ``device`` (chunks of ``chunk`` rows: default 128 on CPU, 2048 on
+    CUDA): ``{loss, grad_proj, grad_norm}`` of the op rows' inputs (the same values in every dtype)."""
+    device = torch.device(device)
+    chunk = chunk or (2048 if device.type == "cuda" else 128)
     gen = torch.Generator().manual_seed(seed + 11)
     n, h = cfg["b"] * cfg["s"], cfg["h"]
     dtype = DTYPES[cfg["dtype"]]
-    hidden = torch.randn(n, h, generator=gen).to(dtype).double()
-    weight = (torch.randn(cfg["v"], h, generator=gen) / h ** 0.5).to(dtype).double()
-    target = make_tokens(cfg, torch.device("cpu"), seed)[1].reshape(-1)
+    hidden = torch.randn(n, h, generator=gen).to(dtype).to(device=device, dtype=torch.float64)
+    weight = (torch.randn(cfg["v"], h, generator=gen) / h ** 0.5).to(dtype).to(device=device, dtype=torch.float64)
+    target = make_tokens(cfg, device, seed)[1].reshape(-1)
     count = int((target != -100).sum())
     total, g_h, g_w = 0.0, torch.zeros_like(hidden), torch.zeros_like(weight)
     for i in range(0, n, chunk):
@@ -280,7 +284,7 @@ def reference_loss_grads(cfg: dict[str, Any], seed: int = 0, chunk: int = 128) -
         lse = torch.logsumexp(z, -1)
         total += float((lse - z.gather(1, ys[:, None]).squeeze(1)).sum())
         gz = torch.softmax(z, -1)
-        gz[torch.arange(len(ys)), ys] -= 1
+        gz[torch.arange(len(ys), device=device), ys] -= 1
         gz /= count
         g_h[i:i + chunk][keep] = gz @ weight
         g_w += gz.T @ hs
@@ -381,7 +385,7 @@ def run_dropin(device: torch.device, *, quick: bool = False, shape: dict[str, An
             log(f"dropin: {part} {impl}: " + (row.get("skipped") or row.get("error") or
                 f"{row['step_ms']:.0f} ms, {row['tokens_per_s']:.0f} tokens/s, extra {row['extra_mib']} MiB"))
     tol = 1e-4 if cfg["dtype"] == "fp32" else 3e-2
-    ref = reference_loss_grads(cfg, seed) if "op" in parts else None
+    ref = reference_loss_grads(cfg, seed, device=device) if "op" in parts else None
     agrees = all([fill_agreement(rows, part, ref if part == "op" else None, tol) for part in parts])  # fill each
     targets = {part: evaluate_targets(rows, part) for part in parts}
     return {"shape": cfg, "device": device_name(device), "rows": rows, "agrees": agrees, "tolerance": tol,
