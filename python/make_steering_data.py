@@ -8,8 +8,10 @@
   the example scorer, about ``2^(k+1)`` words, is as common as any other); the label's verbosity
   is drawn independently of the responses (``steerlm-kernels sft`` redraws it anyway);
 * ``DIR/prompts.jsonl``: the same prompts without responses (what ``pipeline`` samples from);
-* ``DIR/eval_prompts.jsonl``: ``--eval-prompts`` other prompts for ``steer-eval`` (with two
-  responses each: the held-out reference text of its NLL).
+* ``DIR/eval_prompts.jsonl``: ``--eval-prompts`` other prompts for ``steer-eval`` with two
+  responses each, the held-out reference text of its NLL: their length agrees with the record's
+  verbosity label (level ``v``: ``2^(v+0.5)`` to ``2^(v+1.5)`` words), so a model that steers is not
+  penalised for it on this text.
 
 Words: a prompt is about one of the topics of ``make_sample_data.py``; a word is one of the topic's
 three with probability 0.3, else a common word. Deterministic for a given ``--seed``.
@@ -28,9 +30,13 @@ from make_sample_data import COMMON, PROMPT_TEMPLATES, SYSTEMS, TOPICS
 MAX_WORDS = 40
 
 
-def response(rng: random.Random, topic: str) -> str:
-    """One sentence of ``n`` words (``n`` log-uniform over 1..MAX_WORDS), ending with a full stop."""
-    n = max(1, min(MAX_WORDS, round(math.exp(rng.uniform(0.0, math.log(MAX_WORDS + 0.5))))))
+def response(rng: random.Random, topic: str, level: int | None = None) -> str:
+    """One sentence of ``n`` words, ending with a full stop: ``n`` log-uniform over 1..MAX_WORDS, or in
+    ``[2^(level+0.5), 2^(level+1.5))`` for a verbosity ``level``."""
+    if level is None:
+        n = max(1, min(MAX_WORDS, round(math.exp(rng.uniform(0.0, math.log(MAX_WORDS + 0.5))))))
+    else:
+        n = rng.randint(math.ceil(2 ** (level + 0.5)), min(MAX_WORDS, math.ceil(2 ** (level + 1.5)) - 1))
     words = [rng.choice(TOPICS[topic]) if rng.random() < 0.3 else rng.choice(COMMON) for _ in range(n)]
     return " ".join(words) + "."
 
@@ -63,7 +69,8 @@ def main() -> None:
     with open(out / "eval_prompts.jsonl", "w") as ev:
         for _ in range(ns.eval_prompts):
             rec, topic = prompt(rng)
-            ev.write(json.dumps({**rec, "responses": [{"from": "Assistant", "value": response(rng, topic)}
+            level = int(rec["label"].rsplit(":", 1)[1])
+            ev.write(json.dumps({**rec, "responses": [{"from": "Assistant", "value": response(rng, topic, level)}
                                                       for _ in range(2)]}) + "\n")
     print(f"wrote {out / 'sft.jsonl'}, {out / 'prompts.jsonl'}, {out / 'eval_prompts.jsonl'}")
 
