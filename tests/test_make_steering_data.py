@@ -33,3 +33,19 @@ def test_files_lengths_and_determinism(tmp_path) -> None:
     levels = {min(4, max(0, round(math.log2(w) - 1))) for w in words}  # the example scorer's level of a length
     assert levels == {0, 1, 2, 3, 4}
     assert all(len(r["responses"]) == 2 for r in evals)
+
+
+def test_steering_demo_command_is_a_valid_pipeline(tmp_path) -> None:
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("steering_demo", SCRIPT.parent / "steering_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    from steerlm_kernels.steerlm2 import pipeline
+
+    for recipe in ("weighted-sft", "nemo"):
+        argv = demo.pipeline_argv(tmp_path, recipe, None)
+        ns = pipeline.add_arguments(argparse.ArgumentParser()).parse_args(argv[1:])
+        assert ns.recipe == recipe and ns.levels == [0, 4] and ns.eval_levels == [0, 1, 2, 3, 4]
+        assert ns.sft_data == str(tmp_path / "data" / "sft.jsonl") and ns.max_new_tokens == 256
