@@ -103,6 +103,9 @@ def test_empty_draws_are_drawn_again_then_refused() -> None:
     with pytest.raises(ValueError, match="prompt 0: 8 draws gave only 0 non-empty"):
         G.sample_prompts(ScriptedLM([[EOS]]), tok, [enc(tok, "q")], [0], template="nemo", num_responses=1,
                          max_new_tokens=5)
+    empty = G.sample_prompts(ScriptedLM([[EOS], enc(tok, "x") + [EOS]]), tok, [enc(tok, "q")], [0], template="nemo",
+                             num_responses=2, max_new_tokens=5, allow_empty=True)[0]
+    assert [d.text for d in empty] == ["", "x"] and not empty[0].capped  # steer-eval: an empty answer counts
 
 
 def test_bad_arguments_are_named() -> None:

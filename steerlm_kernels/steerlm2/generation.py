@@ -258,11 +258,12 @@ def generate_rows(model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[
 
 def sample_prompts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[int], *,
                    template: str, num_responses: int, max_new_tokens: int, temperature: float = 1.0,
-                   top_p: float = 1.0, pad_id: int | None = None, max_rows: int = MAX_ROWS) -> list[list[Draw]]:
+                   top_p: float = 1.0, pad_id: int | None = None, max_rows: int = MAX_ROWS,
+                   allow_empty: bool = False) -> list[list[Draw]]:
     """``num_responses`` :class:`Draw` per prompt (``prompts``: token ids; ``seeds``: one per prompt).
 
     Draws with empty text are drawn again (at most :data:`MAX_DRAWS` rounds, then ValueError naming
-    the prompt's index). ``temperature == 0``: the greedy continuation, ``num_responses`` times.
+    the prompt's index), unless ``allow_empty`` (``steer-eval``: an empty response is a measurement). ``temperature == 0``: the greedy continuation, ``num_responses`` times.
     Rows are decoded ``max_rows`` at a time, in the order (prompt, response).
     """
     if num_responses < 1:
@@ -276,7 +277,7 @@ def sample_prompts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     greedy = temperature == 0
     per_prompt = 1 if greedy else num_responses
     result: list[list[Draw | None]] = [[None] * per_prompt for _ in prompts]
-    for k in range(1 if greedy else MAX_DRAWS):
+    for k in range(1 if greedy or allow_empty else MAX_DRAWS):
         todo = [(p, i) for p in range(len(prompts)) for i in range(per_prompt) if result[p][i] is None]
         if not todo:
             break
@@ -287,7 +288,7 @@ def sample_prompts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
                                  top_p=top_p)
             for (p, i), row in zip(chunk, rows):
                 draw = response_draw(tokenizer, row, stops, template, max_new_tokens)
-                if draw.text:
+                if draw.text or allow_empty:
                     result[p][i] = draw
     out: list[list[Draw]] = []
     for p, draws in enumerate(result):

@@ -147,7 +147,8 @@ def evaluate_model(model: Any, tokenizer: Any, prompts: Sequence[tuple[int, dict
             seeds.append(record_seed(seed, lineno))  # the same streams at every level (paired)
     try:
         draws = sample_prompts(model, tokenizer, ids, seeds, template=template, num_responses=samples,
-                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               allow_empty=True)  # an empty response is a measurement (0 words), not a redraw
     except ValueError as exc:
         raise CommandError(f"sampling: {exc}") from None
     role = parse_prompt(prompts[0][1], "--prompts", prompts[0][0]).response_role
