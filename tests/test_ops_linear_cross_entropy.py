@@ -361,6 +361,27 @@ def test_inputs_not_modified(backend, device):
         assert torch.equal(t.detach(), c)
 
 
+def test_weighted_loss_backward_scales_in_place_once(backend, device):
+    # The carrier's backward scales the head-sized gradient it saved in the forward in place: the
+    # gradients must still be those of upstream * loss (float64 reference, upstream -2.5), and a second
+    # backward through the same graph must raise instead of reusing the already-scaled buffers.
+    hidden, weight, bias, labels, loss_mask = make_inputs(2, 6, 16, 45, torch.float32, device)
+    wt = torch.tensor([0.7, -1.3], device=device)
+    normalizer = torch.tensor([2.0, 3.0], device=device)
+    h, w, b = leaves(hidden, weight, bias)
+    out = linear_weighted_sequence_loss(h, w, labels, loss_mask, wt, normalizer, bias=b, backend=backend,
+                                        chunk_size=4)
+    _, gh, gw, gb = ref_grads(
+        lambda x: -2.5 * ref.weighted_sequence_loss(x, labels.cpu(), loss_mask.cpu(), wt.cpu(), normalizer.cpu()),
+        hidden.cpu(), weight.cpu(), bias.cpu(),
+    )
+    (out * -2.5).backward(retain_graph=True)
+    for got, exp in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
+        assert_grad_close(got, exp, grad_rel_tol(torch.float32))
+    with pytest.raises(RuntimeError, match="second backward"):
+        (out * -2.5).backward()
+
+
 def test_no_grad_saves_nothing(backend, device):
     hidden, weight, bias, labels, loss_mask = make_inputs(2, 6, 16, 45, torch.float32, device)
     h, w = leaves(hidden, weight)

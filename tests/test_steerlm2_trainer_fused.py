@@ -308,21 +308,26 @@ def test_fsdp2_two_processes_equal_one(tmp_path, tied):
 
 
 def test_fused_chunks_are_small_on_cpu(dataset, monkeypatch):
-    """On CPU the wrapper's fused losses run in chunks of <= 32 MiB of float32 logits (the library's default
-    is sized for GPUs); an explicit chunk_size wins."""
+    """On CPU the wrapper's fused losses (both phases) run in chunks of min(H, 256 MiB / 4V) rows (no larger
+    than the head gradient; the library's default is sized for GPUs); an explicit chunk_size wins."""
     import steerlm_kernels.steerlm2.model as M
-    from steerlm_kernels.steerlm2.loss_path import CPU_CHUNK_BYTES, chunk_rows
+    from steerlm_kernels.steerlm2.loss_path import chunk_rows
 
     seen = []
-    real = M.linear_weighted_sequence_loss
-    monkeypatch.setattr(M, "linear_weighted_sequence_loss",
-                        lambda *a, **kw: (seen.append(kw["chunk_size"]), real(*a, **kw))[1])
+    for name in ("linear_weighted_sequence_loss", "linear_sequence_nll"):
+        real = getattr(M, name)
+        monkeypatch.setattr(M, name, lambda *a, _real=real, _n=name, **kw: (seen.append((_n, kw["chunk_size"])),
+                                                                            _real(*a, **kw))[1])
     model = hf_model("llama", vocab=40000)
     cfg = {"steerlm2": {"forward_micro_batch_size": 4, "micro_batch_size": 4}}
     batch = SteerLM2Collator.for_dataset(dataset)([dataset[0]])
     GPTSteerLMModel.from_hf(model, cfg, "fused", backend="torch").get_loss_and_metrics(batch)
-    assert seen and all(c == CPU_CHUNK_BYTES // (4 * 40000) for c in seen), seen
-    assert chunk_rows(model.lm_head.weight, 7) == 7 and chunk_rows(torch.empty(10**7, 1)) == 16
+    h = model.config.hidden_size
+    assert {n for n, _ in seen} == {"linear_weighted_sequence_loss", "linear_sequence_nll"}, seen
+    assert all(c == min(h, (256 << 20) // (4 * 40000)) for _, c in seen), seen
+    assert chunk_rows(model.lm_head.weight, 7) == 7
+    assert chunk_rows(torch.empty(128256, 256)) == 256 and chunk_rows(torch.empty(10**6, 4096)) == 67
+    assert chunk_rows(torch.empty(10, 4, device="meta")) is None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -301,7 +301,8 @@ class LinearGradCarrierFunction(torch.autograd.Function):
     ``forward`` / ``setup_context`` style (``torch.func`` transforms can run it): which gradients
     to compute is passed in (``need_h, need_lm, need_b``: the caller reads ``requires_grad``), and
     the forward returns ``(carrier, nll, grad_hidden, grad_lm_head, grad_bias)``, all but the
-    carrier non-differentiable; callers use the first two.
+    carrier non-differentiable; callers use the first two. The backward scales the gradients in place
+    (the last three outputs change) and runs once per forward: a second backward raises RuntimeError.
     """
 
     generate_vmap_rule = True
@@ -330,12 +331,20 @@ class LinearGradCarrierFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(nll, gh, glm, gb)
         ctx.save_for_backward(gh, glm, gb)
         ctx.need = (inputs[-3], inputs[-2], inputs[-1] and inputs[2] is not None)
+        ctx.consumed = False
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_carrier: Tensor, *_: Any):
+        # The saved gradients are scaled in place and returned (no second head-sized [V, H] buffer), so
+        # they serve one backward only: a second one (retain_graph=True) would see scaled values.
+        if ctx.consumed:
+            raise RuntimeError("LinearGradCarrierFunction: a second backward through the same fused loss is not "
+                               "supported (its gradients, computed in the forward, were scaled in place by the "
+                               "first backward); recompute the loss instead of retain_graph=True")
+        ctx.consumed = True
         g = grad_carrier.float()
-        scaled = [(x * g).to(x.dtype) if need else None for x, need in zip(ctx.saved_tensors, ctx.need, strict=True)]
+        scaled = [x.mul_(g) if need else None for x, need in zip(ctx.saved_tensors, ctx.need, strict=True)]
         return (*scaled, *([None] * 13))
 
 

@@ -26,29 +26,34 @@ from torch import Tensor, nn
 from steerlm_kernels.api import sequence_nll
 from steerlm_kernels.api_linear import linear_sequence_nll
 from steerlm_kernels.hf.heads import CausalLMHead, fused_support
+from steerlm_kernels.hf.patch import default_chunk_rows
 from steerlm_kernels.steerlm2.model_helpers import eval_mode, logits_of
 
-__all__ = ["CPU_CHUNK_BYTES", "LOSS_PATHS", "chunk_rows", "head_call", "match_dtypes", "probe_fused",
+__all__ = ["LOSS_PATHS", "chunk_rows", "head_call", "match_dtypes", "probe_fused",
            "resolve_loss_path"]
 
 #: ``--loss-path`` values.
 LOSS_PATHS: tuple[str, ...] = ("auto", "fused", "logits")
 #: Tokens of the probe sequence.
 PROBE_TOKENS = 16
-#: Bytes of float32 logits per chunk of the fused path on CPU: the ``[chunk_rows, V]`` chunk is that path's
-#: largest buffer (the library's default, 256 MiB, is sized for GPUs); GEMMs of >= 64 rows lose little.
-CPU_CHUNK_BYTES = 32 << 20
 
 
 def chunk_rows(weight: Tensor, chunk_size: int | None = None) -> int | None:
-    """Rows per logits chunk of the fused losses for an LM head ``weight [V, H]``: ``chunk_size`` when
-    given; on CPU ``CPU_CHUNK_BYTES`` of float32 logits (at least 16 rows); else None (the library's
-    default: 256 MiB, at least 4096 rows on CUDA)."""
+    """Rows per logits chunk of the fused losses for an LM head ``weight [V, H]`` (both phases):
+    ``chunk_size`` when given; on CPU ``min(H, 256 MiB / 4V)`` rows
+    (:func:`~steerlm_kernels.hf.patch.default_chunk_rows`, the same policy as ``hf.patch``); else None
+    (the library's default: 256 MiB, at least 4096 rows on CUDA).
+
+    Byte model of the CPU choice: each chunk's ``grad_W`` GEMM reads and writes the whole float32
+    ``[V, H]`` head gradient (``8 V H`` bytes) while the chunk's logits are ``4 c V`` bytes, so ``c = H``
+    rows keep that head traffic at most about twice the logits' (32 MiB chunks, 64 rows at V = 128,256,
+    moved ``8 V H`` per 64 rows: 4x more at H = 256) and the chunk no larger than the head gradient
+    the step holds anyway (peak ``~8 V H`` beyond activations, independent of the micro-batch)."""
     if chunk_size is not None:
         return chunk_size
     if weight.device.type != "cpu":
         return None
-    return max(16, CPU_CHUNK_BYTES // (4 * max(1, weight.shape[0])))
+    return default_chunk_rows(weight)
 
 
 @contextlib.contextmanager
