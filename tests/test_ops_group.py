@@ -324,19 +324,6 @@ def test_steerlm2_weights_under_vmap(backend, device):
         _assert_weights_match_float64(sk.SteerLM2Weights(*(o[k] for o in out)), nll[k], log_q[k], ws[k], sizes)
 
 
-def test_cross_entropy_ops_refuse_torch_func_with_pytorchs_error():
-    """Pinned: the cross-entropy autograd Functions are not setup_context-style, so torch.func
-    raises PyTorch's own RuntimeError naming setup_context (README, "Semantics worth knowing").
-    Converting them (and their custom ops' autograd) to setup_context style is a feature: replace
-    this test by a float64 check of torch.func.grad then, and update the README."""
-    logits = torch.randn(4, 9)
-    labels = torch.randint(0, 9, (4,))
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda x: sk.token_nll(x, labels, backend="torch").sum())(logits)
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda x: sk.cross_entropy(x, labels, backend="torch"))(logits)
-
-
 def test_bad_tensor_structure_still_raises_named_errors_from_inside_the_op():
     nll, log_q, ws = _random_case([3, 3], "cpu")
     with pytest.raises(ValueError, match="num_responses"):

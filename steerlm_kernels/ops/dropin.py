@@ -146,28 +146,35 @@ def _row_sums(logits: Tensor, transform: Transform) -> Tensor:
                      ) if n else logits.new_zeros(0, dtype=torch.float32)
 
 
-class CEStatsFunction(torch.autograd.Function):
-    """``(nll, lse, zsum)`` ``[N]`` float32 of ``logits [N, V]`` (a vocabulary shard with
-    ``process_group``), differentiable once w.r.t. ``logits``; ``zsum`` is zeros unless
-    ``want_sum``. See the module notes."""
+class _CEStatsAutograd(torch.autograd.Function):
+    """Autograd of :class:`CEStatsFunction`: returns ``(nll, lse, zsum, m, lse_rel, target)``, the last
+    three non-differentiable (the global statistics, returned so that ``setup_context`` can save them)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, ignore_index: int, check_labels: bool, backend: str,
-                process_group: Any, want_lse: bool, want_sum: bool,
-                transform: Transform) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(logits: Tensor, labels: Tensor, ignore_index: int, check_labels: bool, backend: str,
+                process_group: Any, want_lse: bool, want_sum: bool, transform: Transform) -> tuple[Tensor, ...]:
         n_cols = logits.shape[1]
         vocab_start, vocab_size = vocab_shard(n_cols, process_group)
         stats = ce_forward_op(logits, labels, vocab_start, vocab_size, ignore_index, check_labels, backend,
                               **_transform_kwargs(transform))
         zsum = _row_sums(logits, transform) if want_sum else None
         m, lse, target, zsum = _combine(stats, zsum, n_cols, process_group)
+        return (*_outputs(m, lse, target, zsum, labels, ignore_index), m, lse, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        logits, labels, ignore_index, _, backend, process_group, want_lse, want_sum, transform = inputs
+        *_, m, lse, target = output
+        ctx.mark_non_differentiable(m, lse, target)
         ctx.save_for_backward(logits, labels, m, lse, target)
+        vocab_start = vocab_shard(logits.shape[1], process_group)[0]
         ctx.run = (vocab_start, ignore_index, backend, transform, want_lse, want_sum)
-        return _outputs(m, lse, target, zsum, labels, ignore_index)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_nll: Tensor, g_lse: Tensor, g_sum: Tensor):
+    def backward(ctx, g_nll: Tensor, g_lse: Tensor, g_sum: Tensor, *_: Any):
         logits, labels, m, lse, target = ctx.saved_tensors
         vocab_start, ignore_index, backend, transform, want_lse, want_sum = ctx.run
         coef = (g_nll.float() + g_lse.float()).contiguous() if want_lse else g_nll.float().contiguous()
@@ -192,6 +199,21 @@ class CEStatsFunction(torch.autograd.Function):
                     add = torch.where(g[a:a + step, None] != 0, g[a:a + step, None] * slope, 0.0)  # ignored: unread
                     grad[a:a + step] = (grad[a:a + step].float() + add).to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None
+
+
+class CEStatsFunction:
+    """``(nll, lse, zsum)`` ``[N]`` float32 of ``logits [N, V]`` (a vocabulary shard with
+    ``process_group``), differentiable once w.r.t. ``logits``; ``zsum`` is zeros unless
+    ``want_sum``. See the module notes. ``apply`` runs an ``autograd.Function`` in the ``forward`` /
+    ``setup_context`` style, so ``torch.func`` transforms (``grad``, ``vjp``, ``vmap``) can run it."""
+
+    @staticmethod
+    def apply(logits: Tensor, labels: Tensor, ignore_index: int, check_labels: bool, backend: str,
+              process_group: Any, want_lse: bool, want_sum: bool,
+              transform: Transform) -> tuple[Tensor, Tensor, Tensor]:
+        nll, lse, zsum, *_ = _CEStatsAutograd.apply(logits, labels, ignore_index, check_labels, backend,
+                                                     process_group, want_lse, want_sum, transform)
+        return nll, lse, zsum
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,31 +271,36 @@ def _add_corrections(grads: tuple[Tensor, Tensor, Tensor], need: tuple[bool, boo
     return gh, gw, gb
 
 
-class LinearCEStatsFunction(torch.autograd.Function):
-    """``(nll, lse, zsum)`` ``[N]`` float32 of ``z = hidden @ weight.T + bias``, differentiable once
-    w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``, never holding ``[N, V]``; the
-    backward recomputes the logits (forward + backward: four matmuls per chunk). With
-    ``process_group``: ``weight`` / ``bias`` are this rank's vocabulary shard, ``labels`` are
-    shard-local (:func:`steerlm_kernels.ops.linear_cross_entropy.shard_labels`) and
-    ``grad_hidden`` is this rank's partial. ``want_sum`` with a softcap is not supported."""
+class _LinearCEStatsAutograd(torch.autograd.Function):
+    """Autograd of :class:`LinearCEStatsFunction`: returns ``(nll, lse, zsum, m, lse_rel, target)``,
+    the last three non-differentiable (saved by ``setup_context``)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+    def forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
                 check_labels: bool, strategy: str, chunk_rows: int, backend: str, process_group: Any,
-                want_lse: bool, want_sum: bool, transform: Transform) -> tuple[Tensor, Tensor, Tensor]:
+                want_lse: bool, want_sum: bool, transform: Transform) -> tuple[Tensor, ...]:
         if want_sum and transform[0] is not None:
             raise ValueError("label_smoothing with softcap is not supported by the fused linear loss")
         stats = linear_ce_forward_op(hidden, weight, bias, labels, ignore_index, check_labels, strategy, chunk_rows,
                                      backend, **_transform_kwargs(transform))
         zsum = _row_sums_linear(hidden, weight, bias, transform) if want_sum else None
         m, lse, target, zsum = _combine(stats, zsum, weight.shape[0], process_group)
+        return (*_outputs(m, lse, target, zsum, labels, ignore_index), m, lse, target)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        hidden, weight, bias, labels, ignore_index, _, strategy, chunk_rows, backend, _, want_lse, want_sum, \
+            transform = inputs
+        *_, m, lse, target = output
+        ctx.mark_non_differentiable(m, lse, target)
         ctx.save_for_backward(hidden, weight, bias, labels, m, lse, target)
         ctx.run = (ignore_index, strategy, chunk_rows, backend, transform, want_lse, want_sum)
-        return _outputs(m, lse, target, zsum, labels, ignore_index)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_nll: Tensor, g_lse: Tensor, g_sum: Tensor):
+    def backward(ctx, g_nll: Tensor, g_lse: Tensor, g_sum: Tensor, *_: Any):
         hidden, weight, bias, labels, m, lse, target = ctx.saved_tensors
         ignore_index, strategy, chunk_rows, backend, transform, want_lse, want_sum = ctx.run
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -287,22 +314,38 @@ class LinearCEStatsFunction(torch.autograd.Function):
         return (*(g if n else None for g, n in zip(grads, need, strict=True)), *[None] * 10)
 
 
-class LinearCEFusedFunction(torch.autograd.Function):
-    """``(carrier, nll, lse, zsum)`` for a loss whose per-token coefficients are known in the
-    forward (``reduction="sum"`` / ``"mean"`` without z-loss, no vocabulary parallelism):
-    ``nll``, ``lse``, ``zsum`` ``[N]`` float32 are not differentiable, and the 0-d zero ``carrier``
-    carries the gradient of ``sum(c_nll * nll + c_lse * lse + c_sum * zsum)`` w.r.t. ``hidden``,
-    ``weight`` and ``bias``, computed in the forward from the same logits chunks (three matmuls
-    per chunk instead of four) plus the label-column / rank-one terms, and scaled in the backward
-    by the carrier's upstream gradient. ``coef`` is ``c_nll + c_lse`` (the kernels'), ``c_lse`` /
-    ``c_sum`` may be None. Holds one ``hidden``-sized and one ``weight``-sized gradient until the
-    backward (as every fused-linear loss that computes its gradient in the forward)."""
+class LinearCEStatsFunction:
+    """``(nll, lse, zsum)`` ``[N]`` float32 of ``z = hidden @ weight.T + bias``, differentiable once
+    w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``, never holding ``[N, V]``; the
+    backward recomputes the logits (forward + backward: four matmuls per chunk). With
+    ``process_group``: ``weight`` / ``bias`` are this rank's vocabulary shard, ``labels`` are
+    shard-local (:func:`steerlm_kernels.ops.linear_cross_entropy.shard_labels`) and
+    ``grad_hidden`` is this rank's partial. ``want_sum`` with a softcap is not supported.
+    ``apply`` runs a ``forward`` / ``setup_context`` style ``autograd.Function`` (``torch.func`` can run it)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
+    def apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+              check_labels: bool, strategy: str, chunk_rows: int, backend: str, process_group: Any,
+              want_lse: bool, want_sum: bool, transform: Transform) -> tuple[Tensor, Tensor, Tensor]:
+        nll, lse, zsum, *_ = _LinearCEStatsAutograd.apply(hidden, weight, bias, labels, ignore_index, check_labels,
+                                                           strategy, chunk_rows, backend, process_group, want_lse,
+                                                           want_sum, transform)
+        return nll, lse, zsum
+
+
+class _LinearCEFusedAutograd(torch.autograd.Function):
+    """Autograd of :class:`LinearCEFusedFunction`: which gradients to compute is passed in
+    (``need_h, need_w, need_b``), and the forward returns ``(carrier, nll, lse, zsum, grad_hidden,
+    grad_weight, grad_bias)``, all but the carrier non-differentiable (``setup_context`` saves the
+    gradients)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
                 c_lse: Tensor | None, c_sum: Tensor | None, ignore_index: int, check_labels: bool, strategy: str,
-                chunk_rows: int, backend: str, transform: Transform) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+                chunk_rows: int, backend: str, transform: Transform, need_h: bool, need_w: bool,
+                need_b: bool) -> tuple[Tensor, ...]:
         need = (need_h, need_w, need_b and bias is not None)
         *stats, gh, gw, gb = linear_ce_fused_op(hidden, weight, bias, labels, coef.detach().float().contiguous(),
                                                 ignore_index, check_labels, strategy, chunk_rows, backend, *need,
@@ -312,15 +355,44 @@ class LinearCEFusedFunction(torch.autograd.Function):
         grads = _add_corrections((gh, gw, gb), need, hidden, weight, bias, labels, target,
                                  None if c_lse is None else c_lse.detach(), None if c_sum is None else c_sum.detach(),
                                  ignore_index, transform)
-        ctx.save_for_backward(*grads)
-        ctx.need = need
-        outs = _outputs(m, lse, target, zsum, labels, ignore_index)
+        return (lse.new_zeros(()), *_outputs(m, lse, target, zsum, labels, ignore_index), *grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, *outs = output
         ctx.mark_non_differentiable(*outs)
-        return (lse.new_zeros(()), *outs)
+        ctx.save_for_backward(*outs[3:])
+        ctx.need = (inputs[-3], inputs[-2], inputs[-1] and inputs[2] is not None)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_carrier: Tensor, *unused: Tensor):
         g = grad_carrier.float()
         scaled = [(x * g).to(x.dtype) if n else None for x, n in zip(ctx.saved_tensors, ctx.need, strict=True)]
-        return (*scaled, *[None] * 10)
+        return (*scaled, *[None] * 13)
+
+
+class LinearCEFusedFunction:
+    """``(carrier, nll, lse, zsum)`` for a loss whose per-token coefficients are known in the
+    forward (``reduction="sum"`` / ``"mean"`` without z-loss, no vocabulary parallelism):
+    ``nll``, ``lse``, ``zsum`` ``[N]`` float32 are not differentiable, and the 0-d zero ``carrier``
+    carries the gradient of ``sum(c_nll * nll + c_lse * lse + c_sum * zsum)`` w.r.t. ``hidden``,
+    ``weight`` and ``bias``, computed in the forward from the same logits chunks (three matmuls
+    per chunk instead of four) plus the label-column / rank-one terms, and scaled in the backward
+    by the carrier's upstream gradient. ``coef`` is ``c_nll + c_lse`` (the kernels'), ``c_lse`` /
+    ``c_sum`` may be None. Holds one ``hidden``-sized and one ``weight``-sized gradient until the
+    backward (as every fused-linear loss that computes its gradient in the forward). Which
+    gradients to compute is read from ``requires_grad``; ``apply`` runs a ``forward`` /
+    ``setup_context`` style ``autograd.Function`` (``torch.func`` transforms can run it)."""
+
+    @staticmethod
+    def apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
+              c_lse: Tensor | None, c_sum: Tensor | None, ignore_index: int, check_labels: bool, strategy: str,
+              chunk_rows: int, backend: str, transform: Transform) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        grad_on = torch.is_grad_enabled()
+        need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+                grad_on and bias is not None and bias.requires_grad)
+        carrier, nll, lse, zsum, *_ = _LinearCEFusedAutograd.apply(
+            hidden, weight, bias, labels, coef, c_lse, c_sum, ignore_index, check_labels, strategy, chunk_rows,
+            backend, transform, *need)
+        return carrier, nll, lse, zsum

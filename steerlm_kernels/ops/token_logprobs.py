@@ -185,15 +185,16 @@ def combine_logprob_partials(m: Tensor, lse: Tensor, target: Tensor, mean: Tenso
     return m_all, lse_all, targets.sum(dim=0), mean_all
 
 
-class TokenLogprobsFunction(torch.autograd.Function):
-    """``(logprob [N], entropy [N])`` float32 (0 where ``labels == ignore_index``), differentiable once
-    w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``. Saves the inputs (no copies) and
-    three ``[N]`` float32 stats; the backward recomputes the logits chunk by chunk."""
+class _TokenLogprobsAutograd(torch.autograd.Function):
+    """Autograd of :class:`TokenLogprobsFunction`: returns ``(logprob, entropy, m, lse, mean)``, the
+    global stats non-differentiable (returned so that ``setup_context`` can save them)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+    def forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
                 temperature: float, softcap: float | None, logit_scale: float | None, chunk_rows: int,
-                process_group: Any) -> tuple[Tensor, Tensor]:
+                process_group: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         inv_temp = 1.0 / temperature
         m, lse, target, mean = token_logprobs_stats_op(hidden, weight, bias, labels, ignore_index, inv_temp, softcap,
                                                        logit_scale, chunk_rows)
@@ -202,13 +203,19 @@ class TokenLogprobsFunction(torch.autograd.Function):
         ignored = labels == ignore_index
         logprob = torch.where(ignored, 0.0, (target - m) - lse)
         entropy = torch.where(ignored, 0.0, lse - mean)
+        return logprob, entropy, m, lse, mean
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, chunk_rows, _ = inputs
+        _, _, m, lse, mean = output
+        ctx.mark_non_differentiable(m, lse, mean)
         ctx.save_for_backward(hidden, weight, bias, labels, m, lse, mean)
-        ctx.run = (ignore_index, inv_temp, softcap, logit_scale, chunk_rows)
-        return logprob, entropy
+        ctx.run = (ignore_index, 1.0 / temperature, softcap, logit_scale, chunk_rows)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_lp: Tensor, g_h: Tensor):
+    def backward(ctx, g_lp: Tensor, g_h: Tensor, *_: Any):
         hidden, weight, bias, labels, m, lse, mean = ctx.saved_tensors
         ignore_index, inv_temp, softcap, logit_scale, chunk_rows = ctx.run
         ignored = labels == ignore_index
@@ -219,3 +226,18 @@ class TokenLogprobsFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         return (gh if need_h else None, gw if need_w else None, gb if need_b and bias is not None else None,
                 None, None, None, None, None, None, None)
+
+
+class TokenLogprobsFunction:
+    """``(logprob [N], entropy [N])`` float32 (0 where ``labels == ignore_index``), differentiable once
+    w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``. Saves the inputs (no copies) and
+    three ``[N]`` float32 stats; the backward recomputes the logits chunk by chunk. ``apply`` runs a
+    ``forward`` / ``setup_context`` style ``autograd.Function`` (``torch.func`` transforms can run it)."""
+
+    @staticmethod
+    def apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+              temperature: float, softcap: float | None, logit_scale: float | None, chunk_rows: int,
+              process_group: Any) -> tuple[Tensor, Tensor]:
+        logprob, entropy, *_ = _TokenLogprobsAutograd.apply(hidden, weight, bias, labels, ignore_index, temperature,
+                                                            softcap, logit_scale, chunk_rows, process_group)
+        return logprob, entropy
