@@ -308,10 +308,10 @@ def test_fsdp2_two_processes_equal_one(tmp_path, tied):
 
 
 def test_fused_chunks_are_small_on_cpu(dataset, monkeypatch):
-    """On CPU the wrapper's fused losses (both phases) run in chunks of min(H, 256 MiB / 4V) rows (no larger
-    than the head gradient; the library's default is sized for GPUs); an explicit chunk_size wins."""
+    """On CPU the wrapper's fused losses (both phases) run in chunks of min(H, 64 MiB / 4V) rows, at least 16
+    (the library's default is sized for GPUs); an explicit chunk_size wins."""
     import steerlm_kernels.steerlm2.model as M
-    from steerlm_kernels.steerlm2.loss_path import chunk_rows
+    from steerlm_kernels.steerlm2.loss_path import CPU_CHUNK_BYTES, chunk_rows
 
     seen = []
     for name in ("linear_weighted_sequence_loss", "linear_sequence_nll"):
@@ -324,9 +324,10 @@ def test_fused_chunks_are_small_on_cpu(dataset, monkeypatch):
     GPTSteerLMModel.from_hf(model, cfg, "fused", backend="torch").get_loss_and_metrics(batch)
     h = model.config.hidden_size
     assert {n for n, _ in seen} == {"linear_weighted_sequence_loss", "linear_sequence_nll"}, seen
-    assert all(c == min(h, (256 << 20) // (4 * 40000)) for _, c in seen), seen
+    assert all(c == min(h, CPU_CHUNK_BYTES // (4 * 40000)) for _, c in seen), seen
     assert chunk_rows(model.lm_head.weight, 7) == 7
-    assert chunk_rows(torch.empty(128256, 256)) == 256 and chunk_rows(torch.empty(10**6, 4096)) == 67
+    assert chunk_rows(torch.empty(128256, 256)) == 130 and chunk_rows(torch.empty(128256, 64)) == 64
+    assert chunk_rows(torch.empty(1, 1).expand(10**7, 4096)) == 16
     assert chunk_rows(torch.empty(10, 4, device="meta")) is None
 
 

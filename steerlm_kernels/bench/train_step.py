@@ -30,8 +30,11 @@ eager holds the logits (``e n V``), their float32 log-softmax (``4 n V``) and in
 float32 gradient of that and the logits' gradient (``4 n V + e n V``): about ``(8 + 2e) n V``, i.e.
 ``16 n V`` in float32 (2 GiB at ``n = 512``); ours logits holds the logits and their gradient
 (``2 e n V``, ``8 n V`` in float32); ours fused holds one chunk of ``chunk_rows x V`` float32 logits
-(32 MiB on CPU), the hidden states' gradient and the head-weight-sized gradient the fused loss
-computes in its forward (``4 V H``): independent of ``n`` beyond the activations. SPEC targets on CPU:
+(on CPU ``min(H, 64 MiB / 4V)`` rows: 130 rows, 64 MiB here), the hidden states' gradient and the
+head-weight-sized gradient the fused loss computes in its forward (``4 V H``, scaled in place in
+backward, no zero-filled twin): independent of ``n`` beyond the activations. Time: each chunk's
+``grad_W`` GEMM reads and writes that ``[V, H]`` gradient (``8 V H`` bytes per chunk), so fewer, larger
+chunks (up to ``H`` rows) move it less often (32 MiB chunks, 64 rows, moved it twice as often). SPEC targets on CPU:
 fused <= 0.35x eager's peak extra memory and >= 1.5x its tokens/s at every micro-batch size.
 """
 

@@ -332,6 +332,9 @@ class LinearGradCarrierFunction(torch.autograd.Function):
         ctx.save_for_backward(gh, glm, gb)
         ctx.need = (inputs[-3], inputs[-2], inputs[-1] and inputs[2] is not None)
         ctx.consumed = False
+        # No zero-filled gradients for the non-differentiable outputs: one for grad_lm_head would be
+        # another [V, H] buffer in the backward.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     @once_differentiable
@@ -343,6 +346,8 @@ class LinearGradCarrierFunction(torch.autograd.Function):
                                "supported (its gradients, computed in the forward, were scaled in place by the "
                                "first backward); recompute the loss instead of retain_graph=True")
         ctx.consumed = True
+        if grad_carrier is None:
+            return (None,) * 16
         g = grad_carrier.float()
         scaled = [x.mul_(g) if need else None for x, need in zip(ctx.saved_tensors, ctx.need, strict=True)]
         return (*scaled, *([None] * 13))
