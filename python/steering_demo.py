@@ -10,7 +10,7 @@ One command for the whole story (each step is printed as the ``steerlm-kernels``
    x 8 responses sampled from it, scored (``P(y|x)`` = ``Q'`` = the SFT model, the example
    verbosity scorer), trained, and ``steer-eval`` against the SFT model at levels 0-4;
 3. ``--recipe`` ``weighted-sft`` (default here: importance-weighted SFT on the round's samples with
-   an unlabelled SFT anchor, 400 steps, lr 3e-3) or ``nemo`` (NeMo's SteerLM 2.0 objective,
+   the randomised-label SFT anchor, 3:1, 400 steps, lr 3e-3) or ``nemo`` (NeMo's SteerLM 2.0 objective,
    ``train``; ``--train-args`` passes its options).
 
 The report is ``OUT/round-1/steer-eval/steer_eval.md`` (and ``.json``, ``.png``); the README's
@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-WEIGHTED_ARGS = "--unlabelled-fraction 1.0 --weighted-fraction 0.5 --lr 3e-3 --warmup-steps 10"
+WEIGHTED_ARGS = "--weighted-fraction 0.75 --lr 3e-3 --warmup-steps 10"
 NEMO_ARGS = "--lr 1e-3 --lr-schedule constant --warmup-steps 5 --save-every 1000 --eval-every 12"
 
 
