@@ -263,7 +263,8 @@ def sample_prompts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     """``num_responses`` :class:`Draw` per prompt (``prompts``: token ids; ``seeds``: one per prompt).
 
     Draws with empty text are drawn again (at most :data:`MAX_DRAWS` rounds, then ValueError naming
-    the prompt's index), unless ``allow_empty`` (``steer-eval``: an empty response is a measurement). ``temperature == 0``: the greedy continuation, ``num_responses`` times.
+    the prompt's index), unless ``allow_empty`` (``steer-eval``: an empty response is a measurement).
+    ``temperature == 0``: the greedy continuation, ``num_responses`` times.
     Rows are decoded ``max_rows`` at a time, in the order (prompt, response).
     """
     if num_responses < 1:
