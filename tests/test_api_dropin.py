@@ -359,6 +359,23 @@ def test_fused_forward_gradient_equals_recomputing_path(backend, device, eps):
                                                            weight_per_token=w_tok, backend=backend), fused.detach())
 
 
+def test_fused_forward_gradient_serves_one_backward(backend, device):
+    """The gradient computed in the forward is scaled in place by the backward (no second
+    weight-sized buffer): a second backward through the same loss raises instead of returning
+    the already-scaled values."""
+    hidden, weight, bias, target, _ = _case(device)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = sk.linear_cross_entropy(h, w, target, bias, backend=backend, chunk_size=4)
+    (2.5 * loss).backward(retain_graph=True)
+    r = [t.clone().requires_grad_() for t in (hidden, weight)]
+    per = sk.linear_cross_entropy(r[0], r[1], target, bias, reduction="none", backend=backend, chunk_size=4)
+    (2.5 * per.sum() / (target != IGNORE).sum()).backward()
+    torch.testing.assert_close(h.grad, r[0].grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad, r[1].grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
 # --------------------------------------------------------------------------------------------
 # README: d loss / d loss_mask is 0 where the mask is 0, the token's NLL (times the chain) elsewhere
 # --------------------------------------------------------------------------------------------

@@ -363,12 +363,25 @@ class _LinearCEFusedAutograd(torch.autograd.Function):
         ctx.mark_non_differentiable(*outs)
         ctx.save_for_backward(*outs[3:])
         ctx.need = (inputs[-3], inputs[-2], inputs[-1] and inputs[2] is not None)
+        ctx.consumed = False
+        # No zero-filled gradients for the non-differentiable outputs: the one of grad_weight would be
+        # another [V, H] buffer in the backward.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_carrier: Tensor, *unused: Tensor):
+        # The saved gradients are scaled in place and returned (no second weight-sized [V, H] buffer), so
+        # they serve one backward only: a second one (retain_graph=True) would see scaled values.
+        if ctx.consumed:
+            raise RuntimeError("linear_cross_entropy: a second backward through the same fused loss is not "
+                               "supported (its gradients, computed in the forward, were scaled in place by the "
+                               "first backward); recompute the loss instead of retain_graph=True")
+        ctx.consumed = True
+        if grad_carrier is None:
+            return (None,) * 16
         g = grad_carrier.float()
-        scaled = [(x * g).to(x.dtype) if n else None for x, n in zip(ctx.saved_tensors, ctx.need, strict=True)]
+        scaled = [x.mul_(g) if n else None for x, n in zip(ctx.saved_tensors, ctx.need, strict=True)]
         return (*scaled, *[None] * 13)
 
 
