@@ -50,7 +50,13 @@ from torch.autograd.function import once_differentiable
 from steerlm_kernels.distributed import check_same_sizes, combine_vocab_partials, group_size_rank, vocab_shard
 from steerlm_kernels.kernels.reference import merge_stats
 from steerlm_kernels.ops.cross_entropy import ce_backward_op, ce_forward_op, nll_from_stats
-from steerlm_kernels.ops.linear_cross_entropy import linear_ce_backward_op, linear_ce_forward_op, linear_ce_fused_op
+from steerlm_kernels.ops.linear_cross_entropy import (
+    linear_ce_backward_op,
+    linear_ce_forward_op,
+    linear_ce_fused_op,
+    save_grads_for_one_backward,
+    scaled_saved_grads,
+)
 
 Transform = tuple[float | None, float | None]  # (softcap, logit_scale)
 
@@ -361,28 +367,13 @@ class _LinearCEFusedAutograd(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         _, *outs = output
         ctx.mark_non_differentiable(*outs)
-        ctx.save_for_backward(*outs[3:])
-        ctx.need = (inputs[-3], inputs[-2], inputs[-1] and inputs[2] is not None)
-        ctx.consumed = False
-        # No zero-filled gradients for the non-differentiable outputs: the one of grad_weight would be
-        # another [V, H] buffer in the backward.
-        ctx.set_materialize_grads(False)
+        need = (inputs[-3], inputs[-2], inputs[-1] and inputs[2] is not None)
+        save_grads_for_one_backward(ctx, tuple(outs[3:]), need)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_carrier: Tensor, *unused: Tensor):
-        # The saved gradients are scaled in place and returned (no second weight-sized [V, H] buffer), so
-        # they serve one backward only: a second one (retain_graph=True) would see scaled values.
-        if ctx.consumed:
-            raise RuntimeError("linear_cross_entropy: a second backward through the same fused loss is not "
-                               "supported (its gradients, computed in the forward, were scaled in place by the "
-                               "first backward); recompute the loss instead of retain_graph=True")
-        ctx.consumed = True
-        if grad_carrier is None:
-            return (None,) * 16
-        g = grad_carrier.float()
-        scaled = [x.mul_(g) if n else None for x, n in zip(ctx.saved_tensors, ctx.need, strict=True)]
-        return (*scaled, *[None] * 13)
+        return (*scaled_saved_grads(ctx, grad_carrier, "linear_cross_entropy"), *[None] * 13)
 
 
 class LinearCEFusedFunction:

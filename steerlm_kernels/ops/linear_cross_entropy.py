@@ -237,6 +237,33 @@ def _linear_stats(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, l
     return stats
 
 
+def save_grads_for_one_backward(ctx: Any, grads: tuple[Tensor | None, ...], need: tuple[bool, ...]) -> None:
+    """``setup_context`` half of a loss whose gradients are computed in its forward and carried by
+    a 0-d output: save them (and which are wanted) for :func:`scaled_saved_grads`, and let autograd
+    pass None, not zero-filled tensors, for the non-differentiable outputs (a zero-filled
+    ``grad_lm_head`` would be another ``[V, H]`` buffer in the backward)."""
+    ctx.save_for_backward(*grads)
+    ctx.need = need
+    ctx.consumed = False
+    ctx.set_materialize_grads(False)
+
+
+def scaled_saved_grads(ctx: Any, grad_carrier: Tensor | None, name: str) -> list[Tensor | None]:
+    """``backward`` half: the saved gradients times the carrier's upstream gradient, scaled IN PLACE
+    (no second head-sized ``[V, H]`` buffer). They therefore serve one backward only: a second one
+    through the same graph (``retain_graph=True``) raises RuntimeError instead of returning
+    already-scaled values."""
+    if ctx.consumed:
+        raise RuntimeError(f"{name}: a second backward through the same fused loss is not supported (its "
+                           "gradients, computed in the forward, were scaled in place by the first backward); "
+                           "recompute the loss instead of retain_graph=True")
+    ctx.consumed = True
+    if grad_carrier is None:
+        return [None] * len(ctx.need)
+    g = grad_carrier.float()
+    return [x.mul_(g) if need else None for x, need in zip(ctx.saved_tensors, ctx.need, strict=True)]
+
+
 class LinearTokenNLLFunction(torch.autograd.Function):
     """``nll[N]`` float32 of ``logits = hidden @ lm_head_weight.T + bias``, differentiable w.r.t.
     hidden, lm_head_weight and bias. Saves the inputs (no copies) and ``lse [N]``; the backward
@@ -329,28 +356,12 @@ class LinearGradCarrierFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         _, nll, gh, glm, gb = output
         ctx.mark_non_differentiable(nll, gh, glm, gb)
-        ctx.save_for_backward(gh, glm, gb)
-        ctx.need = (inputs[-3], inputs[-2], inputs[-1] and inputs[2] is not None)
-        ctx.consumed = False
-        # No zero-filled gradients for the non-differentiable outputs: one for grad_lm_head would be
-        # another [V, H] buffer in the backward.
-        ctx.set_materialize_grads(False)
+        save_grads_for_one_backward(ctx, (gh, glm, gb), (inputs[-3], inputs[-2], inputs[-1] and inputs[2] is not None))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_carrier: Tensor, *_: Any):
-        # The saved gradients are scaled in place and returned (no second head-sized [V, H] buffer), so
-        # they serve one backward only: a second one (retain_graph=True) would see scaled values.
-        if ctx.consumed:
-            raise RuntimeError("LinearGradCarrierFunction: a second backward through the same fused loss is not "
-                               "supported (its gradients, computed in the forward, were scaled in place by the "
-                               "first backward); recompute the loss instead of retain_graph=True")
-        ctx.consumed = True
-        if grad_carrier is None:
-            return (None,) * 16
-        g = grad_carrier.float()
-        scaled = [x.mul_(g) if need else None for x, need in zip(ctx.saved_tensors, ctx.need, strict=True)]
-        return (*scaled, *([None] * 13))
+        return (*scaled_saved_grads(ctx, grad_carrier, "LinearGradCarrierFunction"), *([None] * 13))
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
