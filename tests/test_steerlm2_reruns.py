@@ -28,17 +28,8 @@ FAST = ["--groups-per-step", "2", "--backend", "torch"]
 SCORER = "steerlm_kernels.steerlm2.example_scorers:verbosity_length"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def env() -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1"}
+# one thread in this process (autouse fixture) and in the children (env): train's tests' own
+from tests.test_steerlm2_train import env, one_thread  # noqa: E402, F401
 
 
 def command(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
