@@ -47,5 +47,5 @@ def test_steering_demo_command_is_a_valid_pipeline(tmp_path) -> None:
     for recipe in ("weighted-sft", "nemo"):
         argv = demo.pipeline_argv(tmp_path, recipe, None)
         ns = pipeline.add_arguments(argparse.ArgumentParser()).parse_args(argv[1:])
-        assert ns.recipe == recipe and ns.levels == [0, 4] and ns.eval_levels == [0, 1, 2, 3, 4]
+        assert ns.recipe == recipe and ns.levels == ns.eval_levels == [0, 1, 2, 3, 4] and ns.iterations == 2
         assert ns.sft_data == str(tmp_path / "data" / "sft.jsonl") and ns.max_new_tokens == 256

@@ -44,7 +44,7 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="sample every prompt once per level of --attribute (default: the prompts' own labels)")
     a("--attribute", default="verbosity", help="the attribute of --levels and of steer-eval (default: %(default)s)")
     a("--sft-data", default=None, help="warm start: steerlm-kernels sft on this SteerLM 2.0 JSONL before round 1")
-    a("--sft-steps", type=int, default=300, help="steps of the warm start (default: %(default)s)")
+    a("--sft-steps", type=int, default=1000, help="steps of the warm start (default: %(default)s)")
     a("--eval-prompts", default=None, help="steer-eval's prompts (default: --prompts); responses = held-out text")
     a("--eval-samples", type=int, default=4, help="steer-eval's samples per prompt and level (default: %(default)s)")
     a("--eval-levels", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="steer-eval's levels (default: 0..4)")

@@ -45,7 +45,7 @@ from steerlm_kernels.steerlm2.templates import TEMPLATES, encode_example
 __all__ = ["DEFAULTS", "add_arguments", "random_label", "read_pairs", "run", "train_sft"]
 
 DEFAULTS: dict[str, Any] = {
-    "model": "tiny", "template": "nemo", "steps": 400, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20,
+    "model": "tiny", "template": "nemo", "steps": 1000, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20,
     "weight_decay": 0.0, "unlabelled_fraction": 0.3, "randomise": "verbosity", "levels": [0, 1, 2, 3, 4],
     "seed": 0, "eval_every": 100, "max_seq_length": 1024,
 }

@@ -59,7 +59,7 @@ __all__ = ["DEFAULTS", "DEFAULT_SCORER", "add_arguments", "evaluate_model", "hel
 #: ``--scorer`` default: the example verbosity measure (words per response).
 DEFAULT_SCORER = "steerlm_kernels.steerlm2.example_scorers:verbosity_words"
 DEFAULTS: dict[str, Any] = {
-    "attribute": "verbosity", "levels": [0, 1, 2, 3, 4], "samples": 8, "template": "nemo", "max_new_tokens": 64,
+    "attribute": "verbosity", "levels": [0, 1, 2, 3, 4], "samples": 8, "template": "nemo", "max_new_tokens": 256,
     "temperature": 1.0, "top_p": 1.0, "seed": 0, "device": "auto", "precision": "auto", "max_prompts": None,
 }
 
