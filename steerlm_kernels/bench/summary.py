@@ -24,16 +24,26 @@ ones. Headlines (at the main shape):
 * ``dist``: megatron-core's time / ours at the largest tensor-parallel size, collectives per call;
 * ``peers``: how many of the peers' checks agree with our values;
 * ``score``: our scoring's tokens/s over the plain Hugging Face loop's, and its peak extra memory
-  as a fraction of the loop's.
+  as a fraction of the loop's;
+* ``train`` (one SteerLM 2.0 step): at each micro-batch size (``mbs 1/2/4/8``), ours fused's tokens/s
+  over NeMo-style eager's (the speed-up, higher is better) and its peak extra memory over eager's
+  (lower is better), then the largest fused micro-batch whose peak fits in eager's smallest
+  micro-batch's (SPEC's GPU target: >= 4x the micro-batch in the same memory);
+* ``dropin``, two lines: the Hugging Face Trainer step (``trainer``) and the loss alone (``op``): our
+  tokens/s over the baseline's (``HF unpatched`` / ``eager``) and over the fastest peer's that ran
+  (Liger, CCE, ``F.linear_cross_entropy``), our peak extra memory over the baseline's and over the
+  least of the peers' (``memory``: peak extra memory, as in the section's table).
 
 ``check`` says ``agrees`` when every row of the section ran and agreed with its reference, else how
-many rows failed or disagreed.
+many rows failed or disagreed (``train`` / ``dropin``: loss, distance or gradient beyond the
+section's tolerance, NaN included; a ``dropin`` row skipped as not available here is not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,7 +216,116 @@ def score_headline(bench: dict[str, Any]) -> Headline | None:
                     "agrees" if score.get("agrees") else "MISMATCH")
 
 
-HEADLINES = (ce_headline, linear_headline, group_headline, dist_headline, peers_headline, score_headline)
+def _ratio(num: Any, den: Any) -> float | None:
+    """``num / den`` for two positive finite numbers, else None."""
+    ok = all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in (num, den))
+    return num / den if ok and den > 0 and num >= 0 else None
+
+
+def _ran(r: dict[str, Any]) -> bool:
+    return not r.get("error") and not r.get("skipped") and r.get("tokens_per_s") is not None
+
+
+def _section_check(result: dict[str, Any], rows: list[dict[str, Any]], diffs: tuple[str, ...]) -> str:
+    """``agrees``, or how many of ``rows`` (skipped ones aside) failed or differ from their reference by more
+    than the section's ``tolerance`` in one of ``diffs`` (a NaN difference counts)."""
+    tol = result.get("tolerance")
+    rows = [r for r in rows if not r.get("skipped")]
+    bad = [r for r in rows if r.get("error") or (tol is not None and any(
+        d in r and not (isinstance(r[d], int | float) and r[d] <= tol) for d in diffs))]
+    if not rows:
+        return "not run"
+    if bad:
+        return f"{len(bad)} of {len(rows)} rows FAILED/MISMATCH"
+    return "MISMATCH" if tol is None and result.get("agrees") is False else "agrees"  # no tolerance: the flag
+
+
+def train_headline(bench: dict[str, Any]) -> Headline | None:
+    """``train``: per micro-batch size, ours fused's tokens/s over NeMo-style eager's (the speed-up) and its peak
+    extra memory over eager's, then the largest fused micro-batch within eager's smallest micro-batch's memory."""
+    train = bench.get("train")
+    if not train:
+        return None
+    if train.get("error"):
+        return Headline("train", "", "", f"FAILED: {str(train['error'])[:80]}")
+    c = train.get("shape") or {}
+    b = c["groups"] * c["responses"] if "groups" in c and "responses" in c else "?"
+    shape = f"step B={b} S={c.get('s')} V={c.get('v')} H={c.get('h')} {c.get('dtype', '')}".strip()
+    rows = train.get("rows") or []
+    eager = {r["mbs"]: r for r in rows if r.get("impl") == "NeMo-style eager" and _ran(r)}
+    fused = {r["mbs"]: r for r in rows if r.get("impl") == "ours fused" and _ran(r)}
+    check = _section_check(train, rows, ("loss_rel_diff", "distance_rel_diff"))
+    if not fused:
+        return Headline("train", shape, "ours fused did not run", check)
+    sizes = sorted(fused)
+    speed = [_ratio(fused[m]["tokens_per_s"], (eager.get(m) or {}).get("tokens_per_s")) for m in sizes]
+    mem = [_ratio(fused[m].get("extra_mib"), (eager.get(m) or {}).get("extra_mib")) for m in sizes]
+    text = (f"ours fused / eager at mbs {'/'.join(map(str, sizes))}: {'/'.join(_x(s) for s in speed)} tokens/s, "
+            f"{'/'.join(_x(m) for m in mem)} peak memory")
+    if eager:
+        m0 = min(eager)
+        budget = eager[m0].get("extra_mib")
+        fits = [m for m in sizes if _ratio(fused[m].get("extra_mib"), budget) is not None
+                and fused[m]["extra_mib"] <= budget]
+        text += (f"; fused mbs {max(fits)} in eager's mbs-{m0} memory" if fits
+                 else f"; no fused micro-batch in eager's mbs-{m0} memory")
+    return Headline("train", shape, text, check)
+
+
+#: ``dropin``: our row and the baseline row of each part (every other row that ran is a peer).
+DROPIN_OURS = {"trainer": "sk patch", "op": "ours"}
+DROPIN_BASE = {"trainer": "HF unpatched", "op": "eager"}
+
+
+def dropin_headline(bench: dict[str, Any], part: str = "trainer") -> Headline | None:
+    """``dropin``, one ``part`` (``trainer``: the Hugging Face Trainer step; ``op``: the loss alone): our tokens/s
+    over the baseline's (HF unpatched / eager) and over the fastest peer's, our peak extra memory over the
+    baseline's and over the least of the peers' (the SPEC target: at most the best peer's memory, faster)."""
+    dropin = bench.get("dropin")
+    if not dropin:
+        return None
+    if dropin.get("error"):
+        return Headline("dropin", "", "", f"FAILED: {str(dropin['error'])[:80]}") if part == "trainer" else None
+    rows = [r for r in dropin.get("rows") or [] if r.get("part") == part]
+    if not rows:
+        return None
+    c = dropin.get("shape") or {}
+    shape = f"{part} B={c.get('b')} S={c.get('s')} V={c.get('v')} H={c.get('h')} {c.get('dtype', '')}".strip()
+    check = _section_check(dropin, rows, ("loss_rel_diff", "grad_rel_diff"))
+    ours = next((r for r in rows if r.get("impl") == DROPIN_OURS[part] and _ran(r)), None)
+    if ours is None:
+        return Headline("dropin", shape, f"ours ({DROPIN_OURS[part]}) did not run", check)
+    base = next((r for r in rows if r.get("impl") == DROPIN_BASE[part] and _ran(r)), None)
+    peers = [r for r in rows if r.get("impl") not in (DROPIN_OURS[part], DROPIN_BASE[part]) and _ran(r)]
+    parts = []
+    if base is not None:
+        parts.append(f"{ours['impl']} vs {base['impl']}: {_x(_ratio(ours['tokens_per_s'], base['tokens_per_s']))} "
+                     f"tokens/s, {_x(_ratio(ours.get('extra_mib'), base.get('extra_mib')))} memory")
+    else:
+        parts.append(f"{ours['impl']}: {DROPIN_BASE[part]} did not run")
+    if peers:
+        fast = max(peers, key=lambda r: r["tokens_per_s"])
+        with_mem = [r for r in peers if _ratio(r.get("extra_mib"), 1.0) is not None and r["extra_mib"] > 0]
+        least = min(with_mem, key=lambda r: r["extra_mib"]) if with_mem else None
+        speed = _x(_ratio(ours["tokens_per_s"], fast["tokens_per_s"]))
+        mem = _x(None if least is None else _ratio(ours.get("extra_mib"), least["extra_mib"]))
+        if least is None or least is fast:
+            parts.append(f"vs {fast['impl']} (best peer): {speed} tokens/s, {mem} memory")
+        else:
+            parts.append(f"vs {fast['impl']} (fastest peer): {speed} tokens/s; vs {least['impl']} (least-memory "
+                         f"peer): {mem} memory")
+    else:
+        parts.append("no peer ran")
+    return Headline("dropin", shape, "; ".join(parts), check)
+
+
+def dropin_op_headline(bench: dict[str, Any]) -> Headline | None:
+    """``dropin``'s ``op`` part (the loss alone): :func:`dropin_headline` with ``part="op"``."""
+    return dropin_headline(bench, "op")
+
+
+HEADLINES = (ce_headline, linear_headline, group_headline, dist_headline, peers_headline, score_headline,
+             train_headline, dropin_headline, dropin_op_headline)
 
 
 def headlines(bench: dict[str, Any]) -> list[Headline]:
