@@ -6,7 +6,7 @@ Run it (CPU, a few seconds; no download, no network; needs ``transformers`` and 
     .venv/bin/python python/example_hf_trainer.py
     .venv/bin/python python/example_hf_trainer.py --steps 60 --groups-per-step 8 --grad-accum 2
 
-:class:`steerlm_kernels.steerlm2.trainer.SteerLM2Trainer` is a ``transformers.Trainer`` whose step
+:class:`steerlm_kernels.steerlm2.training.trainer.SteerLM2Trainer` is a ``transformers.Trainer`` whose step
 is SteerLM 2.0's two phases (NeMo-Aligner's semantics, through ``GPTSteerLMModel``):
 
 1. baseline, forward only and with dropout off: ``sk.sequence_nll`` of the logits (read once,
@@ -18,7 +18,7 @@ is SteerLM 2.0's two phases (NeMo-Aligner's semantics, through ``GPTSteerLMModel
 Everything else - AdamW, schedules, clipping, bf16, checkpoints, resume, DDP - is the Trainer's,
 set with ``TrainingArguments``. One dataset item is one whole prompt group, so a batch of
 ``per_device_train_batch_size`` items is that many complete groups. The model is the built-in tiny
-``LlamaForCausalLM`` (:func:`steerlm_kernels.steerlm2.hf_models.build_tiny`, from a config) and
+``LlamaForCausalLM`` (:func:`steerlm_kernels.steerlm2.models.hf_models.build_tiny`, from a config) and
 the data the bundled sample rendered with NeMo's template.
 """
 
@@ -32,9 +32,9 @@ from typing import Any
 
 import transformers
 
-from steerlm_kernels.steerlm2.data import SteerLM2Dataset, sample_data_path
-from steerlm_kernels.steerlm2.hf_models import build_tiny
-from steerlm_kernels.steerlm2.trainer import SteerLM2Trainer
+from steerlm_kernels.steerlm2.models.hf_models import build_tiny
+from steerlm_kernels.steerlm2.training.data import SteerLM2Dataset, sample_data_path
+from steerlm_kernels.steerlm2.training.trainer import SteerLM2Trainer
 
 
 def build_trainer(args: argparse.Namespace, output_dir: str) -> SteerLM2Trainer:

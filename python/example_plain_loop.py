@@ -7,11 +7,12 @@ Run it (CPU, about 10 s on 2 idle cores; no download, no network)::
     .venv/bin/python python/example_plain_loop.py --steps 100 --groups-per-step 8 --device cuda
 
 Data: the bundled sample (40 prompts with 4-8 sampled responses each, byte tokenizer) read by
-:class:`steerlm_kernels.steerlm2.data.SteerLM2Dataset`; every step takes a few *whole* prompt groups
-(:class:`~steerlm_kernels.steerlm2.data.GroupBatchSampler`) and :func:`~steerlm_kernels.steerlm2.data.collate_fn`
+:class:`steerlm_kernels.steerlm2.training.data.SteerLM2Dataset`; every step takes a few *whole* prompt groups
+(:class:`~steerlm_kernels.steerlm2.training.data.GroupBatchSampler`) and
+:func:`~steerlm_kernels.steerlm2.training.data.collate_fn`
 gives one row per response with NeMo's keys (``tokens``, ``labels``, ``loss_mask``,
 ``attention_mask``, ``position_ids``, ``ws``, ``"log(Q(y|a,x))"``, ``num_responses``).
-Model: :class:`steerlm_kernels.steerlm2.tiny_lm.TinyCausalLM` (2 layers, width 64, built from code).
+Model: :class:`steerlm_kernels.steerlm2.models.tiny_lm.TinyCausalLM` (2 layers, width 64, built from code).
 
 Each step is SteerLM 2.0's two phases:
 
@@ -40,15 +41,15 @@ import torch
 from torch import Tensor, nn
 
 import steerlm_kernels as sk
-from steerlm_kernels.steerlm2.data import LOG_Q, GroupBatchSampler, SteerLM2Dataset, sample_data_path
-from steerlm_kernels.steerlm2.model import avg_num_valid_tokens_in_ub
-from steerlm_kernels.steerlm2.tiny_lm import TINY_CONFIGS, TinyCausalLM
+from steerlm_kernels.steerlm2.models.model import avg_num_valid_tokens_in_ub
+from steerlm_kernels.steerlm2.models.tiny_lm import TINY_CONFIGS, TinyCausalLM
+from steerlm_kernels.steerlm2.training.data import LOG_Q, GroupBatchSampler, SteerLM2Dataset, sample_data_path
 
 
 def group_normalizer(loss_mask: Tensor, num_responses: Tensor, num_microbatches: int = 1) -> Tensor:
     """NeMo's normalizer ``avg_num_valid_tokens_in_ub`` ``[B]``: per response, the mean number of
     loss tokens over its prompt group, times ``num_groups / num_microbatches``; the package's own
-    (:func:`steerlm_kernels.steerlm2.model.avg_num_valid_tokens_in_ub`, also used by ``GPTSteerLMModel``)."""
+    (:func:`steerlm_kernels.steerlm2.models.model.avg_num_valid_tokens_in_ub`, also used by ``GPTSteerLMModel``)."""
     return avg_num_valid_tokens_in_ub(loss_mask, num_responses, num_microbatches)
 
 

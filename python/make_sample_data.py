@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Generate the bundled SteerLM 2.0 sample, ``steerlm_kernels/steerlm2/sample_data/sample_steerlm2.jsonl``.
+"""Generate the bundled SteerLM 2.0 sample, ``steerlm_kernels/steerlm2/formats/sample_data/sample_steerlm2.jsonl``.
 
 Deterministic (seeded): ``python python/make_sample_data.py`` rewrites the bundled file byte for
 byte; ``--check`` only verifies that it is up to date. The file has 40 prompts with 4-8 responses
-each, in the JSONL format read by :mod:`steerlm_kernels.steerlm2.records`.
+each, in the JSONL format read by :mod:`steerlm_kernels.steerlm2.formats.records`.
 
 The generative story (every log-probability in the file is exact under it)
 -------------------------------------------------------------------------
@@ -32,7 +32,7 @@ responses whose length and topic-word count agree with the requested attributes.
 functions of the bytes and of the label written in the prompt, so a tiny byte-level LM trained
 with the SteerLM 2.0 estimator can learn them and its ``distance`` (KL from ``ws`` to the model's
 baseline) falls. Prompts are rendered by
-:func:`steerlm_kernels.steerlm2.tokenization.render_prompt`; with the byte tokenizer every sequence
+:func:`steerlm_kernels.steerlm2.formats.tokenization.render_prompt`; with the byte tokenizer every sequence
 (bos + prompt + response + eos) is at most 160 tokens.
 """
 
@@ -133,7 +133,7 @@ def sample_response(rng: random.Random, topic: str) -> list[str]:
 
 
 def _rendered_length(record: dict) -> int:
-    # mirrors steerlm_kernels.steerlm2.tokenization.render_prompt (kept independent so that the script
+    # mirrors steerlm_kernels.steerlm2.formats.tokenization.render_prompt (kept independent so that the script
     # runs without the package)
     text = f"System: {record['system']}\n" if record["system"] else ""
     text += "".join(f"{t['from']}: {t['value']}\n" for t in record["prompt_turns"])

@@ -58,8 +58,8 @@ __all__ = [
 #: The SteerLM 2.0 application's names kept here for compatibility, imported on first access so
 #: that ``import steerlm_kernels`` loads the kernel library only: name -> (module, attribute or None).
 _APPLICATION = {
-    "GPTSteerLMModel": ("steerlm_kernels.steerlm2.model", "GPTSteerLMModel"),
-    "data": ("steerlm_kernels.steerlm2.data", None),
+    "GPTSteerLMModel": ("steerlm_kernels.steerlm2.models.model", "GPTSteerLMModel"),
+    "data": ("steerlm_kernels.steerlm2.training.data", None),
 }
 
 

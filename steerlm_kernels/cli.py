@@ -93,23 +93,25 @@ def main(argv: list[str] | None = None) -> int:
         "train", help="SteerLM 2.0 training (no arguments: bundled sample + tiny model on CPU)"
     )
     if argv[:1] == ["train"]:  # the SteerLM 2.0 application is imported for its own command only
-        from steerlm_kernels.steerlm2 import train
+        from steerlm_kernels.steerlm2.training import train
 
         train.add_arguments(train_parser)
-    data_commands = {  # SteerLM 2.0 data: steerlm_kernels.steerlm2.<name>, imported for its own command only
+    data_commands = {  # SteerLM 2.0 commands (modules: steerlm_kernels.steerlm2.COMMANDS), imported for their own only
         "sample": "draw n responses per prompt with Hugging Face generate (SteerLM 2.0 records)",
         "score": "fill log(P(y|x)) and log(Q(y|a,x)) with the fused kernels (streaming, resumable)",
         "pipeline": "sample -> score -> train on the embedded default (bundled prompts, tiny model, CPU)",
         "steer-eval": "does the model follow the attribute it is asked for? (curve, slope, CIs, fluency)",
         "sft": "warm start: fine-tune on responses under labels drawn independently of them (no steering)",
     }
+    from steerlm_kernels.steerlm2 import COMMANDS
+
     for name, text in data_commands.items():
         data_parser = sub.add_parser(name, help=text)
         if argv[:1] == [name]:
-            importlib.import_module(f"steerlm_kernels.steerlm2.{name.replace('-', '_')}").add_arguments(data_parser)
+            importlib.import_module(COMMANDS[name]).add_arguments(data_parser)
     ns = parser.parse_args(argv)
     if ns.command in data_commands:
-        return importlib.import_module(f"steerlm_kernels.steerlm2.{ns.command.replace('-', '_')}").run(ns)
+        return importlib.import_module(COMMANDS[ns.command]).run(ns)
     if ns.command == "info":
         return info()
     if ns.command == "bench":
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return suite.run(ns)
     if ns.command == "train":
-        from steerlm_kernels.steerlm2 import train
+        from steerlm_kernels.steerlm2.training import train
 
         return train.run(ns)
     from steerlm_kernels.demo import demo

@@ -1,6 +1,6 @@
 """Stand-in causal LMs for the sampling and steering tests (the byte tokenizer's vocabulary).
 
-They follow the calling convention of :func:`steerlm_kernels.steerlm2.generation.generate_rows`
+They follow the calling convention of :func:`steerlm_kernels.steerlm2.datatools.generation.generate_rows`
 (``model(input_ids=, attention_mask=, position_ids=, cache=, use_cache=True)`` -> ``.logits``,
 ``.cache``) and carry their per-row state in the returned cache, so they need no real attention.
 """

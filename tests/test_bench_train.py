@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 from steerlm_kernels.bench import suite  # noqa: E402
 from steerlm_kernels.bench import train_step as B  # noqa: E402
-from steerlm_kernels.steerlm2.model import GPTSteerLMModel  # noqa: E402
+from steerlm_kernels.steerlm2.models.model import GPTSteerLMModel  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import steerlm_kernels as sk
-from steerlm_kernels.steerlm2.data import SteerLM2Dataset, sample_data_path
+from steerlm_kernels.steerlm2.training.data import SteerLM2Dataset, sample_data_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "python"
 
@@ -104,7 +104,7 @@ def test_plain_loop_lowers_the_distance(capsys, one_thread):
 
 def test_plain_loop_step_matches_float64_reference():
     ex = load_example("example_plain_loop")
-    from steerlm_kernels.steerlm2.tiny_lm import TinyCausalLM
+    from steerlm_kernels.steerlm2.models.tiny_lm import TinyCausalLM
 
     batch = sample_batch([3, 0, 7])  # groups of different sizes
     model = TinyCausalLM(259, max_seq_len=256, seed=1)
@@ -123,7 +123,7 @@ def test_plain_loop_step_matches_float64_reference():
 def test_group_normalizer_is_nemos_closed_form():
     """The examples' normalizer is the package's; check it against NeMo's formula computed by hand,
     with a group whose mean is below one token and an all-masked group (which gets 1)."""
-    from steerlm_kernels.steerlm2.model import avg_num_valid_tokens_in_ub
+    from steerlm_kernels.steerlm2.models.model import avg_num_valid_tokens_in_ub
 
     loss_mask = torch.zeros(6, 4)
     loss_mask[0, :3] = 1  # group 0 = items 0..2: 3, 0, 2 tokens -> mean 5/3
@@ -181,7 +181,7 @@ def test_trainer_trains_with_gradient_accumulation(hf_example, one_thread):
     # mean by the accumulation steps (without that division its training loss would be twice ours).
     assert result["training_loss"] == pytest.approx(sum(losses) / 2, rel=1e-4)
     # the parameters moved away from their initialisation
-    from steerlm_kernels.steerlm2.hf_models import build_tiny
+    from steerlm_kernels.steerlm2.models.hf_models import build_tiny
 
     init = build_tiny(1)[0].state_dict()
     trained = trainer.model.state_dict()

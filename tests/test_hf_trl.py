@@ -23,7 +23,7 @@ from trl.trainer import utils as trl_utils  # noqa: E402
 
 from steerlm_kernels.hf import patch  # noqa: E402
 from steerlm_kernels.hf import trl as sk_trl  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_byte_tokenizer  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_byte_tokenizer  # noqa: E402
 
 ALL = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 V = 96

@@ -24,7 +24,7 @@ MAX_LINES = 500
 LONG_MODULES: dict[str, str] = {}
 
 #: Layer of each module (longest matching prefix): an import may only go to the same layer or below.
-LAYERS: list[tuple[str, int]] = [
+LAYERS: list[tuple[str, float]] = [
     ("steerlm_kernels._C", 0),
     ("steerlm_kernels.kernels", 0),
     ("steerlm_kernels.registry", 1),
@@ -40,7 +40,13 @@ LAYERS: list[tuple[str, int]] = [
     ("steerlm_kernels.memory", 6),  # peak extra memory of a call: the demo's and the benchmarks' tool
     ("steerlm_kernels.demo", 7),
     ("steerlm_kernels.hf", 7),  # Hugging Face / TRL integration: above the library, below the application
-    ("steerlm_kernels.steerlm2", 8),
+    ("steerlm_kernels.steerlm2", 8),  # the application's COMMANDS map; its rooms, each above the previous:
+    ("steerlm_kernels.steerlm2.formats", 8.1),  # records, templates, labels, JSONL, outputs, provenance
+    ("steerlm_kernels.steerlm2.models", 8.2),  # GPTSteerLMModel, loss path, log-probabilities, tiny models
+    ("steerlm_kernels.steerlm2.training", 8.3),  # dataset, Trainer, train, sft
+    ("steerlm_kernels.steerlm2.datatools", 8.4),  # sampling, sample, score
+    ("steerlm_kernels.steerlm2.evaluation", 8.5),  # steer-eval
+    ("steerlm_kernels.steerlm2.workflow", 8.6),  # pipeline and its rounds
     ("steerlm_kernels.bench", 9),
     ("steerlm_kernels.cli", 10),
     ("steerlm_kernels.__main__", 10),
@@ -102,7 +108,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[
     return found
 
 
-def layer(module: str) -> int:
+def layer(module: str) -> float:
     best = max((p for p, _ in LAYERS if module == p or module.startswith(p + ".")), key=len)
     return dict(LAYERS)[best]
 
@@ -167,6 +173,27 @@ def test_imports_go_down_the_layers(graph):
     bad = [f"{m}:{line} imports {t} (layer {layer(m)} -> {layer(t)})"
            for m, es in graph.items() for t, line, _ in es if layer(t) > layer(m)]
     assert not bad, "\n".join(bad)
+
+
+def test_every_imported_package_module_exists():
+    modules = module_files()
+    bad = []
+    for m, path in modules.items():
+        if not path.is_file():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            bad += [f"{m}:{node.lineno} imports {n}" for n in names
+                    if n.startswith(PACKAGE + ".") and n not in modules and n != f"{PACKAGE}._C"]
+    assert not bad, "imports of modules that do not exist (moved?):\n" + "\n".join(bad)
+
+
+def test_every_application_module_is_in_a_room():
+    rooms = tuple(p + "." for p, _ in LAYERS if p.startswith("steerlm_kernels.steerlm2."))
+    loose = [m for m in module_files() if m.startswith("steerlm_kernels.steerlm2.") and not m.startswith(rooms)
+             and m not in {p[:-1] for p in rooms}]
+    assert len(rooms) == 6 and not loose, f"application modules outside the rooms: {loose}"
 
 
 def test_no_private_name_imported_across_modules(graph):

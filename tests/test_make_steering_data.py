@@ -42,7 +42,7 @@ def test_steering_demo_command_is_a_valid_pipeline(tmp_path) -> None:
     spec = importlib.util.spec_from_file_location("steering_demo", SCRIPT.parent / "steering_demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    from steerlm_kernels.steerlm2 import pipeline
+    from steerlm_kernels.steerlm2.workflow import pipeline
 
     for recipe in ("weighted-sft", "nemo"):
         argv = demo.pipeline_argv(tmp_path, recipe, None)

@@ -1,4 +1,4 @@
-"""Tests of steerlm_kernels.steerlm2.data and the records / tokenization modules it re-exports: reader,
+"""Tests of steerlm_kernels.steerlm2.training.data and the records / tokenization modules it re-exports: reader,
 ws, tokenisation, collation, sampler, policies, errors."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlm_kernels.steerlm2 import data as skd
+from steerlm_kernels.steerlm2.training import data as skd
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -500,7 +500,7 @@ def test_log_prob_accepted_values_give_finite_ws(value: float) -> None:
 
 
 def test_log_prob_problem_names_the_class() -> None:
-    from steerlm_kernels.steerlm2.records import LOG_PROB_TOLERANCE, log_prob_problem
+    from steerlm_kernels.steerlm2.formats.records import LOG_PROB_TOLERANCE, log_prob_problem
 
     assert LOG_PROB_TOLERANCE == 0.01
     assert log_prob_problem(-3.5) is None and log_prob_problem(-7) is None and log_prob_problem(0.01) is None
@@ -598,8 +598,8 @@ def test_dataset_nemo_template_masks_equal_nemo_collate() -> None:
 @pytest.mark.parametrize("template", ["nemo", "chat", "plain"])
 def test_dataset_templates_scored_span(template: str) -> None:
     pytest.importorskip("transformers")
-    from steerlm_kernels.steerlm2.hf_models import build_byte_tokenizer
-    from steerlm_kernels.steerlm2.templates import render_text
+    from steerlm_kernels.steerlm2.formats.templates import render_text
+    from steerlm_kernels.steerlm2.models.hf_models import build_byte_tokenizer
 
     tok = build_byte_tokenizer()
     ds = skd.SteerLM2Dataset([_record(3)], tokenizer=tok, template=template)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from steerlm_kernels.steerlm2.example_scorers import LEVELS, parse_label, verbosity_length, verbosity_log_prob
+from steerlm_kernels.steerlm2.formats.example_scorers import LEVELS, parse_label, verbosity_length, verbosity_log_prob
 
 
 def test_parse_label() -> None:

@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from steerlm_kernels.steerlm2 import generation as G  # noqa: E402
-from steerlm_kernels.steerlm2 import sample as SM  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_byte_tokenizer, build_tiny  # noqa: E402
-from steerlm_kernels.steerlm2.templates import encode_example, encode_prompt  # noqa: E402
+from steerlm_kernels.steerlm2.datatools import generation as G  # noqa: E402
+from steerlm_kernels.steerlm2.datatools import sample as SM  # noqa: E402
+from steerlm_kernels.steerlm2.formats.templates import encode_example, encode_prompt  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_byte_tokenizer, build_tiny  # noqa: E402
 from tests.lm_stubs import EOS, ScriptedLM  # noqa: E402
 
 

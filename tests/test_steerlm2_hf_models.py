@@ -10,8 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from steerlm_kernels.steerlm2 import hf_models as hm  # noqa: E402
-from steerlm_kernels.steerlm2.tokenization import ByteTokenizer  # noqa: E402
+from steerlm_kernels.steerlm2.formats.tokenization import ByteTokenizer  # noqa: E402
+from steerlm_kernels.steerlm2.models import hf_models as hm  # noqa: E402
 
 TEXTS = ["", "plain ascii", "héllo wörld 日本語 🙂", "<extra_id_0>System\n\n<extra_id_1>User\nq\n<extra_id_2>a:1\n",
          "  leading and trailing  ", "tabs\tand\r\nnewlines\n\n"]

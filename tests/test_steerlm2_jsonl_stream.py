@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from steerlm_kernels.steerlm2.jsonl_stream import (
+from steerlm_kernels.steerlm2.formats.jsonl_stream import (
     CommandError,
     LineError,
     Progress,
@@ -90,7 +90,7 @@ def test_progress_off_a_terminal_prints_lines_and_the_final_state_once() -> None
 
 
 def test_run_command_exit_statuses(capsys):
-    from steerlm_kernels.steerlm2.jsonl_stream import CommandError, run_command
+    from steerlm_kernels.steerlm2.formats.jsonl_stream import CommandError, run_command
 
     def fails():
         raise CommandError("--data x.jsonl: no such file")
@@ -111,7 +111,7 @@ def test_run_command_exit_statuses(capsys):
     assert run_command("score", exits) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SystemExit(0)" in err[0]
-    from steerlm_kernels.steerlm2.outputs import OutputError
+    from steerlm_kernels.steerlm2.formats.outputs import OutputError
 
     def refused():
         raise OutputError("--output o.jsonl holds an earlier run's output")

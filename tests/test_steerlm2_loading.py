@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlm_kernels.steerlm2 import loading as L
-from steerlm_kernels.steerlm2.jsonl_stream import CommandError
+from steerlm_kernels.steerlm2.formats.jsonl_stream import CommandError
+from steerlm_kernels.steerlm2.models import loading as L
 
 
 def test_device_and_precision() -> None:

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("transformers")
 
 import steerlm_kernels as sk  # noqa: E402
-from steerlm_kernels.steerlm2 import logprobs as L  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_tiny  # noqa: E402
+from steerlm_kernels.steerlm2.models import logprobs as L  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_tiny  # noqa: E402
 
 V = 1000
 

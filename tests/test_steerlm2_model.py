@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from steerlm_kernels.steerlm2.model import GPTSteerLMModel, cfg_get
-from steerlm_kernels.steerlm2.tiny_lm import TinyCausalLM
+from steerlm_kernels.steerlm2.models.model import GPTSteerLMModel, cfg_get
+from steerlm_kernels.steerlm2.models.tiny_lm import TinyCausalLM
 
 V = 48
 S = 14
@@ -330,7 +330,7 @@ class TinyTrunk(nn.Module):
 
 def _spy_no_logits_ops(monkeypatch):
     """Fail if the logits-based ops run (the fused path must never form [B, S, V] logits)."""
-    import steerlm_kernels.steerlm2.model as model_mod
+    import steerlm_kernels.steerlm2.models.model as model_mod
 
     def tripwire(*args, **kwargs):
         raise AssertionError("the logits path ran on the fused-linear path")

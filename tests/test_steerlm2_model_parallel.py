@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from steerlm_kernels.steerlm2.model import GPTSteerLMModel
+from steerlm_kernels.steerlm2.models.model import GPTSteerLMModel
 from tests.test_distributed import _init, _spawn, _usable_backends
 from tests.test_steerlm2_model import cfg_of, make_batch, reference
 

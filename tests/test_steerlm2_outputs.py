@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from steerlm_kernels.steerlm2.outputs import (
+from steerlm_kernels.steerlm2.formats.outputs import (
     OutputError,
     OutputLock,
     check_not_input,
@@ -17,7 +17,7 @@ from steerlm_kernels.steerlm2.outputs import (
     refuse_existing,
     same_file,
 )
-from steerlm_kernels.steerlm2.provenance import (
+from steerlm_kernels.steerlm2.formats.provenance import (
     compare_settings,
     file_fingerprint,
     model_fingerprint,
@@ -62,7 +62,7 @@ def test_refuse_existing_names_both_flags() -> None:
     refuse_existing("--output r", ["x"], resume=False, overwrite=True)
 
 
-HOLD = "import sys, time; from steerlm_kernels.steerlm2.outputs import OutputLock; " \
+HOLD = "import sys, time; from steerlm_kernels.steerlm2.formats.outputs import OutputLock; " \
        "l = OutputLock(sys.argv[1], 'x').acquire(); print('held', flush=True); time.sleep(60)"
 
 

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("transformers")
 
 from steerlm_kernels import cli  # noqa: E402
-from steerlm_kernels.steerlm2 import pipeline  # noqa: E402
-from steerlm_kernels.steerlm2.records import LOG_P_A, LOG_P_Y, LOG_Q, read_jsonl, sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.formats.records import LOG_P_A, LOG_P_Y, LOG_Q, read_jsonl, sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.workflow import pipeline  # noqa: E402
 
 
 def test_pipeline_end_to_end(tmp_path, capsys) -> None:

@@ -20,12 +20,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from steerlm_kernels import cli  # noqa: E402
-from steerlm_kernels.steerlm2 import train  # noqa: E402
-from steerlm_kernels.steerlm2.metrics import read_metrics  # noqa: E402
-from steerlm_kernels.steerlm2.records import LOG_P_A, LOG_P_Y, LOG_Q, sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.formats.records import LOG_P_A, LOG_P_Y, LOG_Q, sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.training import train  # noqa: E402
+from steerlm_kernels.steerlm2.training.metrics import read_metrics  # noqa: E402
 
 FAST = ["--groups-per-step", "2", "--backend", "torch"]
-SCORER = "steerlm_kernels.steerlm2.example_scorers:verbosity_length"
+SCORER = "steerlm_kernels.steerlm2.formats.example_scorers:verbosity_length"
 
 
 # one thread in this process (autouse fixture) and in the children (env): train's tests' own
@@ -247,7 +247,7 @@ def test_7_second_train_on_a_running_output_fails_at_once_naming_the_pid(tmp_pat
 def test_7_score_on_a_locked_output_fails_naming_the_pid(tmp_path) -> None:
     data = write(tmp_path / "in.jsonl", records(1))
     out = tmp_path / "o.jsonl"
-    hold = ("import sys, time; from steerlm_kernels.steerlm2.outputs import OutputLock; "
+    hold = ("import sys, time; from steerlm_kernels.steerlm2.formats.outputs import OutputLock; "
             "OutputLock(sys.argv[1], 'x').acquire(); print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", hold, f"{out}.lock"], stdout=subprocess.PIPE, text=True)
     try:

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("transformers")
 
 from steerlm_kernels import cli  # noqa: E402
-from steerlm_kernels.steerlm2 import rounds  # noqa: E402
-from steerlm_kernels.steerlm2.records import sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.formats.records import sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.workflow import rounds  # noqa: E402
 
 
 def test_expand_prompts_sets_the_attribute_per_level(tmp_path) -> None:

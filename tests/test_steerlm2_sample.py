@@ -10,13 +10,13 @@ import pytest
 pytest.importorskip("transformers")
 
 from steerlm_kernels import cli  # noqa: E402
-from steerlm_kernels.steerlm2 import sample as SM  # noqa: E402
-from steerlm_kernels.steerlm2 import score as SC  # noqa: E402
-from steerlm_kernels.steerlm2.example_scorers import verbosity_length  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_byte_tokenizer, build_tiny  # noqa: E402
-from steerlm_kernels.steerlm2.logprobs import SpanScorer  # noqa: E402
-from steerlm_kernels.steerlm2.records import LOG_P_Y, LOG_Q, parse_record, read_jsonl  # noqa: E402
-from steerlm_kernels.steerlm2.templates import encode_prompt  # noqa: E402
+from steerlm_kernels.steerlm2.datatools import sample as SM  # noqa: E402
+from steerlm_kernels.steerlm2.datatools import score as SC  # noqa: E402
+from steerlm_kernels.steerlm2.formats.example_scorers import verbosity_length  # noqa: E402
+from steerlm_kernels.steerlm2.formats.records import LOG_P_Y, LOG_Q, parse_record, read_jsonl  # noqa: E402
+from steerlm_kernels.steerlm2.formats.templates import encode_prompt  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_byte_tokenizer, build_tiny  # noqa: E402
+from steerlm_kernels.steerlm2.models.logprobs import SpanScorer  # noqa: E402
 
 PROMPTS = [
     {"system": "Be kind.", "prompt_turns": [{"from": "User", "value": "Why tea?"}], "label": "verbosity:1"},

@@ -19,18 +19,18 @@ import torch
 pytest.importorskip("transformers")
 
 from steerlm_kernels import cli  # noqa: E402
-from steerlm_kernels.steerlm2 import score as S  # noqa: E402
-from steerlm_kernels.steerlm2.example_scorers import verbosity_length  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_tiny  # noqa: E402
-from steerlm_kernels.steerlm2.jsonl_stream import CommandError  # noqa: E402
-from steerlm_kernels.steerlm2.logprobs import SpanScorer  # noqa: E402
-from steerlm_kernels.steerlm2.outputs import OutputError  # noqa: E402
-from steerlm_kernels.steerlm2.records import LOG_P_A, LOG_P_Y, LOG_Q, read_jsonl  # noqa: E402
+from steerlm_kernels.steerlm2.datatools import score as S  # noqa: E402
+from steerlm_kernels.steerlm2.formats.example_scorers import verbosity_length  # noqa: E402
+from steerlm_kernels.steerlm2.formats.jsonl_stream import CommandError  # noqa: E402
+from steerlm_kernels.steerlm2.formats.outputs import OutputError  # noqa: E402
+from steerlm_kernels.steerlm2.formats.records import LOG_P_A, LOG_P_Y, LOG_Q, read_jsonl  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_tiny  # noqa: E402
+from steerlm_kernels.steerlm2.models.logprobs import SpanScorer  # noqa: E402
 
 from .conftest import require_backend  # noqa: E402
 
 V = 1024  # the models' vocabulary (the byte tokenizer's 262 tokens, padded): V >= 1000
-SCORER = "steerlm_kernels.steerlm2.example_scorers:verbosity_length"
+SCORER = "steerlm_kernels.steerlm2.formats.example_scorers:verbosity_length"
 
 RECORDS = [
     {"system": "Be kind.",
@@ -325,7 +325,7 @@ def test_cli_failures_are_one_line(model_dirs, tmp_path, capsys, case, needle) -
     elif case == "no_dir":
         argv["--output"] = str(tmp_path / "no" / "out.jsonl")
     elif case == "bad_scorer":
-        extra = ["--attribute-scorer", "steerlm_kernels.steerlm2.example_scorers:nope"]
+        extra = ["--attribute-scorer", "steerlm_kernels.steerlm2.formats.example_scorers:nope"]
     elif case == "bad_model":
         argv["--sft-model"] = str(tmp_path / "nowhere")
     else:

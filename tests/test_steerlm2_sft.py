@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("transformers")
 
 from steerlm_kernels import cli  # noqa: E402
-from steerlm_kernels.steerlm2 import sft  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import load_model_and_tokenizer  # noqa: E402
-from steerlm_kernels.steerlm2.jsonl_stream import CommandError  # noqa: E402
-from steerlm_kernels.steerlm2.records import sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.formats.jsonl_stream import CommandError  # noqa: E402
+from steerlm_kernels.steerlm2.formats.records import sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import load_model_and_tokenizer  # noqa: E402
+from steerlm_kernels.steerlm2.training import sft  # noqa: E402
 
 
 def test_random_label_ignores_the_response_and_keeps_other_attributes() -> None:

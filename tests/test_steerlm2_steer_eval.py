@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("transformers")
 
 from steerlm_kernels import cli  # noqa: E402
-from steerlm_kernels.steerlm2 import steer_eval as SE  # noqa: E402
-from steerlm_kernels.steerlm2 import steer_stats as ST  # noqa: E402
-from steerlm_kernels.steerlm2.example_scorers import verbosity_words  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_byte_tokenizer  # noqa: E402
+from steerlm_kernels.steerlm2.evaluation import steer_eval as SE  # noqa: E402
+from steerlm_kernels.steerlm2.evaluation import steer_stats as ST  # noqa: E402
+from steerlm_kernels.steerlm2.formats.example_scorers import verbosity_words  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_byte_tokenizer  # noqa: E402
 from tests.lm_stubs import LengthLM  # noqa: E402
 
 LEVELS = [0, 1, 2, 3, 4]

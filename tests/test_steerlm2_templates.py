@@ -10,13 +10,13 @@ import re
 
 import pytest
 
-from steerlm_kernels.steerlm2 import templates as T
-from steerlm_kernels.steerlm2.tokenization import ByteTokenizer
+from steerlm_kernels.steerlm2.formats import templates as T
+from steerlm_kernels.steerlm2.formats.tokenization import ByteTokenizer
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from steerlm_kernels.steerlm2.hf_models import build_byte_tokenizer  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_byte_tokenizer  # noqa: E402
 
 NEMO_DEFAULTS = {
     "system_turn_start": "<extra_id_0>",

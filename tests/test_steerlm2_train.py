@@ -18,8 +18,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from steerlm_kernels.steerlm2 import train  # noqa: E402
-from steerlm_kernels.steerlm2.data import sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.training import train  # noqa: E402
+from steerlm_kernels.steerlm2.training.data import sample_data_path  # noqa: E402
 
 FAST = ["--groups-per-step", "2", "--backend", "torch", "--max-seq-length", "4096"]
 KEYS = ("step", "loss", "distance", "lr", "grad_norm", "tokens")
@@ -98,7 +98,7 @@ def test_run_writes_checkpoints_final_and_strict_metrics(tmp_path, capsys):
     ids = torch.tensor([tok.encode("<extra_id_1>User\nhello\n")])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ckpt(ids).logits, rtol=0, atol=0)
-    from steerlm_kernels.steerlm2.hf_models import build_tiny
+    from steerlm_kernels.steerlm2.models.hf_models import build_tiny
 
     init, _ = build_tiny(0)
     with torch.no_grad():
@@ -175,7 +175,7 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_non_finite_loss_never_exits_zero(tmp_path):
-    from steerlm_kernels.steerlm2.hf_models import build_tiny
+    from steerlm_kernels.steerlm2.models.hf_models import build_tiny
 
     model, tok = build_tiny(0)
     with torch.no_grad():

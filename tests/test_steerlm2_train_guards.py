@@ -9,11 +9,11 @@ import pytest
 pytest.importorskip("transformers")
 
 from steerlm_kernels import cli  # noqa: E402
-from steerlm_kernels.steerlm2 import train_guards as TG  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_tiny  # noqa: E402
-from steerlm_kernels.steerlm2.records import sample_data_path  # noqa: E402
-from steerlm_kernels.steerlm2.sft import read_pairs  # noqa: E402
-from steerlm_kernels.steerlm2.train import BUILTIN_PRESET, NEMO_PRESET  # noqa: E402
+from steerlm_kernels.steerlm2.formats.records import sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_tiny  # noqa: E402
+from steerlm_kernels.steerlm2.training import train_guards as TG  # noqa: E402
+from steerlm_kernels.steerlm2.training.sft import read_pairs  # noqa: E402
+from steerlm_kernels.steerlm2.training.train import BUILTIN_PRESET, NEMO_PRESET  # noqa: E402
 
 
 def test_distance_warning_only_when_the_distance_rose() -> None:

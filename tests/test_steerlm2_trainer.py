@@ -14,11 +14,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from steerlm_kernels.steerlm2.data import SteerLM2Dataset, sample_data_path  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_tiny  # noqa: E402
-from steerlm_kernels.steerlm2.metrics import read_metrics  # noqa: E402
-from steerlm_kernels.steerlm2.model import GPTSteerLMModel  # noqa: E402
-from steerlm_kernels.steerlm2.trainer import SteerLM2Collator, SteerLM2Trainer  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_tiny  # noqa: E402
+from steerlm_kernels.steerlm2.models.model import GPTSteerLMModel  # noqa: E402
+from steerlm_kernels.steerlm2.training.data import SteerLM2Dataset, sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.training.metrics import read_metrics  # noqa: E402
+from steerlm_kernels.steerlm2.training.trainer import SteerLM2Collator, SteerLM2Trainer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

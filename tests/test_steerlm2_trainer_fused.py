@@ -19,10 +19,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from steerlm_kernels.hf.heads import kernels_take_transforms  # noqa: E402
-from steerlm_kernels.steerlm2.data import SteerLM2Dataset, sample_data_path  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_tiny  # noqa: E402
-from steerlm_kernels.steerlm2.model import GPTSteerLMModel  # noqa: E402
-from steerlm_kernels.steerlm2.trainer import SteerLM2Collator, SteerLM2Trainer  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_tiny  # noqa: E402
+from steerlm_kernels.steerlm2.models.model import GPTSteerLMModel  # noqa: E402
+from steerlm_kernels.steerlm2.training.data import SteerLM2Dataset, sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.training.trainer import SteerLM2Collator, SteerLM2Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
@@ -243,8 +243,8 @@ FSDP_WORKER = textwrap.dedent('''
     import json, os, sys
     import torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    from steerlm_kernels.steerlm2.hf_models import build_tiny
-    from steerlm_kernels.steerlm2.model import GPTSteerLMModel
+    from steerlm_kernels.steerlm2.models.hf_models import build_tiny
+    from steerlm_kernels.steerlm2.models.model import GPTSteerLMModel
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -276,6 +276,7 @@ FSDP_WORKER = textwrap.dedent('''
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump({"losses": losses, "params": full, "path": wrapper.loss_path}, f)
+    dist.barrier()  # rank 1 must not tear gloo down while rank 0 writes (it aborted so under load)
     dist.destroy_process_group()
 ''')
 
@@ -310,8 +311,8 @@ def test_fsdp2_two_processes_equal_one(tmp_path, tied):
 def test_fused_chunks_are_small_on_cpu(dataset, monkeypatch):
     """On CPU the wrapper's fused losses (both phases) run in chunks of min(H, 64 MiB / 4V) rows, at least 16
     (the library's default is sized for GPUs); an explicit chunk_size wins."""
-    import steerlm_kernels.steerlm2.model as M
-    from steerlm_kernels.steerlm2.loss_path import CPU_CHUNK_BYTES, chunk_rows
+    import steerlm_kernels.steerlm2.models.model as M
+    from steerlm_kernels.steerlm2.models.loss_path import CPU_CHUNK_BYTES, chunk_rows
 
     seen = []
     for name in ("linear_weighted_sequence_loss", "linear_sequence_nll"):
@@ -335,7 +336,7 @@ def test_fused_chunks_are_small_on_cpu(dataset, monkeypatch):
 # train --loss-path: the start line and summary.json say which path and why; a refused fused is one line
 
 def test_train_command_reports_the_loss_path(tmp_path, capsys):
-    from steerlm_kernels.steerlm2 import train
+    from steerlm_kernels.steerlm2.training import train
 
     fast = ["--groups-per-step", "2", "--backend", "torch", "--steps", "1", "--device", "cpu"]
     assert train.main([*fast, "--output", str(tmp_path / "auto")]) == 0

@@ -14,11 +14,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from steerlm_kernels.steerlm2 import train  # noqa: E402
-from steerlm_kernels.steerlm2.data import LOG_Q, SteerLM2Dataset, sample_data_path  # noqa: E402
-from steerlm_kernels.steerlm2.hf_models import build_tiny  # noqa: E402
-from steerlm_kernels.steerlm2.metrics import MetricsLog, read_metrics  # noqa: E402
-from steerlm_kernels.steerlm2.trainer import SteerLM2Collator, SteerLM2Trainer  # noqa: E402
+from steerlm_kernels.steerlm2.models.hf_models import build_tiny  # noqa: E402
+from steerlm_kernels.steerlm2.training import train  # noqa: E402
+from steerlm_kernels.steerlm2.training.data import LOG_Q, SteerLM2Dataset, sample_data_path  # noqa: E402
+from steerlm_kernels.steerlm2.training.metrics import MetricsLog, read_metrics  # noqa: E402
+from steerlm_kernels.steerlm2.training.trainer import SteerLM2Collator, SteerLM2Trainer  # noqa: E402
 
 FAST = ["--groups-per-step", "2", "--backend", "torch"]
 

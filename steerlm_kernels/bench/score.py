@@ -7,7 +7,7 @@ batches of at most ``T`` tokens, the same batches for both implementations:
 
 ``plain HF loop``  what users write: ``model(...).logits`` (``[B, S, V]``), ``log_softmax`` in
                    float32, ``gather`` of the next tokens, masked sum.
-``ours``           :func:`steerlm_kernels.steerlm2.logprobs.score_batch` (the ``score`` command's
+``ours``           :func:`steerlm_kernels.steerlm2.models.logprobs.score_batch` (the ``score`` command's
                    code): final hidden states from the base model, the rows predicting a scored
                    token packed, ``sk.linear_sequence_nll`` with the LM-head weight by chunks of
                    rows - no ``[tokens, V]`` tensor.
@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from steerlm_kernels.bench.harness import device_name, error_text, sync
 from steerlm_kernels.memory import measure_extra_memory
-from steerlm_kernels.steerlm2.hf_models import build_tiny
-from steerlm_kernels.steerlm2.logprobs import SpanScorer, plan_batches, score_batch
+from steerlm_kernels.steerlm2.models.hf_models import build_tiny
+from steerlm_kernels.steerlm2.models.logprobs import SpanScorer, plan_batches, score_batch
 
 __all__ = ["CPU", "GPU", "QUICK", "ScoreWorkload", "make_score_workload", "markdown", "plain_hf_batch",
            "run_score"]

@@ -71,7 +71,7 @@ LR = 1e-3
 
 def make_model(cfg: dict[str, Any], device: torch.device, seed: int = 0) -> torch.nn.Module:
     """The benchmark's Llama (random weights from ``seed``), in training mode."""
-    from steerlm_kernels.steerlm2.hf_models import build_tiny
+    from steerlm_kernels.steerlm2.models.hf_models import build_tiny
 
     h = cfg["h"]
     heads = max(1, h // 64)
@@ -137,7 +137,7 @@ def _step_fn(impl: str, model: torch.nn.Module, batch: dict[str, Tensor], mbs: i
         def run() -> tuple[float, float]:
             return eager_step(model, batch, mbs)
     else:
-        from steerlm_kernels.steerlm2.model import GPTSteerLMModel
+        from steerlm_kernels.steerlm2.models.model import GPTSteerLMModel
 
         cfg = {"steerlm2": {"forward_micro_batch_size": mbs, "micro_batch_size": mbs}}
         wrapper = GPTSteerLMModel.from_hf(model, cfg, "fused" if impl == "ours fused" else "logits", probe=False)
