@@ -73,9 +73,10 @@ clean:
 	rm -rf $(VENV) $(GPU_STACK_VENV) build *.egg-info steerlm_kernels/*.so .pytest_cache .ruff_cache
 
 # On an H100/H200 with python3's torch + triton (no network): `make gpu-check` (full, <= 9 min) or
-# `make gpu-check QUICK=1` (<= 4 min); OUT=DIR for the results (default bench-out/).
+# `make gpu-check QUICK=1` (<= 4 min), `make gpu-check APP=1` (the train / dropin sections, <= 9 min);
+# OUT=DIR for the results (default bench-out/).
 gpu-check:
-	bash benchmarks/gpu_check.sh $(if $(filter-out 0,$(QUICK)),--quick)
+	bash benchmarks/gpu_check.sh $(if $(filter-out 0,$(QUICK)),--quick)$(if $(filter-out 0,$(APP)),--app)
 
 # Wheels of the peers for a GPU machine that cannot download (gpu_check.sh installs .whl/*.whl).
 gpu-wheels:

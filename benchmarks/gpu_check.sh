@@ -2,6 +2,7 @@
 # One-command GPU validation on one H100/H200, with no network:
 #   make gpu-check              # = bash benchmarks/gpu_check.sh [OUT_DIR]           full, <= 9 minutes
 #   make gpu-check QUICK=1      # = bash benchmarks/gpu_check.sh --quick [OUT_DIR]   quick, <= 4 minutes
+#   make gpu-check APP=1        # = bash benchmarks/gpu_check.sh --app [OUT_DIR]     application, <= 9 minutes
 # Steps (a failing step does not stop the later ones):
 #   1. install: into the machine's own python (GPU_CHECK_PYTHON, else python3, else .venv/bin/python:
 #      the first whose torch sees a GPU; GPU images ship torch 2.11 + triton 3.6 there, and a venv
@@ -12,10 +13,15 @@
 #   2. tests on CUDA tensors (STEERLM_TEST_DEVICE=cuda: Triton compiled, not interpreted; every
 #      backend that runs on CUDA, the hand-written `cuda` one included). quick: the core ops
 #      (contract of every backend's kernels, token/sequence NLL dense and packed, weighted loss,
-#      in place, the group ops, tests/test_kernels_cuda.py); full: the whole suite;
-#   3. `steerlm-kernels bench --device cuda`: quick: the main shape of every section (ce, linear,
-#      group, dist, peers, score; no torch.compile comparators, whose compiles take minutes);
-#      full: the grid of every section with the peers, `--budget` inside its timeout;
+#      in place, the group ops, tests/test_kernels_cuda.py); full: the whole suite; app: the
+#      SteerLM 2.0 wrapper on the fused path in bf16 against fp32 (tests/test_steerlm2_trainer_fused.py
+#      -k "bf16 or from_hf or wrapper");
+#   3. `steerlm-kernels bench --device cuda`: quick: the main shape of the kernel sections (ce,
+#      linear, group, dist, peers, score; no torch.compile comparators, whose compiles take
+#      minutes); full: their grid with the peers, `--budget` inside its timeout; app: the
+#      application sections at their GPU sizes (train: one SteerLM 2.0 step of a 1-layer Llama,
+#      V=128256, H=4096, bf16, mbs 1-8; dropin: the HF Trainer step and the loss op against the
+#      peers), which take minutes of their own (a process per row), hence their own mode;
 #   4. the summary table (python -m steerlm_kernels.bench.summary): each step passed/failed with
 #      its time, each section's headline ratio read from bench.json.
 # Output folder: the argument, else $OUT, else bench-out/ (logs of every step, steps.tsv, bench.md,
@@ -29,12 +35,15 @@ for arg in "$@"; do
     case "$arg" in
         --quick) MODE=quick ;;
         --full) MODE=full ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-        -*) echo "gpu_check.sh: unknown option $arg (use --quick, --full or an output folder)" >&2; exit 2 ;;
+        --app) MODE=app ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -*) echo "gpu_check.sh: unknown option $arg (use --quick, --full, --app or an output folder)" >&2; exit 2 ;;
         *) OUT_ARG="$arg" ;;
     esac
 done
 case "${QUICK:-0}" in ""|0|no|false) ;; *) MODE=quick ;; esac
+case "${APP:-0}" in ""|0|no|false) ;; *) MODE=app ;; esac
+KERNEL_SECTIONS=ce,linear,group,dist,peers,score  # the application's sections (train, dropin): --app
 
 OUT_DIR="${OUT_ARG:-${OUT:-bench-out}}"
 mkdir -p "$OUT_DIR"
@@ -47,15 +56,22 @@ if [ "$MODE" = quick ]; then
     BENCH_MARGIN=35  # seconds of the bench's timeout left after its --budget (cases in flight, tables)
     TESTS=(tests/test_ops_cross_entropy.py tests/test_kernels_cuda.py tests/test_ops_group.py
            tests/test_api.py -k "not property and not hypothesis")
-    BENCH_ARGS=(--grid main --repeats 3 --warmup 1 --no-plots
+    BENCH_ARGS=(--sections "$KERNEL_SECTIONS" --grid main --repeats 3 --warmup 1 --no-plots
                 --impls eager,liger,cce,matmuls,torch,triton,cuda,triton-tiles)
+elif [ "$MODE" = app ]; then
+    DEADLINE="${GPU_CHECK_DEADLINE:-530}"
+    TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-90}"
+    BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-420}"
+    BENCH_MARGIN=120  # the budget is checked between sections: dropin starts only with 2 minutes left
+    TESTS=(tests/test_steerlm2_trainer_fused.py -k "bf16 or from_hf or wrapper")
+    BENCH_ARGS=(--sections train,dropin --no-plots)
 else
     DEADLINE="${GPU_CHECK_DEADLINE:-530}"
     TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-200}"
     BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-270}"
     BENCH_MARGIN=40
     TESTS=(tests)
-    BENCH_ARGS=()
+    BENCH_ARGS=(--sections "$KERNEL_SECTIONS")
 fi
 start=$(date +%s)
 status=0

@@ -31,10 +31,17 @@ def _text() -> str:
 
 
 def _mode_block(mode: str) -> str:
-    """The lines of the ``if [ "$MODE" = quick ]`` branch for ``mode``."""
-    text = _text()
-    quick, full = text.split('if [ "$MODE" = quick ]; then', 1)[1].split("\nelse\n", 1)
-    return quick if mode == "quick" else full.split("\nfi\n", 1)[0]
+    """The lines of the ``if [ "$MODE" = quick ] / elif app / else`` branch for ``mode``."""
+    text = _text().split('if [ "$MODE" = quick ]; then', 1)[1].split("\nfi\n", 1)[0]
+    quick, rest = text.split('\nelif [ "$MODE" = app ]; then\n', 1)
+    app, full = rest.split("\nelse\n", 1)
+    return {"quick": quick, "app": app, "full": full}[mode]
+
+
+def _bench_sections(mode: str) -> list[str]:
+    block = _mode_block(mode).replace('"$KERNEL_SECTIONS"', re.search(r"KERNEL_SECTIONS=(\S+)", _text()).group(1))
+    args = _array(block, "BENCH_ARGS")
+    return args[args.index("--sections") + 1].split(",")
 
 
 def _setting(block: str, name: str) -> int:
@@ -51,7 +58,7 @@ def test_script_parses() -> None:
     subprocess.run([BASH, "-n", str(SCRIPT)], check=True)
 
 
-@pytest.mark.parametrize("mode", ["quick", "full"])
+@pytest.mark.parametrize("mode", ["quick", "full", "app"])
 def test_bench_invocation_uses_existing_options(mode: str) -> None:
     lines = [ln for ln in _text().splitlines() if "steerlm_kernels bench" in ln and not ln.lstrip().startswith("#")]
     assert len(lines) == 1, lines
@@ -59,6 +66,7 @@ def test_bench_invocation_uses_existing_options(mode: str) -> None:
     block = _mode_block(mode)
     timeout, margin = _setting(block, "BENCH_TIMEOUT"), int(re.search(r"BENCH_MARGIN=(\d+)", block).group(1))
     cmd = cmd.replace("$(( BENCH_TIMEOUT - BENCH_MARGIN ))", str(timeout - margin)).replace('"$OUT_DIR"', "out")
+    block = block.replace('"$KERNEL_SECTIONS"', re.search(r"KERNEL_SECTIONS=(\S+)", _text()).group(1))
     argv = shlex.split(cmd.replace('"${BENCH_ARGS[@]}"', ""), posix=True) + _array(block, "BENCH_ARGS")
     parser = argparse.ArgumentParser(exit_on_error=False)
     suite.add_arguments(parser)
@@ -69,13 +77,19 @@ def test_bench_invocation_uses_existing_options(mode: str) -> None:
         assert set(ns.impls.split(",")) <= set(known)
         assert {"triton", "cuda"} <= set(ns.impls.split(","))  # cuda timed beside triton
     if mode == "quick":
-        assert ns.grid == "main" and ns.sections == ",".join(config.SECTIONS)  # every section, score too
-        assert "score" in config.SECTIONS
+        assert ns.grid == "main" and "score" in ns.sections.split(",")
     else:
-        assert ns.grid is None and not ns.quick  # the device's default grid
+        assert ns.grid is None and not ns.quick  # the device's default grid (the sections' GPU sizes)
 
 
-@pytest.mark.parametrize("mode, minutes", [("quick", 4), ("full", 9)])
+def test_the_modes_bench_every_section_once_between_them() -> None:
+    kernel, app = _bench_sections("full"), _bench_sections("app")
+    assert _bench_sections("quick") == kernel
+    assert sorted(kernel + app) == sorted(config.SECTIONS) and not set(kernel) & set(app)
+    assert set(app) == {"train", "dropin"}
+
+
+@pytest.mark.parametrize("mode, minutes", [("quick", 4), ("full", 9), ("app", 9)])
 def test_time_limits_fit(mode: str, minutes: int) -> None:
     block = _mode_block(mode)
     deadline = _setting(block, "DEADLINE")
@@ -83,7 +97,7 @@ def test_time_limits_fit(mode: str, minutes: int) -> None:
     assert _setting(block, "TEST_TIMEOUT") + _setting(block, "BENCH_TIMEOUT") <= deadline
 
 
-@pytest.mark.parametrize("mode", ["quick", "full"])
+@pytest.mark.parametrize("mode", ["quick", "full", "app"])
 def test_pytest_targets_exist(mode: str) -> None:
     args = _array(_mode_block(mode), "TESTS")
     paths = [a for a in args if a.startswith("tests")]
@@ -106,8 +120,10 @@ def test_make_target_passes_quick() -> None:
         pytest.skip("no make")
     quick = subprocess.run(["make", "-n", "gpu-check", "QUICK=1"], cwd=ROOT, capture_output=True, text=True)
     full = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True)
-    assert "benchmarks/gpu_check.sh --quick" in quick.stdout
-    assert "gpu_check.sh" in full.stdout and "--quick" not in full.stdout
+    app = subprocess.run(["make", "-n", "gpu-check", "APP=1"], cwd=ROOT, capture_output=True, text=True)
+    assert "benchmarks/gpu_check.sh --quick" in quick.stdout and "--app" not in quick.stdout
+    assert "benchmarks/gpu_check.sh --app" in app.stdout and "--quick" not in app.stdout
+    assert "gpu_check.sh" in full.stdout and "--quick" not in full.stdout and "--app" not in full.stdout
 
 
 @needs_bash

@@ -359,3 +359,25 @@ def test_train_command_reports_the_loss_path(tmp_path, capsys):
     assert train.main([*fast, "--model", str(tmp_path / "odd"), "--output", str(tmp_path / "fallback")]) == 0
     assert "loss path: logits (the fused path cannot serve this model: config.output_multiplier" in \
         capsys.readouterr().out
+
+
+def test_fused_path_in_bf16_on_the_test_device_matches_fp32(dataset, device):
+    """The wrapper on the fused path, bf16 weights, the device's default backend (triton / cuda on a GPU:
+    ``make gpu-check APP=1``; cpp here) against the fp32 logits path of the same weights (torch backend)."""
+    batch = group_batch(dataset, (0, 4))
+    cfg = {"steerlm2": {"forward_micro_batch_size": 3, "micro_batch_size": 2}}
+    ref_model = hf_model("llama").train()
+    ref = GPTSteerLMModel.from_hf(ref_model, cfg, "logits", backend="torch")
+    ref_loss, ref_metrics = ref.get_loss_and_metrics(batch)
+    model = hf_model("llama").to(device=device, dtype=torch.bfloat16).train()
+    w = GPTSteerLMModel.from_hf(model, cfg, "fused")
+    loss, metrics = w.get_loss_and_metrics({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    assert w.loss_path == "fused"
+    assert abs(loss - ref_loss) <= 1e-2 * max(1.0, abs(ref_loss)), (loss, ref_loss)
+    assert abs(metrics["distance"] - ref_metrics["distance"]) <= 1e-2 * max(1.0, abs(ref_metrics["distance"]))
+    grads = dict(model.named_parameters())
+    for n, p in ref_model.named_parameters():
+        g = grads[n].grad
+        assert g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all(), n
+        err = (g.float().cpu() - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
+        assert err <= 3e-2, (n, float(err))
