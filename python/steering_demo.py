@@ -31,7 +31,7 @@ WEIGHTED_ARGS = "--weighted-fraction 0.75 --unlabelled-fraction 1.0 --lr 3e-3 --
 NEMO_ARGS = "--lr 5e-4 --lr-schedule constant --warmup-steps 10 --save-every 100 --eval-every 50"
 
 
-def pipeline_argv(out: Path, recipe: str, train_args: str | None, iterations: int = 2) -> list[str]:
+def pipeline_argv(out: Path, recipe: str, train_args: str | None, iterations: int = 2, seed: int = 0) -> list[str]:
     """The ``steerlm-kernels pipeline`` options of the demonstration."""
     data = out / "data"
     steps = "500" if recipe == "weighted-sft" else "200"
@@ -40,8 +40,8 @@ def pipeline_argv(out: Path, recipe: str, train_args: str | None, iterations: in
             "--prompts", str(data / "prompts.jsonl"), "--max-prompts", "200", "--levels", "0", "1", "2", "3", "4",
             "--num-responses", "8", "--max-new-tokens", "256", "--recipe", recipe, "--steps", steps,
             "--iterations", str(iterations), "--train-args", args, "--eval-prompts", str(data / "eval_prompts.jsonl"),
-            "--eval-levels", "0", "1", "2", "3", "4", "--eval-samples", "8", "--output", str(out / "run"),
-            "--overwrite", "--quiet"]
+            "--eval-levels", "0", "1", "2", "3", "4", "--eval-samples", "8", "--seed", str(seed),
+            "--output", str(out / "run"), "--overwrite", "--quiet"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,13 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="weighted-sft", choices=("weighted-sft", "nemo"))
     ap.add_argument("--train-args", default=None, help="override the recipe's train / sft options")
     ap.add_argument("--iterations", type=int, default=2, help="sample -> score -> train rounds (default: 2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the draws (default: 0)")
     ns = ap.parse_args(argv)
     out = Path(ns.output)
     subprocess.run([sys.executable, str(HERE / "make_steering_data.py"), "--output", str(out / "data"),
-                    "--prompts", "400", "--eval-prompts", "40"], check=True)
+                    "--prompts", "400", "--eval-prompts", "40", "--seed", str(ns.seed)], check=True)
     from steerlm_kernels import cli
 
-    return cli.main(pipeline_argv(out, ns.recipe, ns.train_args, ns.iterations))
+    return cli.main(pipeline_argv(out, ns.recipe, ns.train_args, ns.iterations, ns.seed))
 
 
 if __name__ == "__main__":
