@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -39,6 +40,8 @@ def test_pipeline_rounds_end_to_end(tmp_path, capsys) -> None:
     summary = json.loads((out / "rounds.json").read_text())
     assert [s["round"] for s in summary] == [1, 2] and all(len(s["curve"]) == 2 for s in summary)
     assert all(s["comparison"]["diff_of_diffs"]["n"] == 40 for s in summary)  # the bundled 40 eval prompts
+    if importlib.util.find_spec("matplotlib") is not None:  # every round's curve in one figure
+        assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_flagged_responses_are_dropped_before_scoring(tmp_path) -> None:

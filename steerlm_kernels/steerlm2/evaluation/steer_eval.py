@@ -288,8 +288,10 @@ def _plot(rep: dict[str, Any], path: Path) -> str | None:
             c = rep[name]["curve"]
             means = [x["mean"] for x in c]
             err = [[m - x["ci_low"] for m, x in zip(means, c)], [x["ci_high"] - m for m, x in zip(means, c)]]
+            where = Path(str(rep["settings"][name]))  # "round-2/train/final", not "final" twice
+            short = "/".join(where.parts[-3:]) if where.name in ("final", "model") else where.name
             ax.errorbar([lv + shift for lv in levels], means, yerr=err, marker="o", capsize=3,
-                        label=f"{name} ({Path(str(rep['settings'][name])).name})")
+                        label=f"{name} ({short})")
     ax.set_xlabel(f"requested {rep['settings']['attribute']}")
     ax.set_ylabel("measured (mean over prompts, 95% CI)")
     ax.set_title("steer-eval")

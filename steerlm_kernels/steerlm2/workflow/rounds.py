@@ -14,6 +14,7 @@ Used by ``steerlm-kernels pipeline`` when ``--iterations`` > 1, ``--levels`` or 
                               --data SFT_DATA (importance-weighted SFT + anchor: not NeMo's objective)
     round-<r>/steer-eval/     steerlm-kernels steer-eval --model round-<r>/train/final --reference SFT
     rounds.json               per round: the steer-eval summary (effect, p, slope, monotone, NLL, capped)
+    rounds.png                every round's curve beside the SFT model's (with matplotlib)
 
 The SFT model stays fixed (``log P(y|x)`` of every round); ``Q'`` is the latest model. Each step is
 the command a user would run, with the pipeline's ``--resume`` / ``--overwrite``.
@@ -33,7 +34,7 @@ from steerlm_kernels.steerlm2.datatools.generation import drop_flagged
 from steerlm_kernels.steerlm2.formats.jsonl_stream import iter_objects
 from steerlm_kernels.steerlm2.formats.records import sample_data_path
 
-__all__ = ["add_round_arguments", "drop_flagged_file", "expand_prompts", "run_rounds", "wanted"]
+__all__ = ["add_round_arguments", "drop_flagged_file", "expand_prompts", "plot_rounds", "run_rounds", "wanted"]
 
 
 def add_round_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -115,6 +116,31 @@ def _has_responses(path: str | Path) -> bool:
     return False
 
 
+def plot_rounds(summary: list[dict[str, Any]], reference: list[float] | None, levels: list[float], attribute: str,
+                path: Path) -> bool:
+    """Every round's steer-eval curve (and the reference's) in one figure at ``path``; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if reference is not None:
+        ax.plot(levels, reference, marker="o", color="grey", linestyle="--", label="SFT model (reference)")
+    for row in summary:
+        ax.plot(levels, row["curve"], marker="o", label=f"round {row['round']}")
+    ax.set_xlabel(f"requested {attribute}")
+    ax.set_ylabel("measured (mean over prompts)")
+    ax.set_title("steer-eval after each round")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def run_rounds(ns: argparse.Namespace, out: Path, train_argv: Callable[[argparse.Namespace, Path, Path], Any]) -> int:
     """Run the rounds (module docstring) in ``out``; ``train_argv(ns, scored, dir)`` builds train's argv
     (the pipeline's). Returns the first non-zero exit status, else 0."""
@@ -184,5 +210,7 @@ def run_rounds(ns: argparse.Namespace, out: Path, train_argv: Callable[[argparse
                 "effect", "slope", "monotone", "heldout_nll", "capped_share")},
                 "comparison": rep.get("comparison"), "curve": [c["mean"] for c in rep["model"]["curve"]]})
             (out / "rounds.json").write_text(json.dumps(summary, indent=1) + "\n")
+            plot_rounds(summary, [c["mean"] for c in rep["reference"]["curve"]] if "reference" in rep else None,
+                        [float(x) for x in ns.eval_levels], ns.attribute, out / "rounds.png")
     print(f"pipeline: {ns.iterations} rounds done: {q_model}" + (f"; {out / 'rounds.json'}" if summary else ""))
     return 0
