@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
         train.add_arguments(train_parser)
     data_commands = {  # SteerLM 2.0 commands (modules: steerlm_kernels.steerlm2.COMMANDS), imported for their own only
-        "sample": "draw n responses per prompt with Hugging Face generate (SteerLM 2.0 records)",
+        "sample": "draw n responses per prompt, batched, a random stream per response (SteerLM 2.0 records)",
         "score": "fill log(P(y|x)) and log(Q(y|a,x)) with the fused kernels (streaming, resumable)",
         "pipeline": "sample -> score -> train on the embedded default (bundled prompts, tiny model, CPU)",
         "steer-eval": "does the model follow the attribute it is asked for? (curve, slope, CIs, fluency)",

@@ -99,7 +99,8 @@ class SampleSummary:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``sample`` options to ``parser``; returns it."""
     d = DEFAULTS
-    parser.description = "Sample n responses per prompt (Hugging Face generate) into SteerLM 2.0 records."
+    parser.description = ("Sample n responses per prompt (batched, the model's KV cache, one random stream per "
+                          "response) into SteerLM 2.0 records.")
     parser.add_argument("--prompts", required=True, help="JSONL of records with system, prompt_turns, label")
     parser.add_argument("--model", required=True, help="a Hugging Face model directory, or tiny/small (built in)")
     parser.add_argument("--num-responses", type=int, required=True, help="responses per prompt")
