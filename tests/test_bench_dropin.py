@@ -123,3 +123,13 @@ def test_registered_as_a_bench_section():
     assert cfg.sections == ["dropin"]
     with pytest.raises(ValueError, match="impl"):
         dropin.peer_loss("nope", torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, dtype=torch.long))
+
+
+def test_a_spent_budget_skips_the_rows_left():
+    import time
+
+    late = dropin.run_dropin(torch.device("cpu"), shape=TINY, parts=("op",), isolate=False,
+                             deadline=time.perf_counter() - 1, log=lambda _: None)
+    assert [r.get("skipped") for r in late["rows"]] == ["--budget spent"] * len(dropin.OP_IMPLS)
+    assert all("step_ms" not in r for r in late["rows"])
+    assert "not run: --budget spent" in "\n".join(dropin.markdown(late))

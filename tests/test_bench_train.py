@@ -84,3 +84,47 @@ def test_a_failed_train_section_fails_the_run(tmp_path, monkeypatch, capsys) -> 
                             "--no-plots"])
     assert suite.run(ns) == 1
     assert "!! train: boom" in capsys.readouterr().out
+
+
+def test_a_spent_budget_skips_the_rows_left_and_they_do_not_count_against_agreement() -> None:
+    import time
+
+    from steerlm_kernels.bench import summary
+
+    done = B.run_train(CPU, quick=True, isolate=False, shape={"mbs": [1]}, log=lambda _: None)
+    late = B.run_train(CPU, quick=True, isolate=False, shape={"mbs": [1]}, deadline=time.perf_counter() - 1,
+                       log=lambda _: None)
+    assert [r.get("skipped") for r in late["rows"]] == ["not run: --budget spent"] * len(B.IMPLS)
+    assert late["agrees"] and "not run: --budget spent" in "\n".join(B.markdown(late))
+    # rows run before the deadline keep their figures; the skipped ones stay out of the summary's check
+    rows = done["rows"][:2] + late["rows"][2:]
+    mixed = dict(done, rows=rows)
+    assert all("step_ms" in r for r in rows[:2]) and "skipped" in rows[2]
+    assert summary.train_headline({"train": mixed}).check == "agrees"
+    assert summary.train_headline({"train": late}).check == "not run"
+
+
+def test_a_deadline_caps_each_rows_process_time(monkeypatch) -> None:
+    import time
+
+    seen: list[float] = []
+    monkeypatch.setattr(B, "_in_subprocess", lambda impl, mbs, cfg, device, seed, timeout: seen.append(timeout)
+                        or {"impl": impl, "mbs": mbs, "error": "stub"})
+    B.run_train(CPU, quick=True, shape={"mbs": [1]}, deadline=time.perf_counter() + 100, log=lambda _: None)
+    assert len(seen) == len(B.IMPLS) and all(30 <= t <= 100 for t in seen)
+    seen.clear()
+    B.run_train(CPU, quick=True, shape={"mbs": [1]}, log=lambda _: None)
+    assert seen == [1800.0] * len(B.IMPLS)
+
+
+def test_rows_after_the_deadline_are_skipped_once_eager_has_run(monkeypatch) -> None:
+    clock = iter([0.0] + [10.0] * 50)  # the first row starts before the deadline (5.0), the rest after it
+    monkeypatch.setattr(B.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(B, "run_variant", lambda impl, mbs, cfg, device, seed: {
+        "impl": impl, "mbs": mbs, "step_ms": 1.0, "tokens_per_s": 1.0, "cpu_s": 1.0, "extra_mib": 1.0, "loss": 0.5,
+        "distance": 1.0})
+    result = B.run_train(CPU, quick=True, isolate=False, shape={"mbs": [1]}, deadline=5.0, log=lambda _: None)
+    rows = result["rows"]
+    assert rows[0]["impl"] == "NeMo-style eager" and "step_ms" in rows[0]
+    assert [r.get("skipped") for r in rows[1:]] == ["not run: --budget spent"] * (len(B.IMPLS) - 1)
+    assert result["agrees"] and "speed_vs_eager" not in rows[1]

@@ -365,10 +365,13 @@ def evaluate_targets(rows: list[dict[str, Any]], part: str) -> dict[str, Any]:
 
 def run_dropin(device: torch.device, *, quick: bool = False, shape: dict[str, Any] | None = None, seed: int = 0,
                parts: tuple[str, ...] = ("trainer", "op"), isolate: bool = True, timeout: float = 1800.0,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               deadline: float | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the section; returns ``{"shape", "device", "rows": [{part, impl, step_ms, tokens_per_s, extra_mib,
     loss, grad_proj, grad_norm, loss_rel_diff, grad_rel_diff, speed_vs_base, memory_vs_base} | {part, impl,
-    skipped | error}], "agrees", "targets": {part: {met, speed_vs_best_peer, best_peer, memory_vs_least_peer}}}``."""
+    skipped | error}], "agrees", "targets": {part: {met, speed_vs_best_peer, best_peer, memory_vs_least_peer}}}``.
+
+    ``deadline`` (a ``time.perf_counter()`` value, the suite's ``--budget``): no row starts after it (such a row
+    is skipped, "--budget spent") and a row's process is given at most the time left (at least 30 s)."""
     cfg = dict(QUICK if quick else (GPU if device.type == "cuda" else CPU))
     cfg.update(shape or {})
     log(f"dropin: Llama V={cfg['v']}, H={cfg['h']}, {cfg['layers']} layer(s), {cfg['dtype']}, "
@@ -376,8 +379,13 @@ def run_dropin(device: torch.device, *, quick: bool = False, shape: dict[str, An
     rows: list[dict[str, Any]] = []
     for part in parts:
         for impl in TRAINER_IMPLS if part == "trainer" else OP_IMPLS:
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None and left <= 0:
+                rows.append({"part": part, "impl": impl, "skipped": "--budget spent"})
+                continue
             try:
-                row = (_in_subprocess(part, impl, cfg, device, seed, timeout) if isolate and not why_not(impl, device)
+                row = (_in_subprocess(part, impl, cfg, device, seed, timeout if left is None else
+                                      max(30.0, min(timeout, left))) if isolate and not why_not(impl, device)
                        else run_row(part, impl, cfg, device, seed))
             except Exception as exc:  # noqa: BLE001 - a failing row is reported in its row
                 row = {"part": part, "impl": impl, "error": error_text(exc, 200)}

@@ -328,13 +328,14 @@ def benchmark(
     if "train" in cfg.sections and not ses.out_of_time("train"):
         try:
             train_result = train_section.run_train(cfg.device, quick=cfg.quick, seed=cfg.seed,
-                                                   memory_budget=cfg.memory_budget, log=log)
+                                                   memory_budget=cfg.memory_budget, deadline=ses.deadline, log=log)
         except Exception as exc:
             train_result = {"error": harness.error_text(exc)}
     dropin_result = None
     if "dropin" in cfg.sections and not ses.out_of_time("dropin"):
         try:
-            dropin_result = dropin_section.run_dropin(cfg.device, quick=cfg.quick, seed=cfg.seed, log=log)
+            dropin_result = dropin_section.run_dropin(cfg.device, quick=cfg.quick, seed=cfg.seed,
+                                                      deadline=ses.deadline, log=log)
         except Exception as exc:
             dropin_result = {"error": harness.error_text(exc)}
     if "ce" in cfg.sections:

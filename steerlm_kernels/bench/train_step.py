@@ -194,10 +194,13 @@ def largest_fitting(rows: list[dict[str, Any]], impl: str, budget_mib: float) ->
 
 def run_train(device: torch.device, *, quick: bool = False, shape: dict[str, Any] | None = None, seed: int = 0,
               memory_budget: float | None = None, isolate: bool = True, timeout: float = 1800.0,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              deadline: float | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the section; returns ``{"shape", "device", "rows": [{impl, mbs, step_ms, tokens_per_s,
     extra_mib, loss, distance, loss_rel_diff, distance_rel_diff, memory_vs_eager, speed_vs_eager}],
-    "agrees", "fits", "targets_met"}`` (see :func:`markdown`)."""
+    "agrees", "fits", "targets_met"}`` (see :func:`markdown`).
+
+    ``deadline`` (a ``time.perf_counter()`` value, the suite's ``--budget``): no row starts after it (such a
+    row is ``{impl, mbs, skipped}``) and a row's process is given at most the time left (at least 30 s)."""
     cfg = dict(QUICK if quick else (GPU if device.type == "cuda" else CPU))
     cfg.update(shape or {})
     log(f"train: one SteerLM 2.0 step, Llama V={cfg['v']}, H={cfg['h']}, {cfg['layers']} layer(s), {cfg['dtype']}, "
@@ -206,8 +209,13 @@ def run_train(device: torch.device, *, quick: bool = False, shape: dict[str, Any
     rows: list[dict[str, Any]] = []
     for mbs in cfg["mbs"]:
         for impl in IMPLS:
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None and left <= 0:
+                rows.append({"impl": impl, "mbs": mbs, "skipped": "not run: --budget spent"})
+                continue
             try:
-                row = (_in_subprocess(impl, mbs, cfg, device, seed, timeout) if isolate
+                row = (_in_subprocess(impl, mbs, cfg, device, seed, timeout if left is None else
+                                      max(30.0, min(timeout, left))) if isolate
                        else run_variant(impl, mbs, cfg, device, seed))
             except Exception as exc:  # noqa: BLE001 - a failing row is reported in its row
                 row = {"impl": impl, "mbs": mbs, "error": error_text(exc, 200)}
@@ -217,7 +225,10 @@ def run_train(device: torch.device, *, quick: bool = False, shape: dict[str, Any
     agrees = True
     tol = 1e-4 if cfg["dtype"] == "fp32" else 3e-2
     for r in rows:
-        ref = next((x for x in rows if x["mbs"] == r["mbs"] and x["impl"] == IMPLS[0] and "error" not in x), None)
+        ref = next((x for x in rows if x["mbs"] == r["mbs"] and x["impl"] == IMPLS[0] and "error" not in x
+                    and "skipped" not in x), None)
+        if "skipped" in r:  # not run (--budget): says nothing about agreement
+            continue
         if "error" in r or ref is None:
             agrees = agrees and "error" not in r
             continue
@@ -258,8 +269,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['mbs']} | {r['impl']} | error: {r['error']} | | | | | | | | | | |")
+        if "error" in r or "skipped" in r:
+            what = f"error: {r['error']}" if "error" in r else r["skipped"]
+            lines.append(f"| {r['mbs']} | {r['impl']} | {what} | | | | | | | | | | |")
             continue
         extra = "n/a" if r["extra_mib"] is None else f"{r['extra_mib']:,.0f}"
         mem = r.get("memory_vs_eager")
