@@ -60,7 +60,7 @@ from steerlm_kernels.steerlm2.models.loading import (
 from steerlm_kernels.steerlm2.models.logprobs import SpanScorer, choose_path, score_sequences
 
 __all__ = ["DEFAULTS", "DEFAULT_SCORER", "add_arguments", "evaluate_model", "heldout_nll", "label_with",
-           "read_prompts", "report", "run", "write_report"]
+           "plot_curves", "read_prompts", "report", "run", "write_report"]
 
 #: ``--scorer`` default: the example verbosity measure (words per response).
 DEFAULT_SCORER = "steerlm_kernels.steerlm2.formats.example_scorers:verbosity_words"
@@ -272,8 +272,10 @@ def format_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rep: dict[str, Any], path: Path) -> str | None:
-    """``steer_eval.png``; the reason when there is no plot."""
+def plot_curves(series: list[dict[str, Any]], attribute: str, ylabel: str, title: str, path: Path) -> str | None:
+    """One figure at ``path``: each of ``series`` (``{"label", "x", "y"}``, optional ``"yerr"`` as
+    ``[below, above]`` and line ``"style"`` keywords) against the requested ``attribute``; the reason when
+    there is no plot (matplotlib missing), else None."""
     try:
         import matplotlib
 
@@ -281,8 +283,23 @@ def _plot(rep: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'steerlm-kernels[plot]')"
-    levels = rep["settings"]["levels"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    for s in series:
+        ax.errorbar(s["x"], s["y"], yerr=s.get("yerr"), marker="o", capsize=3, label=s["label"], **s.get("style", {}))
+    ax.set_xlabel(f"requested {attribute}")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def _plot(rep: dict[str, Any], path: Path) -> str | None:
+    """``steer_eval.png``: the model's and the reference's curves with their CIs; the reason when there is no plot."""
+    levels = rep["settings"]["levels"]
+    series = []
     for name, shift in (("model", -0.04), ("reference", 0.04)):
         if name in rep:
             c = rep[name]["curve"]
@@ -290,16 +307,8 @@ def _plot(rep: dict[str, Any], path: Path) -> str | None:
             err = [[m - x["ci_low"] for m, x in zip(means, c)], [x["ci_high"] - m for m, x in zip(means, c)]]
             where = Path(str(rep["settings"][name]))  # "round-2/train/final", not "final" twice
             short = "/".join(where.parts[-3:]) if where.name in ("final", "model") else where.name
-            ax.errorbar([lv + shift for lv in levels], means, yerr=err, marker="o", capsize=3,
-                        label=f"{name} ({short})")
-    ax.set_xlabel(f"requested {rep['settings']['attribute']}")
-    ax.set_ylabel("measured (mean over prompts, 95% CI)")
-    ax.set_title("steer-eval")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return None
+            series.append({"label": f"{name} ({short})", "x": [lv + shift for lv in levels], "y": means, "yerr": err})
+    return plot_curves(series, rep["settings"]["attribute"], "measured (mean over prompts, 95% CI)", "steer-eval", path)
 
 
 def write_report(rep: dict[str, Any], records: list[dict[str, Any]], out: Path) -> list[Path]:

@@ -119,26 +119,12 @@ def _has_responses(path: str | Path) -> bool:
 def plot_rounds(summary: list[dict[str, Any]], reference: list[float] | None, levels: list[float], attribute: str,
                 path: Path) -> bool:
     """Every round's steer-eval curve (and the reference's) in one figure at ``path``; False without matplotlib."""
-    try:
-        import matplotlib
+    from steerlm_kernels.steerlm2.evaluation.steer_eval import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    if reference is not None:
-        ax.plot(levels, reference, marker="o", color="grey", linestyle="--", label="SFT model (reference)")
-    for row in summary:
-        ax.plot(levels, row["curve"], marker="o", label=f"round {row['round']}")
-    ax.set_xlabel(f"requested {attribute}")
-    ax.set_ylabel("measured (mean over prompts)")
-    ax.set_title("steer-eval after each round")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    series = [] if reference is None else [
+        {"label": "SFT model (reference)", "x": levels, "y": reference, "style": {"color": "grey", "linestyle": "--"}}]
+    series += [{"label": f"round {row['round']}", "x": levels, "y": row["curve"]} for row in summary]
+    return plot_curves(series, attribute, "measured (mean over prompts)", "steer-eval after each round", path) is None
 
 
 def run_rounds(ns: argparse.Namespace, out: Path, train_argv: Callable[[argparse.Namespace, Path, Path], Any]) -> int:
