@@ -31,7 +31,7 @@ from steerlm_kernels import registry
 from steerlm_kernels import validation as v
 from steerlm_kernels.distributed import check_groups, vocab_shard
 from steerlm_kernels.ops.dropin import CEStatsFunction, LinearCEFusedFunction, LinearCEStatsFunction
-from steerlm_kernels.ops.linear_cross_entropy import shard_labels
+from steerlm_kernels.ops.linear_cross_entropy import grads_needed, shard_labels
 from steerlm_kernels.ops.token_logprobs import TokenLogprobsFunction
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "linear_token_logprobs"]
@@ -310,20 +310,19 @@ def linear_cross_entropy(
         if check_labels:
             v.check_label_range(labels, n_vocab, opts.ignore_index)
         labels_k, check_k = shard_labels(labels, vocab_start, n_local, opts.ignore_index), False
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if (needs_grad and opts.reduction != "none" and opts.z_loss == 0 and not opts.return_lse
-            and process_group is None):
+    need = grads_needed(hidden, weight, bias)
+    if any(need) and opts.reduction != "none" and opts.z_loss == 0 and not opts.return_lse and process_group is None:
         # the per-token coefficients are known now: gradients from the forward's logits chunks
         coef, c_lse, c_sum = _fused_coefficients(labels, w_flat, n_vocab, opts)
         carrier, nll, lse, zsum = LinearCEFusedFunction.apply(
             hidden2d, weight, bias, labels_k, coef, c_lse, c_sum, opts.ignore_index, check_k, strategy, chunk_rows,
-            name, opts.transform,
-        )
+            name, opts.transform, *need,
+        )[:4]
         return _finish(nll, lse, zsum, labels, w_flat, n_vocab, target.shape, opts) + carrier
     nll, lse, zsum = LinearCEStatsFunction.apply(
         hidden2d, weight, bias, labels_k, opts.ignore_index, check_k, strategy, chunk_rows, name, process_group,
         opts.want_lse, opts.want_sum, opts.transform,
-    )
+    )[:3]
     return _finish(nll, lse, zsum, labels, w_flat, n_vocab, target.shape, opts)
 
 
@@ -366,7 +365,7 @@ def cross_entropy(
         logits2d = logits2d.contiguous()
     n_vocab = vocab_shard(logits.shape[-1], process_group)[1]
     nll, lse, zsum = CEStatsFunction.apply(logits2d, labels, opts.ignore_index, check_labels, name, process_group,
-                                           opts.want_lse, opts.want_sum, opts.transform)
+                                           opts.want_lse, opts.want_sum, opts.transform)[:3]
     return _finish(nll, lse, zsum, labels, w_flat, n_vocab, target.shape, opts)
 
 
@@ -447,6 +446,6 @@ def linear_token_logprobs(
     if process_group is not None:
         labels_k = shard_labels(labels1d, vocab_start, n_local, ignore_index)
     logprob, entropy = TokenLogprobsFunction.apply(hidden2d, weight, bias, labels_k, ignore_index, temp, cap, scale,
-                                                   chunk_rows, process_group)
+                                                   chunk_rows, process_group)[:2]
     logprob = logprob.view(labels.shape)
     return (logprob, entropy.view(labels.shape)) if return_entropy else logprob

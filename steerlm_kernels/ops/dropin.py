@@ -152,9 +152,12 @@ def _row_sums(logits: Tensor, transform: Transform) -> Tensor:
                      ) if n else logits.new_zeros(0, dtype=torch.float32)
 
 
-class _CEStatsAutograd(torch.autograd.Function):
-    """Autograd of :class:`CEStatsFunction`: returns ``(nll, lse, zsum, m, lse_rel, target)``, the last
-    three non-differentiable (the global statistics, returned so that ``setup_context`` can save them)."""
+class CEStatsFunction(torch.autograd.Function):
+    """``(nll, lse, zsum, m, lse_rel, target)`` ``[N]`` float32 of ``logits [N, V]`` (a vocabulary shard
+    with ``process_group``), differentiable once w.r.t. ``logits``; ``zsum`` is zeros unless ``want_sum``.
+    Callers use the first three; the last three (the global statistics) are non-differentiable and
+    returned only so that ``setup_context`` can save them: the ``forward`` / ``setup_context`` style lets
+    ``torch.func`` transforms (``grad``, ``vjp``, ``vmap``) run it. See the module notes."""
 
     generate_vmap_rule = True
 
@@ -207,19 +210,6 @@ class _CEStatsAutograd(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
-class CEStatsFunction:
-    """``(nll, lse, zsum)`` ``[N]`` float32 of ``logits [N, V]`` (a vocabulary shard with
-    ``process_group``), differentiable once w.r.t. ``logits``; ``zsum`` is zeros unless
-    ``want_sum``. See the module notes. ``apply`` runs an ``autograd.Function`` in the ``forward`` /
-    ``setup_context`` style, so ``torch.func`` transforms (``grad``, ``vjp``, ``vmap``) can run it."""
-
-    @staticmethod
-    def apply(logits: Tensor, labels: Tensor, ignore_index: int, check_labels: bool, backend: str,
-              process_group: Any, want_lse: bool, want_sum: bool,
-              transform: Transform) -> tuple[Tensor, Tensor, Tensor]:
-        nll, lse, zsum, *_ = _CEStatsAutograd.apply(logits, labels, ignore_index, check_labels, backend,
-                                                     process_group, want_lse, want_sum, transform)
-        return nll, lse, zsum
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,9 +267,15 @@ def _add_corrections(grads: tuple[Tensor, Tensor, Tensor], need: tuple[bool, boo
     return gh, gw, gb
 
 
-class _LinearCEStatsAutograd(torch.autograd.Function):
-    """Autograd of :class:`LinearCEStatsFunction`: returns ``(nll, lse, zsum, m, lse_rel, target)``,
-    the last three non-differentiable (saved by ``setup_context``)."""
+class LinearCEStatsFunction(torch.autograd.Function):
+    """``(nll, lse, zsum, m, lse_rel, target)`` ``[N]`` float32 of ``z = hidden @ weight.T + bias``,
+    differentiable once w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``, never holding
+    ``[N, V]``; the backward recomputes the logits (forward + backward: four matmuls per chunk).
+    Callers use the first three; the last three are non-differentiable, returned for ``setup_context``
+    (``torch.func`` transforms can run it). With ``process_group``: ``weight`` / ``bias`` are this
+    rank's vocabulary shard, ``labels`` are shard-local
+    (:func:`steerlm_kernels.ops.linear_cross_entropy.shard_labels`) and ``grad_hidden`` is this rank's
+    partial. ``want_sum`` with a softcap is not supported."""
 
     generate_vmap_rule = True
 
@@ -320,30 +316,20 @@ class _LinearCEStatsAutograd(torch.autograd.Function):
         return (*(g if n else None for g, n in zip(grads, need, strict=True)), *[None] * 10)
 
 
-class LinearCEStatsFunction:
-    """``(nll, lse, zsum)`` ``[N]`` float32 of ``z = hidden @ weight.T + bias``, differentiable once
-    w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``, never holding ``[N, V]``; the
-    backward recomputes the logits (forward + backward: four matmuls per chunk). With
-    ``process_group``: ``weight`` / ``bias`` are this rank's vocabulary shard, ``labels`` are
-    shard-local (:func:`steerlm_kernels.ops.linear_cross_entropy.shard_labels`) and
-    ``grad_hidden`` is this rank's partial. ``want_sum`` with a softcap is not supported.
-    ``apply`` runs a ``forward`` / ``setup_context`` style ``autograd.Function`` (``torch.func`` can run it)."""
-
-    @staticmethod
-    def apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-              check_labels: bool, strategy: str, chunk_rows: int, backend: str, process_group: Any,
-              want_lse: bool, want_sum: bool, transform: Transform) -> tuple[Tensor, Tensor, Tensor]:
-        nll, lse, zsum, *_ = _LinearCEStatsAutograd.apply(hidden, weight, bias, labels, ignore_index, check_labels,
-                                                           strategy, chunk_rows, backend, process_group, want_lse,
-                                                           want_sum, transform)
-        return nll, lse, zsum
 
 
-class _LinearCEFusedAutograd(torch.autograd.Function):
-    """Autograd of :class:`LinearCEFusedFunction`: which gradients to compute is passed in
-    (``need_h, need_w, need_b``), and the forward returns ``(carrier, nll, lse, zsum, grad_hidden,
-    grad_weight, grad_bias)``, all but the carrier non-differentiable (``setup_context`` saves the
-    gradients)."""
+class LinearCEFusedFunction(torch.autograd.Function):
+    """``(carrier, nll, lse, zsum, grad_hidden, grad_weight, grad_bias)`` for a loss whose per-token
+    coefficients are known in the forward (``reduction="sum"`` / ``"mean"`` without z-loss, no vocabulary
+    parallelism); callers use the first four. ``nll``, ``lse``, ``zsum`` ``[N]`` float32 are not
+    differentiable, and the 0-d zero ``carrier`` carries the gradient of ``sum(c_nll * nll + c_lse * lse +
+    c_sum * zsum)`` w.r.t. ``hidden``, ``weight`` and ``bias``, computed in the forward from the same
+    logits chunks (three matmuls per chunk instead of four) plus the label-column / rank-one terms, and
+    scaled in the backward by the carrier's upstream gradient. ``coef`` is ``c_nll + c_lse`` (the
+    kernels'), ``c_lse`` / ``c_sum`` may be None. Which gradients to compute is passed in (``need_h,
+    need_w, need_b``: :func:`~steerlm_kernels.ops.linear_cross_entropy.grads_needed`). Holds one
+    ``hidden``-sized and one ``weight``-sized gradient until the backward (as every fused-linear loss
+    that computes its gradient in the forward); ``forward`` / ``setup_context`` style (``torch.func``)."""
 
     generate_vmap_rule = True
 
@@ -376,27 +362,3 @@ class _LinearCEFusedAutograd(torch.autograd.Function):
         return (*scaled_saved_grads(ctx, grad_carrier, "linear_cross_entropy"), *[None] * 13)
 
 
-class LinearCEFusedFunction:
-    """``(carrier, nll, lse, zsum)`` for a loss whose per-token coefficients are known in the
-    forward (``reduction="sum"`` / ``"mean"`` without z-loss, no vocabulary parallelism):
-    ``nll``, ``lse``, ``zsum`` ``[N]`` float32 are not differentiable, and the 0-d zero ``carrier``
-    carries the gradient of ``sum(c_nll * nll + c_lse * lse + c_sum * zsum)`` w.r.t. ``hidden``,
-    ``weight`` and ``bias``, computed in the forward from the same logits chunks (three matmuls
-    per chunk instead of four) plus the label-column / rank-one terms, and scaled in the backward
-    by the carrier's upstream gradient. ``coef`` is ``c_nll + c_lse`` (the kernels'), ``c_lse`` /
-    ``c_sum`` may be None. Holds one ``hidden``-sized and one ``weight``-sized gradient until the
-    backward (as every fused-linear loss that computes its gradient in the forward). Which
-    gradients to compute is read from ``requires_grad``; ``apply`` runs a ``forward`` /
-    ``setup_context`` style ``autograd.Function`` (``torch.func`` transforms can run it)."""
-
-    @staticmethod
-    def apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, coef: Tensor,
-              c_lse: Tensor | None, c_sum: Tensor | None, ignore_index: int, check_labels: bool, strategy: str,
-              chunk_rows: int, backend: str, transform: Transform) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        grad_on = torch.is_grad_enabled()
-        need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-                grad_on and bias is not None and bias.requires_grad)
-        carrier, nll, lse, zsum, *_ = _LinearCEFusedAutograd.apply(
-            hidden, weight, bias, labels, coef, c_lse, c_sum, ignore_index, check_labels, strategy, chunk_rows,
-            backend, transform, *need)
-        return carrier, nll, lse, zsum

@@ -364,8 +364,12 @@ class LinearGradCarrierFunction(torch.autograd.Function):
         return (*scaled_saved_grads(ctx, grad_carrier, "LinearGradCarrierFunction"), *([None] * 13))
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return autograd_needed(*tensors)
+def grads_needed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """``(need_hidden, need_weight, need_bias)``: which gradients a fused loss computes in its forward
+    (``requires_grad`` of each, grad mode on; no bias, no bias gradient)."""
+    on = torch.is_grad_enabled()
+    return (on and hidden.requires_grad, on and weight.requires_grad,
+            on and bias is not None and bias.requires_grad)
 
 
 def linear_token_nll(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
@@ -379,7 +383,7 @@ def linear_token_nll(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | None
     one collective per call. ``softcap`` / ``logit_scale``: the logit transform
     ``z' = softcap * tanh(logit_scale * z / softcap)`` (validated; None: none)."""
     args = (ignore_index, check_labels, strategy, chunk_rows, backend, process_group, softcap, logit_scale)
-    if _needs_grad(hidden, lm_head_weight, bias):
+    if autograd_needed(hidden, lm_head_weight, bias):
         return LinearTokenNLLFunction.apply(hidden, lm_head_weight, bias, labels, *args)[0]
     return nll_from_stats(*_linear_stats(hidden, lm_head_weight, bias, labels, *args), labels, ignore_index)
 
@@ -393,9 +397,9 @@ def linear_nll_with_grad(hidden: Tensor, lm_head_weight: Tensor, bias: Tensor | 
     w.r.t. hidden / lm_head_weight / bias is needed (then only the forward op and, with
     ``process_group``, its collective run). ``softcap`` / ``logit_scale`` as :func:`linear_token_nll`."""
     args = (ignore_index, check_labels, strategy, chunk_rows, backend, process_group, softcap, logit_scale)
-    if _needs_grad(hidden, lm_head_weight, bias):
-        need = (hidden.requires_grad, lm_head_weight.requires_grad, bias is not None and bias.requires_grad)
-        carrier, nll, *_ = LinearGradCarrierFunction.apply(hidden, lm_head_weight, bias, labels, coef, *args, *need)
+    if autograd_needed(hidden, lm_head_weight, bias):
+        carrier, nll, *_ = LinearGradCarrierFunction.apply(hidden, lm_head_weight, bias, labels, coef, *args,
+                                                           *grads_needed(hidden, lm_head_weight, bias))
         return nll, carrier
     stats = _linear_stats(hidden, lm_head_weight, bias, labels, *args)
     return nll_from_stats(*stats, labels, ignore_index), None

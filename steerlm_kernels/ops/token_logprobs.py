@@ -185,9 +185,12 @@ def combine_logprob_partials(m: Tensor, lse: Tensor, target: Tensor, mean: Tenso
     return m_all, lse_all, targets.sum(dim=0), mean_all
 
 
-class _TokenLogprobsAutograd(torch.autograd.Function):
-    """Autograd of :class:`TokenLogprobsFunction`: returns ``(logprob, entropy, m, lse, mean)``, the
-    global stats non-differentiable (returned so that ``setup_context`` can save them)."""
+class TokenLogprobsFunction(torch.autograd.Function):
+    """``(logprob [N], entropy [N], m, lse, mean)`` float32 (0 where ``labels == ignore_index``),
+    differentiable once w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``; callers use the
+    first two, the global stats are non-differentiable and returned for ``setup_context`` (``torch.func``
+    transforms can run it). Saves the inputs (no copies) and three ``[N]`` float32 stats; the backward
+    recomputes the logits chunk by chunk."""
 
     generate_vmap_rule = True
 
@@ -226,18 +229,3 @@ class _TokenLogprobsAutograd(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         return (gh if need_h else None, gw if need_w else None, gb if need_b and bias is not None else None,
                 None, None, None, None, None, None, None)
-
-
-class TokenLogprobsFunction:
-    """``(logprob [N], entropy [N])`` float32 (0 where ``labels == ignore_index``), differentiable once
-    w.r.t. ``hidden [N, H]``, ``weight [V, H]`` and ``bias [V]``. Saves the inputs (no copies) and
-    three ``[N]`` float32 stats; the backward recomputes the logits chunk by chunk. ``apply`` runs a
-    ``forward`` / ``setup_context`` style ``autograd.Function`` (``torch.func`` transforms can run it)."""
-
-    @staticmethod
-    def apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-              temperature: float, softcap: float | None, logit_scale: float | None, chunk_rows: int,
-              process_group: Any) -> tuple[Tensor, Tensor]:
-        logprob, entropy, *_ = _TokenLogprobsAutograd.apply(hidden, weight, bias, labels, ignore_index, temperature,
-                                                            softcap, logit_scale, chunk_rows, process_group)
-        return logprob, entropy
