@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from steerlm_kernels.bench.harness import device_name, error_text, sync
+from steerlm_kernels.bench.harness import device_name, error_text, row_timeout, sync
 from steerlm_kernels.memory import measure_extra_memory
 
 __all__ = ["CPU", "GPU", "OP_IMPLS", "PEERS", "QUICK", "TRAINER_IMPLS", "evaluate_targets", "fill_agreement",
@@ -379,13 +379,12 @@ def run_dropin(device: torch.device, *, quick: bool = False, shape: dict[str, An
     rows: list[dict[str, Any]] = []
     for part in parts:
         for impl in TRAINER_IMPLS if part == "trainer" else OP_IMPLS:
-            left = None if deadline is None else deadline - time.perf_counter()
-            if left is not None and left <= 0:
+            limit = row_timeout(timeout, deadline)
+            if limit is None:
                 rows.append({"part": part, "impl": impl, "skipped": "--budget spent"})
                 continue
             try:
-                row = (_in_subprocess(part, impl, cfg, device, seed, timeout if left is None else
-                                      max(30.0, min(timeout, left))) if isolate and not why_not(impl, device)
+                row = (_in_subprocess(part, impl, cfg, device, seed, limit) if isolate and not why_not(impl, device)
                        else run_row(part, impl, cfg, device, seed))
             except Exception as exc:  # noqa: BLE001 - a failing row is reported in its row
                 row = {"part": part, "impl": impl, "error": error_text(exc, 200)}

@@ -261,6 +261,16 @@ def grad_rel_err(g: Tensor, ref: Tensor) -> float:
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
+def row_timeout(timeout: float, deadline: float | None) -> float | None:
+    """The time limit of a benchmark row's process under the suite's ``--budget`` (``deadline``, a
+    ``time.perf_counter()`` value): None once the deadline has passed (the row is skipped), else
+    ``timeout`` capped at the time left, but at least 30 s."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.perf_counter()
+    return None if left <= 0 else max(30.0, min(timeout, left))
+
+
 def error_text(exc: BaseException, limit: int = 300) -> str:
     """``Type: message`` of ``exc``, its first line, at most ``limit`` characters (a table cell)."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:limit]

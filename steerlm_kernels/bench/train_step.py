@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from steerlm_kernels.bench.harness import device_name, error_text, sync
+from steerlm_kernels.bench.harness import device_name, error_text, row_timeout, sync
 from steerlm_kernels.memory import measure_extra_memory
 
 __all__ = ["CPU", "GPU", "IMPLS", "QUICK", "eager_step", "largest_fitting", "make_batch", "markdown", "run_train",
@@ -209,13 +209,12 @@ def run_train(device: torch.device, *, quick: bool = False, shape: dict[str, Any
     rows: list[dict[str, Any]] = []
     for mbs in cfg["mbs"]:
         for impl in IMPLS:
-            left = None if deadline is None else deadline - time.perf_counter()
-            if left is not None and left <= 0:
+            limit = row_timeout(timeout, deadline)
+            if limit is None:
                 rows.append({"impl": impl, "mbs": mbs, "skipped": "not run: --budget spent"})
                 continue
             try:
-                row = (_in_subprocess(impl, mbs, cfg, device, seed, timeout if left is None else
-                                      max(30.0, min(timeout, left))) if isolate
+                row = (_in_subprocess(impl, mbs, cfg, device, seed, limit) if isolate
                        else run_variant(impl, mbs, cfg, device, seed))
             except Exception as exc:  # noqa: BLE001 - a failing row is reported in its row
                 row = {"impl": impl, "mbs": mbs, "error": error_text(exc, 200)}
