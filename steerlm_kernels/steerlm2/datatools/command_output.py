@@ -18,8 +18,9 @@ While reading its input the command calls :meth:`CommandOutput.check_kept` for e
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -32,7 +33,18 @@ from steerlm_kernels.steerlm2.formats.provenance import (
     write_provenance,
 )
 
-__all__ = ["CommandOutput", "provenance_path"]
+__all__ = ["CommandOutput", "add_output_arguments", "provenance_path"]
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, settings: Sequence[str]) -> None:
+    """The options of a command's output file: ``--resume``, ``--overwrite``, ``--allow-changed`` (one of
+    ``settings``) and ``--quiet`` (``sample`` and ``score``)."""
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an existing --output made with the same settings (checked)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--allow-changed", default=None, metavar="SETTING[,SETTING]",
+                        help="with --resume: accept these recorded settings' changes (" + ", ".join(settings) + ")")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 
 def provenance_path(output: str | Path) -> Path:

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from steerlm_kernels.steerlm2.datatools.command_output import CommandOutput
+from steerlm_kernels.steerlm2.datatools.command_output import CommandOutput, add_output_arguments
 from steerlm_kernels.steerlm2.datatools.generation import MAX_DRAWS, Draw, draw_fields, parse_prompt, sample_prompts
 from steerlm_kernels.steerlm2.formats.jsonl_stream import (
     CommandError,
@@ -121,12 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch-prompts", type=int, default=d["batch_prompts"],
                         help="prompts sampled together (left padding; same output as one at a time; default: "
                              "%(default)s)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an existing --output made with the same settings (checked)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.add_argument("--allow-changed", default=None, metavar="SETTING[,SETTING]",
-                        help="with --resume: accept these recorded settings' changes (" + ", ".join(SETTINGS) + ")")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    add_output_arguments(parser, SETTINGS)
     return parser
 
 

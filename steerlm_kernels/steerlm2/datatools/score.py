@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from steerlm_kernels.steerlm2.datatools.command_output import CommandOutput
+from steerlm_kernels.steerlm2.datatools.command_output import CommandOutput, add_output_arguments
 from steerlm_kernels.steerlm2.formats.jsonl_stream import (
     CommandError,
     LineError,
@@ -177,12 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--backend", default=d["backend"], choices=("auto", "triton", "cpp", "torch"),
                         help="kernel backend (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in models' weights (default: 0)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an existing --output made with the same settings (checked)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.add_argument("--allow-changed", default=None, metavar="SETTING[,SETTING]",
-                        help="with --resume: accept these recorded settings' changes (" + ", ".join(SETTINGS) + ")")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    add_output_arguments(parser, SETTINGS)
     return parser
 
 
