@@ -185,6 +185,7 @@ def test_chunk_size_changes_nothing_but_the_chunks(chunk_size):
     assert_same(ref_g, g)
     assert default_chunk_rows(torch.empty(128256, 256)) == 256  # bounded by H
     assert default_chunk_rows(torch.empty(128256, 4096)) == (256 << 20) // (4 * 128256)  # by 256 MiB
+    assert default_chunk_rows(torch.empty(128256, 4096, device="meta")) is None  # not CPU: the library's default
     with pytest.raises(ValueError, match="chunk_size"):
         patch(tiny("llama"), chunk_size=0)
 

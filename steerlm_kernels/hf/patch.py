@@ -48,9 +48,13 @@ class _PatchState:
     active: bool = True
 
 
-def default_chunk_rows(weight: torch.Tensor) -> int:
-    """``min(H, 256 MiB / (4 V))`` rows for ``weight [V, H]``: a float32 logits chunk no larger than the head's
-    weight gradient nor than the library's default chunk (at least 1)."""
+def default_chunk_rows(weight: torch.Tensor) -> int | None:
+    """On CPU ``min(H, 256 MiB / (4 V))`` rows for ``weight [V, H]``: a float32 logits chunk no larger than the
+    head's weight gradient nor than the library's default chunk (at least 1). Elsewhere None: the library's
+    own default (at least 4096 rows on CUDA, where fewer rows would re-read the ``[V, H]`` head gradient
+    once per small chunk)."""
+    if weight.device.type != "cpu":
+        return None
     vocab, hidden = weight.shape
     return max(1, min(hidden, (256 << 20) // (4 * max(vocab, 1))))
 
@@ -83,9 +87,10 @@ def patch(model: torch.nn.Module, *, skip_logits: bool | None = None, backend: s
             model's own forward always; useful only to switch the patch off without ``unpatch``).
         backend: passed to :func:`steerlm_kernels.linear_cross_entropy` (``"auto"``, ``"triton"``, ``"cpp"``,
             ``"torch"``).
-        chunk_size: rows of float32 logits per chunk of the fused loss. Default: ``min(H, 256 MiB / (4 V))``
-            rows (``H`` the hidden size), i.e. a chunk never larger than the LM head's weight gradient
-            (``V x H``), which the step holds anyway, nor than the library's 256 MiB default.
+        chunk_size: rows of float32 logits per chunk of the fused loss. Default on CPU: ``min(H, 256 MiB /
+            (4 V))`` rows (``H`` the hidden size), i.e. a chunk never larger than the LM head's weight gradient
+            (``V x H``), which the step holds anyway, nor than the library's 256 MiB default; on other
+            devices the library's default.
 
     Patching a patched model updates its options. Raises ``ValueError`` naming the reason for a model the
     fused loss cannot serve (no ``nn.Linear`` LM head, an unknown logit transform, a forward that does not
